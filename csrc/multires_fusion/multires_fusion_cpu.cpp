@@ -1,0 +1,526 @@
+// Multi-resolution fusion on CPU: out = act(sum_j resize(x_j, (H, W))) in one pass over the
+// output, and an atomic-free, deterministic gather backward.
+//
+// Resizing is separable, so each input is resampled along one axis into a small per-thread
+// buffer and then along the other, straight into the output accumulator:
+//   NCHW (one plane at a time): rows of x_j are resampled horizontally once each (gathers), then
+//        every output row is a contiguous, vectorised blend of two buffered rows.
+//   NHWC (one output row at a time): the two source rows are blended vertically over their whole
+//        W_j * C run, then each output pixel blends two C-vectors of that buffer.
+// Backward first forms gm = grad_out * act'(out) once (written straight into the gradient of an
+// input that is already at the output size, when there is one), then every other input's
+// gradient is *gathered*: each input pixel sums the output pixels that read it, using per-axis
+// transposed tap lists built once per call. No atomics, no scatter, fixed summation order.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/core/SymIntArrayRef.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <string_view>
+#include <vector>
+
+#include "common/checks.h"
+#include "multires_fusion/multires_fusion.h"
+
+namespace hrnas {
+namespace multires_fusion {
+namespace {
+
+constexpr const char* kOp = "multires_fusion";
+
+Mode parse_mode(std::string_view s) {
+  if (s == "bilinear") return Mode::kBilinear;
+  if (s == "nearest") return Mode::kNearest;
+  TORCH_CHECK(false, kOp, ": unknown mode '", std::string(s), "' (expected bilinear or nearest)");
+}
+
+Activation parse_activation(std::string_view s) {
+  if (s == "none") return Activation::kNone;
+  if (s == "relu") return Activation::kRelu;
+  if (s == "relu6") return Activation::kRelu6;
+  TORCH_CHECK(false, kOp, ": unknown activation '", std::string(s),
+              "' (expected none, relu or relu6)");
+}
+
+// Taps along one axis. Forward: output index o reads l0[o] * x[i0[o]] + l1[o] * x[i1[o]] (nearest
+// uses i0 alone). Backward: input index i receives sum_k w[k] * g[o[k]] for k in
+// [begin[i], begin[i+1]), in ascending o: the transpose of the forward taps.
+template <typename opmath_t>
+struct Axis {
+  std::vector<int64_t> i0, i1;
+  std::vector<opmath_t> l0, l1;
+  std::vector<int64_t> begin, o;
+  std::vector<opmath_t> w;
+};
+
+template <typename opmath_t>
+Axis<opmath_t> make_axis(int64_t in_size, int64_t out_size, Mode mode, bool transposed) {
+  Axis<opmath_t> a;
+  a.i0.resize(out_size);
+  a.i1.resize(out_size);
+  a.l0.resize(out_size);
+  a.l1.resize(out_size);
+  for (int64_t dst = 0; dst < out_size; ++dst) {
+    if (mode == Mode::kBilinear) {
+      bilinear_tap<opmath_t>(dst, in_size, out_size, &a.i0[dst], &a.i1[dst], &a.l0[dst],
+                             &a.l1[dst]);
+    } else {
+      a.i0[dst] = a.i1[dst] = nearest_tap(dst, in_size, out_size);
+      a.l0[dst] = opmath_t(1);
+      a.l1[dst] = opmath_t(0);
+    }
+  }
+  if (!transposed) return a;
+  const int taps = mode == Mode::kBilinear ? 2 : 1;
+  a.begin.assign(in_size + 1, 0);
+  for (int64_t dst = 0; dst < out_size; ++dst) {
+    ++a.begin[a.i0[dst] + 1];
+    if (taps == 2) ++a.begin[a.i1[dst] + 1];
+  }
+  for (int64_t i = 0; i < in_size; ++i) a.begin[i + 1] += a.begin[i];
+  a.o.resize(a.begin[in_size]);
+  a.w.resize(a.begin[in_size]);
+  std::vector<int64_t> fill(a.begin.begin(), a.begin.end() - 1);
+  for (int64_t dst = 0; dst < out_size; ++dst) {
+    a.o[fill[a.i0[dst]]] = dst;
+    a.w[fill[a.i0[dst]]++] = a.l0[dst];
+    if (taps == 2) {
+      a.o[fill[a.i1[dst]]] = dst;
+      a.w[fill[a.i1[dst]]++] = a.l1[dst];
+    }
+  }
+  return a;
+}
+
+// Everything a kernel needs about the (at most kMaxInputs) inputs, in the output's layout.
+template <typename scalar_t, typename opmath_t>
+struct Plan {
+  int n = 0;
+  int64_t N = 0, C = 0, Ho = 0, Wo = 0;
+  Mode mode = Mode::kBilinear;
+  Activation act = Activation::kNone;
+  const scalar_t* x[kMaxInputs] = {};
+  scalar_t* gx[kMaxInputs] = {};
+  int64_t H[kMaxInputs] = {}, W[kMaxInputs] = {};
+  bool identity[kMaxInputs] = {};
+  Axis<opmath_t> rows[kMaxInputs], cols[kMaxInputs];
+  int64_t max_in_hw() const {
+    int64_t m = 0;
+    for (int j = 0; j < n; ++j) m = std::max(m, H[j] * W[j]);
+    return m;
+  }
+  int64_t max_in_h() const {
+    int64_t m = 0;
+    for (int j = 0; j < n; ++j) m = std::max(m, H[j]);
+    return m;
+  }
+  int64_t max_in_w() const {
+    int64_t m = 0;
+    for (int j = 0; j < n; ++j) m = std::max(m, W[j]);
+    return m;
+  }
+};
+
+// acc[i] (= or +=) src[i]
+template <typename scalar_t, typename opmath_t>
+inline void accumulate(opmath_t* __restrict acc, const scalar_t* __restrict src, int64_t len,
+                       bool first) {
+  if (first) {
+    for (int64_t i = 0; i < len; ++i) acc[i] = static_cast<opmath_t>(src[i]);
+  } else {
+    for (int64_t i = 0; i < len; ++i) acc[i] += static_cast<opmath_t>(src[i]);
+  }
+}
+
+// acc[i] (= or +=) a0 * s0[i] + a1 * s1[i]
+template <typename opmath_t>
+inline void blend(opmath_t* __restrict acc, const opmath_t* __restrict s0,
+                  const opmath_t* __restrict s1, opmath_t a0, opmath_t a1, int64_t len,
+                  bool first) {
+  if (first) {
+    for (int64_t i = 0; i < len; ++i) acc[i] = a0 * s0[i] + a1 * s1[i];
+  } else {
+    for (int64_t i = 0; i < len; ++i) acc[i] += a0 * s0[i] + a1 * s1[i];
+  }
+}
+
+template <typename scalar_t, typename opmath_t>
+inline void store_activated(scalar_t* __restrict out, const opmath_t* __restrict acc, int64_t len,
+                            Activation act) {
+  switch (act) {
+    case Activation::kNone:
+      for (int64_t i = 0; i < len; ++i) out[i] = static_cast<scalar_t>(acc[i]);
+      break;
+    case Activation::kRelu:
+      for (int64_t i = 0; i < len; ++i) {
+        out[i] = static_cast<scalar_t>(acc[i] < opmath_t(0) ? opmath_t(0) : acc[i]);
+      }
+      break;
+    case Activation::kRelu6:
+      for (int64_t i = 0; i < len; ++i) {
+        const opmath_t v = acc[i];
+        out[i] = static_cast<scalar_t>(v < opmath_t(0) ? opmath_t(0)
+                                                       : (v > opmath_t(6) ? opmath_t(6) : v));
+      }
+      break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+template <typename scalar_t, typename opmath_t>
+HRNAS_TARGET_CLONES void fwd_nchw_planes(const Plan<scalar_t, opmath_t>& p, scalar_t* out,
+                                         int64_t begin, int64_t end) {
+  const int64_t Ho = p.Ho, Wo = p.Wo, HWo = Ho * Wo;
+  std::vector<opmath_t> acc(HWo);
+  std::vector<opmath_t> rows(p.max_in_h() * Wo);  // horizontally resampled rows of x_j
+  const bool bilinear = p.mode == Mode::kBilinear;
+  for (int64_t plane = begin; plane < end; ++plane) {
+    for (int j = 0; j < p.n; ++j) {
+      const bool first = j == 0;
+      const int64_t Hj = p.H[j], Wj = p.W[j];
+      const scalar_t* x = p.x[j] + plane * Hj * Wj;
+      if (p.identity[j]) {
+        accumulate(acc.data(), x, HWo, first);
+        continue;
+      }
+      const Axis<opmath_t>& c = p.cols[j];
+      for (int64_t r = 0; r < Hj; ++r) {
+        const scalar_t* xr = x + r * Wj;
+        opmath_t* t = rows.data() + r * Wo;
+        if (bilinear) {
+          for (int64_t w = 0; w < Wo; ++w) {
+            t[w] = c.l0[w] * static_cast<opmath_t>(xr[c.i0[w]]) +
+                   c.l1[w] * static_cast<opmath_t>(xr[c.i1[w]]);
+          }
+        } else {
+          for (int64_t w = 0; w < Wo; ++w) t[w] = static_cast<opmath_t>(xr[c.i0[w]]);
+        }
+      }
+      const Axis<opmath_t>& r = p.rows[j];
+      for (int64_t h = 0; h < Ho; ++h) {
+        opmath_t* a = acc.data() + h * Wo;
+        const opmath_t* t0 = rows.data() + r.i0[h] * Wo;
+        if (bilinear) {
+          blend(a, t0, rows.data() + r.i1[h] * Wo, r.l0[h], r.l1[h], Wo, first);
+        } else {
+          accumulate(a, t0, Wo, first);
+        }
+      }
+    }
+    store_activated(out + plane * HWo, acc.data(), HWo, p.act);
+  }
+}
+
+template <typename scalar_t, typename opmath_t>
+HRNAS_TARGET_CLONES void fwd_nhwc_rows(const Plan<scalar_t, opmath_t>& p, scalar_t* out,
+                                       int64_t begin, int64_t end) {
+  const int64_t C = p.C, Ho = p.Ho, Wo = p.Wo;
+  std::vector<opmath_t> acc(Wo * C);
+  std::vector<opmath_t> row(p.max_in_w() * C);  // vertically blended source row of x_j
+  const bool bilinear = p.mode == Mode::kBilinear;
+  for (int64_t nh = begin; nh < end; ++nh) {
+    const int64_t n = nh / Ho, h = nh % Ho;
+    for (int j = 0; j < p.n; ++j) {
+      const bool first = j == 0;
+      const int64_t Hj = p.H[j], Wj = p.W[j], rowlen = Wj * C;
+      const scalar_t* x = p.x[j] + n * Hj * rowlen;
+      if (p.identity[j]) {
+        accumulate(acc.data(), x + h * rowlen, Wo * C, first);
+        continue;
+      }
+      const Axis<opmath_t>& r = p.rows[j];
+      const scalar_t* x0 = x + r.i0[h] * rowlen;
+      if (bilinear) {
+        const scalar_t* x1 = x + r.i1[h] * rowlen;
+        const opmath_t a0 = r.l0[h], a1 = r.l1[h];
+        for (int64_t k = 0; k < rowlen; ++k) {
+          row[k] = a0 * static_cast<opmath_t>(x0[k]) + a1 * static_cast<opmath_t>(x1[k]);
+        }
+      } else {
+        for (int64_t k = 0; k < rowlen; ++k) row[k] = static_cast<opmath_t>(x0[k]);
+      }
+      const Axis<opmath_t>& c = p.cols[j];
+      for (int64_t w = 0; w < Wo; ++w) {
+        const opmath_t* s0 = row.data() + c.i0[w] * C;
+        if (bilinear) {
+          blend(acc.data() + w * C, s0, row.data() + c.i1[w] * C, c.l0[w], c.l1[w], C, first);
+        } else {
+          accumulate(acc.data() + w * C, s0, C, first);
+        }
+      }
+    }
+    store_activated(out + nh * Wo * C, acc.data(), Wo * C, p.act);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+
+template <typename scalar_t>
+HRNAS_TARGET_CLONES void masked_grad(scalar_t* __restrict gm, const scalar_t* __restrict g,
+                                     const scalar_t* __restrict out, int64_t begin, int64_t end,
+                                     Activation act) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  if (act == Activation::kRelu) {
+    for (int64_t i = begin; i < end; ++i) {
+      gm[i] = static_cast<opmath_t>(out[i]) <= opmath_t(0) ? scalar_t(0) : g[i];
+    }
+  } else {
+    for (int64_t i = begin; i < end; ++i) {
+      const opmath_t o = static_cast<opmath_t>(out[i]);
+      gm[i] = (o <= opmath_t(0) || o >= opmath_t(6)) ? scalar_t(0) : g[i];
+    }
+  }
+}
+
+template <typename scalar_t, typename opmath_t>
+HRNAS_TARGET_CLONES void bwd_nchw_planes(const Plan<scalar_t, opmath_t>& p, const scalar_t* gm,
+                                         int64_t begin, int64_t end) {
+  const int64_t Wo = p.Wo, HWo = p.Ho * p.Wo;
+  std::vector<opmath_t> v(p.max_in_h() * Wo);  // vertically gathered rows
+  for (int64_t plane = begin; plane < end; ++plane) {
+    const scalar_t* g = gm + plane * HWo;
+    for (int j = 0; j < p.n; ++j) {
+      const int64_t Hj = p.H[j], Wj = p.W[j];
+      scalar_t* gx = p.gx[j] + plane * Hj * Wj;
+      if (gx == g) continue;  // the first same-size input's gradient *is* gm
+      if (p.identity[j]) {
+        std::copy(g, g + HWo, gx);
+        continue;
+      }
+      const Axis<opmath_t>& r = p.rows[j];
+      for (int64_t i = 0; i < Hj; ++i) {
+        opmath_t* vi = v.data() + i * Wo;
+        std::fill(vi, vi + Wo, opmath_t(0));
+        for (int64_t k = r.begin[i]; k < r.begin[i + 1]; ++k) {
+          const scalar_t* gr = g + r.o[k] * Wo;
+          const opmath_t wk = r.w[k];
+          for (int64_t w = 0; w < Wo; ++w) vi[w] += wk * static_cast<opmath_t>(gr[w]);
+        }
+      }
+      const Axis<opmath_t>& c = p.cols[j];
+      for (int64_t i = 0; i < Hj; ++i) {
+        const opmath_t* vi = v.data() + i * Wo;
+        scalar_t* gxi = gx + i * Wj;
+        for (int64_t q = 0; q < Wj; ++q) {
+          opmath_t s = opmath_t(0);
+          for (int64_t k = c.begin[q]; k < c.begin[q + 1]; ++k) s += c.w[k] * vi[c.o[k]];
+          gxi[q] = static_cast<scalar_t>(s);
+        }
+      }
+    }
+  }
+}
+
+template <typename scalar_t, typename opmath_t>
+HRNAS_TARGET_CLONES void bwd_nhwc_rows(const Plan<scalar_t, opmath_t>& p, const scalar_t* gm,
+                                       int j, int64_t begin, int64_t end) {
+  const int64_t C = p.C, Ho = p.Ho, Wo = p.Wo, Hj = p.H[j], Wj = p.W[j];
+  const Axis<opmath_t>& r = p.rows[j];
+  const Axis<opmath_t>& c = p.cols[j];
+  std::vector<opmath_t> v(Wo * C);  // one vertically gathered output row
+  std::vector<opmath_t> s(C);
+  for (int64_t ni = begin; ni < end; ++ni) {
+    const int64_t n = ni / Hj, i = ni % Hj;
+    std::fill(v.begin(), v.end(), opmath_t(0));
+    for (int64_t k = r.begin[i]; k < r.begin[i + 1]; ++k) {
+      const scalar_t* gr = gm + (n * Ho + r.o[k]) * Wo * C;
+      const opmath_t wk = r.w[k];
+      for (int64_t e = 0; e < Wo * C; ++e) v[e] += wk * static_cast<opmath_t>(gr[e]);
+    }
+    scalar_t* gx = p.gx[j] + ni * Wj * C;
+    for (int64_t q = 0; q < Wj; ++q) {
+      std::fill(s.begin(), s.end(), opmath_t(0));
+      for (int64_t k = c.begin[q]; k < c.begin[q + 1]; ++k) {
+        const opmath_t* vk = v.data() + c.o[k] * C;
+        const opmath_t wk = c.w[k];
+        for (int64_t e = 0; e < C; ++e) s[e] += wk * vk[e];
+      }
+      for (int64_t e = 0; e < C; ++e) gx[q * C + e] = static_cast<scalar_t>(s[e]);
+    }
+  }
+}
+
+// Rough number of work items per parallel chunk so a chunk costs tens of microseconds.
+int64_t grain(int64_t item_cost) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, item_cost)); }
+
+void check_sizes(c10::IntArrayRef size) {
+  TORCH_CHECK(size.size() == 2, kOp, ": size must have 2 entries (H, W), got ", size.size());
+  TORCH_CHECK(size[0] > 0 && size[1] > 0, kOp, ": size must be positive, got ", size);
+}
+
+at::Tensor fwd_cpu(at::TensorList inputs, c10::SymIntArrayRef sym_size, std::string_view mode_s,
+                   std::string_view act_s) {
+  const c10::IntArrayRef size = C10_AS_INTARRAYREF_SLOW(sym_size);
+  const Mode mode = parse_mode(mode_s);
+  const Activation act = parse_activation(act_s);
+  check_sizes(size);
+  const int n = static_cast<int>(inputs.size());
+  TORCH_CHECK(n >= 1 && n <= kMaxInputs, kOp, ": expected 1 to ", kMaxInputs, " inputs, got ", n);
+  const at::Tensor& x0 = inputs[0];
+  check_nchw(kOp, "inputs[0]", x0);
+  for (int j = 0; j < n; ++j) {
+    check_nchw(kOp, "every input", inputs[j]);
+    check_same(kOp, "an input", inputs[j], x0);
+    TORCH_CHECK(inputs[j].size(0) == x0.size(0) && inputs[j].size(1) == x0.size(1), kOp,
+                ": inputs[", j, "] has N, C = ", inputs[j].size(0), ", ", inputs[j].size(1),
+                ", expected ", x0.size(0), ", ", x0.size(1));
+    TORCH_CHECK(inputs[j].size(2) > 0 && inputs[j].size(3) > 0, kOp, ": inputs[", j,
+                "] has an empty spatial size");
+  }
+  TORCH_CHECK(x0.device().is_cpu(), kOp, ": the CPU kernel got a tensor on ", x0.device());
+  const at::MemoryFormat fmt = output_memory_format(x0);
+  at::Tensor out = at::empty({x0.size(0), x0.size(1), size[0], size[1]},
+                             x0.options().memory_format(fmt));
+  if (out.numel() == 0) return out;
+  std::vector<at::Tensor> xs;
+  xs.reserve(n);
+  for (int j = 0; j < n; ++j) xs.push_back(inputs[j].contiguous(fmt));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "multires_fusion_fwd", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    Plan<scalar_t, opmath_t> p;
+    p.n = n;
+    p.N = x0.size(0);
+    p.C = x0.size(1);
+    p.Ho = size[0];
+    p.Wo = size[1];
+    p.mode = mode;
+    p.act = act;
+    for (int j = 0; j < n; ++j) {
+      p.x[j] = xs[j].const_data_ptr<scalar_t>();
+      p.H[j] = xs[j].size(2);
+      p.W[j] = xs[j].size(3);
+      p.identity[j] = p.H[j] == p.Ho && p.W[j] == p.Wo;
+      if (!p.identity[j]) {
+        p.rows[j] = make_axis<opmath_t>(p.H[j], p.Ho, mode, false);
+        p.cols[j] = make_axis<opmath_t>(p.W[j], p.Wo, mode, false);
+      }
+    }
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    if (fmt == at::MemoryFormat::ChannelsLast) {
+      at::parallel_for(0, p.N * p.Ho, grain(n * p.Wo * p.C), [&](int64_t b, int64_t e) {
+        fwd_nhwc_rows(p, o, b, e);
+      });
+    } else {
+      at::parallel_for(0, p.N * p.C, grain(n * p.Ho * p.Wo), [&](int64_t b, int64_t e) {
+        fwd_nchw_planes(p, o, b, e);
+      });
+    }
+  });
+  return out;
+}
+
+std::vector<at::Tensor> bwd_cpu(const at::Tensor& grad_out, const at::Tensor& out,
+                                c10::SymIntArrayRef sym_input_sizes, std::string_view mode_s,
+                                std::string_view act_s) {
+  const c10::IntArrayRef input_sizes = C10_AS_INTARRAYREF_SLOW(sym_input_sizes);
+  const Mode mode = parse_mode(mode_s);
+  const Activation act = parse_activation(act_s);
+  check_nchw(kOp, "grad_out", grad_out);
+  check_nchw(kOp, "out", out);
+  check_same(kOp, "grad_out", grad_out, out);
+  TORCH_CHECK(grad_out.sizes() == out.sizes(), kOp, ": grad_out has shape ", grad_out.sizes(),
+              ", expected ", out.sizes());
+  TORCH_CHECK(out.device().is_cpu(), kOp, ": the CPU kernel got a tensor on ", out.device());
+  TORCH_CHECK(input_sizes.size() % 2 == 0 && !input_sizes.empty() &&
+                  input_sizes.size() <= 2 * kMaxInputs,
+              kOp, ": input_sizes must hold (H, W) of 1 to ", kMaxInputs, " inputs, got ",
+              input_sizes);
+  const int n = static_cast<int>(input_sizes.size() / 2);
+  const at::MemoryFormat fmt = output_memory_format(out);
+  const int64_t N = out.size(0), C = out.size(1), Ho = out.size(2), Wo = out.size(3);
+
+  std::vector<at::Tensor> grads;
+  grads.reserve(n);
+  int first_identity = -1;
+  for (int j = 0; j < n; ++j) {
+    const int64_t Hj = input_sizes[2 * j], Wj = input_sizes[2 * j + 1];
+    TORCH_CHECK(Hj > 0 && Wj > 0, kOp, ": input_sizes must be positive, got ", input_sizes);
+    grads.push_back(at::empty({N, C, Hj, Wj}, out.options().memory_format(fmt)));
+    if (first_identity < 0 && Hj == Ho && Wj == Wo) first_identity = j;
+  }
+  if (out.numel() == 0) return grads;
+  const at::Tensor g = grad_out.contiguous(fmt);
+  const at::Tensor o = out.contiguous(fmt);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "multires_fusion_bwd", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    // gm = grad_out * act'(out), materialised once: in the first same-size input's gradient
+    // when there is one, else in a scratch buffer (or grad_out itself without an activation).
+    const scalar_t* gm = g.const_data_ptr<scalar_t>();
+    at::Tensor scratch;
+    if (act != Activation::kNone || first_identity >= 0) {
+      scalar_t* dst;
+      if (first_identity >= 0) {
+        dst = grads[first_identity].mutable_data_ptr<scalar_t>();
+      } else {
+        scratch = at::empty_like(o);
+        dst = scratch.mutable_data_ptr<scalar_t>();
+      }
+      const scalar_t* gp = g.const_data_ptr<scalar_t>();
+      const scalar_t* op = o.const_data_ptr<scalar_t>();
+      at::parallel_for(0, o.numel(), 32768, [&](int64_t b, int64_t e) {
+        if (act == Activation::kNone) {
+          std::copy(gp + b, gp + e, dst + b);
+        } else {
+          masked_grad(dst, gp, op, b, e, act);
+        }
+      });
+      gm = dst;
+    }
+
+    Plan<scalar_t, opmath_t> p;
+    p.n = n;
+    p.N = N;
+    p.C = C;
+    p.Ho = Ho;
+    p.Wo = Wo;
+    p.mode = mode;
+    p.act = act;
+    for (int j = 0; j < n; ++j) {
+      p.H[j] = input_sizes[2 * j];
+      p.W[j] = input_sizes[2 * j + 1];
+      p.gx[j] = grads[j].mutable_data_ptr<scalar_t>();
+      p.identity[j] = p.H[j] == Ho && p.W[j] == Wo;
+      if (!p.identity[j]) {
+        p.rows[j] = make_axis<opmath_t>(p.H[j], Ho, mode, true);
+        p.cols[j] = make_axis<opmath_t>(p.W[j], Wo, mode, true);
+      }
+    }
+    if (fmt == at::MemoryFormat::ChannelsLast) {
+      for (int j = 0; j < n; ++j) {
+        if (j == first_identity) continue;
+        if (p.identity[j]) {
+          std::copy(gm, gm + o.numel(), p.gx[j]);
+          continue;
+        }
+        at::parallel_for(0, N * p.H[j], grain(3 * Wo * C), [&](int64_t b, int64_t e) {
+          bwd_nhwc_rows(p, gm, j, b, e);
+        });
+      }
+    } else {
+      at::parallel_for(0, N * C, grain(n * Ho * Wo), [&](int64_t b, int64_t e) {
+        bwd_nchw_planes(p, gm, b, e);
+      });
+    }
+  });
+  return grads;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hrnas_kernels, CPU, m) {
+  m.impl("multires_fusion_fwd", &fwd_cpu);
+  m.impl("multires_fusion_bwd", &bwd_cpu);
+}
+
+}  // namespace multires_fusion
+}  // namespace hrnas

@@ -1,0 +1,23 @@
+"""Fused, sparsity-aware PyTorch ops for HR-NAS and for any model that wants them.
+
+Schemas and fake kernels are registered first (pure Python, always present), then the C++
+extension ``_C`` is loaded if it was built: loading it registers the CPU/CUDA kernels. Whatever
+fails to load is reported by ``available_impls()`` instead of breaking the import.
+"""
+
+from . import _impl
+from .multires_fusion import ops as _multires_fusion_ops  # noqa: F401  (schemas before kernels)
+
+try:
+    from . import _C
+except ImportError as _error:  # not built, or built against another torch
+    _impl._set_native(None, f"{type(_error).__name__}: {_error}")
+else:
+    _impl._set_native(_C, None)
+
+from . import nn  # noqa: E402
+from ._impl import available_impls  # noqa: E402
+from .multires_fusion import multires_fusion  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["available_impls", "multires_fusion", "nn"]
