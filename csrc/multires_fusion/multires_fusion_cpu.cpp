@@ -119,11 +119,6 @@ struct Plan {
     for (int j = 0; j < n; ++j) m = std::max(m, H[j]);
     return m;
   }
-  int64_t max_in_w() const {
-    int64_t m = 0;
-    for (int j = 0; j < n; ++j) m = std::max(m, W[j]);
-    return m;
-  }
 };
 
 // acc[i] (= or +=) src[i]
@@ -218,45 +213,85 @@ HRNAS_TARGET_CLONES void fwd_nchw_planes(const Plan<scalar_t, opmath_t>& p, scal
   }
 }
 
+// One input's contribution to one output pixel in NHWC: the four source pixels (one for nearest,
+// one with no resampling) and the bilinear weights, grouped as ATen groups them:
+// a0 * (b0 * x00 + b1 * x01) + a1 * (b0 * x10 + b1 * x11).
+template <typename scalar_t, typename opmath_t>
+struct PixelTaps {
+  const scalar_t *x00, *x01, *x10, *x11;
+  opmath_t a0, a1, b0, b1;
+};
+
+enum class TapKind { kCopy, kNearest, kBilinear };
+
+// Channels per register-resident accumulator in the NHWC forward.
+constexpr int64_t kChannelBlock = 16;
+
+// out[c:c+len] = act(sum_j taps_j) over channels c..c+len. With kLen = len fixed at compile time
+// the accumulator lives in registers across all inputs, so each output element is written once
+// and never re-read; kLen = 0 handles a tail of len < kChannelBlock channels.
+template <int64_t kLen, typename scalar_t, typename opmath_t>
+inline void fuse_channels(const PixelTaps<scalar_t, opmath_t>* taps, const TapKind* kind, int n,
+                          int64_t c, int64_t len, scalar_t* __restrict out, Activation act) {
+  opmath_t s[kLen > 0 ? kLen : kChannelBlock];
+  const int64_t L = kLen > 0 ? kLen : len;
+  for (int64_t k = 0; k < L; ++k) s[k] = opmath_t(0);
+  for (int j = 0; j < n; ++j) {
+    const PixelTaps<scalar_t, opmath_t>& t = taps[j];
+    if (kind[j] == TapKind::kBilinear) {
+      for (int64_t k = 0; k < L; ++k) {
+        s[k] += t.a0 * (t.b0 * static_cast<opmath_t>(t.x00[c + k]) +
+                        t.b1 * static_cast<opmath_t>(t.x01[c + k])) +
+                t.a1 * (t.b0 * static_cast<opmath_t>(t.x10[c + k]) +
+                        t.b1 * static_cast<opmath_t>(t.x11[c + k]));
+      }
+    } else {
+      for (int64_t k = 0; k < L; ++k) s[k] += static_cast<opmath_t>(t.x00[c + k]);
+    }
+  }
+  for (int64_t k = 0; k < L; ++k) out[c + k] = static_cast<scalar_t>(activate(s[k], act));
+}
+
 template <typename scalar_t, typename opmath_t>
 HRNAS_TARGET_CLONES void fwd_nhwc_rows(const Plan<scalar_t, opmath_t>& p, scalar_t* out,
                                        int64_t begin, int64_t end) {
   const int64_t C = p.C, Ho = p.Ho, Wo = p.Wo;
-  std::vector<opmath_t> acc(Wo * C);
-  std::vector<opmath_t> row(p.max_in_w() * C);  // vertically blended source row of x_j
-  const bool bilinear = p.mode == Mode::kBilinear;
+  PixelTaps<scalar_t, opmath_t> taps[kMaxInputs];
+  TapKind kind[kMaxInputs];
+  for (int j = 0; j < p.n; ++j) {
+    kind[j] = p.identity[j] ? TapKind::kCopy
+                            : (p.mode == Mode::kBilinear ? TapKind::kBilinear : TapKind::kNearest);
+  }
   for (int64_t nh = begin; nh < end; ++nh) {
     const int64_t n = nh / Ho, h = nh % Ho;
-    for (int j = 0; j < p.n; ++j) {
-      const bool first = j == 0;
-      const int64_t Hj = p.H[j], Wj = p.W[j], rowlen = Wj * C;
-      const scalar_t* x = p.x[j] + n * Hj * rowlen;
-      if (p.identity[j]) {
-        accumulate(acc.data(), x + h * rowlen, Wo * C, first);
-        continue;
-      }
-      const Axis<opmath_t>& r = p.rows[j];
-      const scalar_t* x0 = x + r.i0[h] * rowlen;
-      if (bilinear) {
-        const scalar_t* x1 = x + r.i1[h] * rowlen;
-        const opmath_t a0 = r.l0[h], a1 = r.l1[h];
-        for (int64_t k = 0; k < rowlen; ++k) {
-          row[k] = a0 * static_cast<opmath_t>(x0[k]) + a1 * static_cast<opmath_t>(x1[k]);
+    scalar_t* o = out + nh * Wo * C;
+    for (int64_t w = 0; w < Wo; ++w) {
+      for (int j = 0; j < p.n; ++j) {
+        const int64_t Wj = p.W[j];
+        const scalar_t* x = p.x[j] + n * p.H[j] * Wj * C;
+        PixelTaps<scalar_t, opmath_t>& t = taps[j];
+        if (kind[j] == TapKind::kCopy) {
+          t.x00 = x + (h * Wj + w) * C;
+          continue;
         }
-      } else {
-        for (int64_t k = 0; k < rowlen; ++k) row[k] = static_cast<opmath_t>(x0[k]);
+        const Axis<opmath_t>& r = p.rows[j];
+        const Axis<opmath_t>& c = p.cols[j];
+        t.x00 = x + (r.i0[h] * Wj + c.i0[w]) * C;
+        t.x01 = x + (r.i0[h] * Wj + c.i1[w]) * C;
+        t.x10 = x + (r.i1[h] * Wj + c.i0[w]) * C;
+        t.x11 = x + (r.i1[h] * Wj + c.i1[w]) * C;
+        t.a0 = r.l0[h];
+        t.a1 = r.l1[h];
+        t.b0 = c.l0[w];
+        t.b1 = c.l1[w];
       }
-      const Axis<opmath_t>& c = p.cols[j];
-      for (int64_t w = 0; w < Wo; ++w) {
-        const opmath_t* s0 = row.data() + c.i0[w] * C;
-        if (bilinear) {
-          blend(acc.data() + w * C, s0, row.data() + c.i1[w] * C, c.l0[w], c.l1[w], C, first);
-        } else {
-          accumulate(acc.data() + w * C, s0, C, first);
-        }
+      scalar_t* ow = o + w * C;
+      int64_t c0 = 0;
+      for (; c0 + kChannelBlock <= C; c0 += kChannelBlock) {
+        fuse_channels<kChannelBlock>(taps, kind, p.n, c0, kChannelBlock, ow, p.act);
       }
+      if (c0 < C) fuse_channels<0>(taps, kind, p.n, c0, C - c0, ow, p.act);
     }
-    store_activated(out + nh * Wo * C, acc.data(), Wo * C, p.act);
   }
 }
 

@@ -54,7 +54,7 @@ def _check_size(size, x0) -> tuple:
 
 
 def _check_inputs(inputs) -> list:
-    if isinstance(inputs, torch.Tensor) or not isinstance(inputs, Sequence):
+    if isinstance(inputs, (torch.Tensor, str, bytes)) or not isinstance(inputs, Sequence):
         raise TypeError(f"{_OP}: inputs must be a list or tuple of tensors, got {type(inputs).__name__}")
     inputs = list(inputs)
     if not 1 <= len(inputs) <= MAX_INPUTS:
