@@ -6,7 +6,8 @@ fails to load is reported by ``available_impls()`` instead of breaking the impor
 """
 
 from . import _impl
-from .multires_fusion import ops as _multires_fusion_ops  # noqa: F401  (schemas before kernels)
+from .mixed_dwconv_bn_act import ops as _mixed_dwconv_bn_act_ops  # noqa: F401  (schemas before kernels)
+from .multires_fusion import ops as _multires_fusion_ops  # noqa: F401
 
 try:
     from . import _C
@@ -17,7 +18,8 @@ else:
 
 from . import nn  # noqa: E402
 from ._impl import available_impls  # noqa: E402
+from .mixed_dwconv_bn_act import mixed_dwconv_bn_act  # noqa: E402
 from .multires_fusion import multires_fusion  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["available_impls", "multires_fusion", "nn"]
+__all__ = ["available_impls", "mixed_dwconv_bn_act", "multires_fusion", "nn"]
