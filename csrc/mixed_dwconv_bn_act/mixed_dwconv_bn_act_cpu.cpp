@@ -30,15 +30,16 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/simd.h"
 #include "mixed_dwconv_bn_act/mixed_dwconv_bn_act.h"
 
 namespace hrnas {
 namespace mixed_dwconv {
 namespace {
 
-constexpr int64_t kLanes = 16;  // channels per NHWC task (one 64-byte line of fp32)
-constexpr int64_t kVec = 16;    // outputs per register block along W in NCHW
-constexpr int64_t kPix = 4;     // neighbouring output pixels sharing a weight load in NHWC
+using simd::Vec;
+constexpr int64_t kLanes = simd::kWidth;  // channels per NHWC task, outputs per NCHW vector
+constexpr int64_t kPix = 4;               // NHWC output pixels sharing each weight load
 
 // One conv's geometry: input H x W, kernel k, stride s, output Ho x Wo, and the zero-bordered tile
 // Hp x Wp (p = k / 2 on every side) that covers every tap of every output.
@@ -51,8 +52,31 @@ Geom make_geom(int64_t H, int64_t W, int64_t k, int64_t s) {
   return {H, W, k, s, p, (H - 1) / s + 1, (W - 1) / s + 1, H + 2 * p, W + 2 * p};
 }
 
+// Tiles get this many spare elements at the end: a stride-2 vector load reads 2 * kLanes values
+// of which it keeps the even ones, so the last one may look one vector past the tile.
+constexpr int64_t kTileSlack = 2 * kLanes;
+
+// Per-thread scratch reused across calls. Fresh multi-megabyte buffers cost a page fault per
+// 4 KiB on first touch, which dominated calls of a few milliseconds.
+template <typename A>
+A* scratch(int slot, int64_t size) {
+  static thread_local std::vector<A> buffers[6];
+  std::vector<A>& b = buffers[slot];
+  if (static_cast<int64_t>(b.size()) < size) b.resize(size);
+  return b.data();
+}
+
+template <int S, typename A>
+inline Vec<A> load_strided(const A* p) {
+  if constexpr (S == 1) {
+    return simd::load(p);
+  } else {
+    return simd::even_lanes<A>(simd::load(p), simd::load(p + kLanes));
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
-// NCHW plane kernels: lanes along W.
+// NCHW plane kernels: vectors along W.
 
 // out[ho][wo] = sum_{kh,kw} wt[kh][kw] * tile[ho*S + kh][wo*S + kw]   (out is Ho x Wo)
 template <int K, int S, typename A>
@@ -62,16 +86,13 @@ HRNAS_TARGET_CLONES void correlate_plane(const A* __restrict tile, const A* __re
   for (int64_t ho = 0; ho < g.Ho; ++ho) {
     A* o = out + ho * g.Wo;
     int64_t wo = 0;
-    for (; wo + kVec <= g.Wo; wo += kVec) {
-      A acc[kVec] = {};
+    for (; wo + kLanes <= g.Wo; wo += kLanes) {
+      Vec<A> acc = {};
       for (int64_t kh = 0; kh < k; ++kh) {
         const A* r = tile + (ho * S + kh) * g.Wp + wo * S;
-        for (int64_t kw = 0; kw < k; ++kw) {
-          const A wv = wt[kh * k + kw];
-          for (int64_t l = 0; l < kVec; ++l) acc[l] += wv * r[kw + l * S];
-        }
+        for (int64_t kw = 0; kw < k; ++kw) acc += wt[kh * k + kw] * load_strided<S>(r + kw);
       }
-      for (int64_t l = 0; l < kVec; ++l) o[wo + l] = acc[l];
+      simd::store(o + wo, acc);
     }
     for (; wo < g.Wo; ++wo) {
       A acc = A(0);
@@ -90,7 +111,7 @@ HRNAS_TARGET_CLONES void wgrad_plane(const A* __restrict d, int64_t ld, const A*
                                      const Geom g, double* __restrict dw) {
   constexpr int64_t kMaxK = K > 0 ? K : 1;
   const int64_t k = K > 0 ? K : g.k;
-  if (K == 0) {  // runtime kernel size: plain loops
+  if (K == 0) {  // other kernel sizes: plain loops
     for (int64_t kh = 0; kh < k; ++kh) {
       for (int64_t kw = 0; kw < k; ++kw) {
         A acc = A(0);
@@ -104,31 +125,26 @@ HRNAS_TARGET_CLONES void wgrad_plane(const A* __restrict d, int64_t ld, const A*
     return;
   }
   for (int64_t kh = 0; kh < k; ++kh) {
-    A acc[kMaxK][kVec] = {};
+    Vec<A> acc[kMaxK] = {};
     A tail[kMaxK] = {};
     for (int64_t ho = 0; ho < g.Ho; ++ho) {
       const A* dr = d + ho * ld;
       const A* r = tile + (ho * S + kh) * g.Wp;
       int64_t wo = 0;
-      for (; wo + kVec <= g.Wo; wo += kVec) {
-        for (int64_t kw = 0; kw < kMaxK; ++kw) {
-          for (int64_t l = 0; l < kVec; ++l) acc[kw][l] += dr[wo + l] * r[(wo + l) * S + kw];
-        }
+      for (; wo + kLanes <= g.Wo; wo += kLanes) {
+        const Vec<A> dv = simd::load(dr + wo);
+        for (int64_t kw = 0; kw < kMaxK; ++kw) acc[kw] += dv * load_strided<S>(r + wo * S + kw);
       }
       for (; wo < g.Wo; ++wo) {
         for (int64_t kw = 0; kw < kMaxK; ++kw) tail[kw] += dr[wo] * r[wo * S + kw];
       }
     }
-    for (int64_t kw = 0; kw < kMaxK; ++kw) {
-      A s = tail[kw];
-      for (int64_t l = 0; l < kVec; ++l) s += acc[kw][l];
-      dw[kh * k + kw] += s;
-    }
+    for (int64_t kw = 0; kw < kMaxK; ++kw) dw[kh * k + kw] += simd::sum<A>(acc[kw]) + tail[kw];
   }
 }
 
 // ------------------------------------------------------------------------------------------------
-// NHWC block kernels: kLanes channels per pixel, lanes along C. Tiles are [rows][cols][kLanes].
+// NHWC block kernels: kLanes channels per pixel, vectors along C. Tiles are [rows][cols][kLanes].
 
 // out[ho][wo][:] = sum_{kh,kw} wt[kh][kw][:] * tile[ho*S + kh][wo*S + kw][:]
 template <int K, int S, typename A>
@@ -138,33 +154,25 @@ HRNAS_TARGET_CLONES void correlate_block(const A* __restrict tile, const A* __re
   for (int64_t ho = 0; ho < g.Ho; ++ho) {
     int64_t wo = 0;
     for (; wo + kPix <= g.Wo; wo += kPix) {
-      A acc[kPix][kLanes] = {};
+      Vec<A> acc[kPix] = {};
       for (int64_t kh = 0; kh < k; ++kh) {
         const A* r = tile + ((ho * S + kh) * g.Wp + wo * S) * kLanes;
         for (int64_t kw = 0; kw < k; ++kw) {
-          const A* wv = wt + (kh * k + kw) * kLanes;
-          for (int64_t q = 0; q < kPix; ++q) {
-            const A* xv = r + (q * S + kw) * kLanes;
-            for (int64_t l = 0; l < kLanes; ++l) acc[q][l] += wv[l] * xv[l];
-          }
+          const Vec<A> wv = simd::load(wt + (kh * k + kw) * kLanes);
+          for (int64_t q = 0; q < kPix; ++q) acc[q] += wv * simd::load(r + (q * S + kw) * kLanes);
         }
       }
-      for (int64_t q = 0; q < kPix; ++q) {
-        A* o = out + (ho * g.Wo + wo + q) * kLanes;
-        for (int64_t l = 0; l < kLanes; ++l) o[l] = acc[q][l];
-      }
+      for (int64_t q = 0; q < kPix; ++q) simd::store(out + (ho * g.Wo + wo + q) * kLanes, acc[q]);
     }
     for (; wo < g.Wo; ++wo) {
-      A acc[kLanes] = {};
+      Vec<A> acc = {};
       for (int64_t kh = 0; kh < k; ++kh) {
+        const A* r = tile + ((ho * S + kh) * g.Wp + wo * S) * kLanes;
         for (int64_t kw = 0; kw < k; ++kw) {
-          const A* wv = wt + (kh * k + kw) * kLanes;
-          const A* xv = tile + ((ho * S + kh) * g.Wp + wo * S + kw) * kLanes;
-          for (int64_t l = 0; l < kLanes; ++l) acc[l] += wv[l] * xv[l];
+          acc += simd::load(wt + (kh * k + kw) * kLanes) * simd::load(r + kw * kLanes);
         }
       }
-      A* o = out + (ho * g.Wo + wo) * kLanes;
-      for (int64_t l = 0; l < kLanes; ++l) o[l] = acc[l];
+      simd::store(out + (ho * g.Wo + wo) * kLanes, acc);
     }
   }
 }
@@ -178,12 +186,11 @@ HRNAS_TARGET_CLONES void wgrad_block(const A* __restrict d, int64_t ld, const A*
   if (K == 0) {
     for (int64_t kh = 0; kh < k; ++kh) {
       for (int64_t kw = 0; kw < k; ++kw) {
-        A acc[kLanes] = {};
+        Vec<A> acc = {};
         for (int64_t ho = 0; ho < g.Ho; ++ho) {
           for (int64_t wo = 0; wo < g.Wo; ++wo) {
-            const A* dv = d + (ho * ld + wo) * kLanes;
-            const A* xv = tile + ((ho * S + kh) * g.Wp + wo * S + kw) * kLanes;
-            for (int64_t l = 0; l < kLanes; ++l) acc[l] += dv[l] * xv[l];
+            acc += simd::load(d + (ho * ld + wo) * kLanes) *
+                   simd::load(tile + ((ho * S + kh) * g.Wp + wo * S + kw) * kLanes);
           }
         }
         for (int64_t l = 0; l < kLanes; ++l) dw[(kh * k + kw) * kLanes + l] += acc[l];
@@ -192,15 +199,13 @@ HRNAS_TARGET_CLONES void wgrad_block(const A* __restrict d, int64_t ld, const A*
     return;
   }
   for (int64_t kh = 0; kh < k; ++kh) {
-    A acc[kMaxK][kLanes] = {};
+    Vec<A> acc[kMaxK] = {};
     for (int64_t ho = 0; ho < g.Ho; ++ho) {
       const A* r = tile + (ho * S + kh) * g.Wp * kLanes;
       for (int64_t wo = 0; wo < g.Wo; ++wo) {
-        const A* dv = d + (ho * ld + wo) * kLanes;
+        const Vec<A> dv = simd::load(d + (ho * ld + wo) * kLanes);
         const A* xr = r + wo * S * kLanes;
-        for (int64_t kw = 0; kw < kMaxK; ++kw) {
-          for (int64_t l = 0; l < kLanes; ++l) acc[kw][l] += dv[l] * xr[kw * kLanes + l];
-        }
+        for (int64_t kw = 0; kw < kMaxK; ++kw) acc[kw] += dv * simd::load(xr + kw * kLanes);
       }
     }
     for (int64_t kw = 0; kw < kMaxK; ++kw) {
@@ -210,18 +215,24 @@ HRNAS_TARGET_CLONES void wgrad_block(const A* __restrict d, int64_t ld, const A*
 }
 
 // Stride-2 input gradient by scattering into a zero-bordered tile of the input's size:
-// tile[ho*2 + kh][wo*2 + kw][:] += wt[kh][kw][:] * d[ho][wo][:]. `lanes` is 1 for NCHW planes.
+// tile[ho*2 + kh][wo*2 + kw][:] += wt[kh][kw][:] * d[ho][wo][:] (lanes: 1 in NCHW, kLanes in NHWC).
 template <typename A>
 HRNAS_TARGET_CLONES void scatter_stride2(const A* __restrict d, const A* __restrict wt,
                                          const Geom g, int64_t lanes, A* __restrict tile) {
   for (int64_t ho = 0; ho < g.Ho; ++ho) {
     for (int64_t wo = 0; wo < g.Wo; ++wo) {
-      const A* dv = d + (ho * g.Wo + wo) * lanes;
       for (int64_t kh = 0; kh < g.k; ++kh) {
-        for (int64_t kw = 0; kw < g.k; ++kw) {
-          const A* wv = wt + (kh * g.k + kw) * lanes;
-          A* t = tile + ((ho * 2 + kh) * g.Wp + wo * 2 + kw) * lanes;
-          for (int64_t l = 0; l < lanes; ++l) t[l] += wv[l] * dv[l];
+        A* t = tile + ((ho * 2 + kh) * g.Wp + wo * 2) * lanes;
+        const A* w = wt + kh * g.k * lanes;
+        if (lanes == kLanes) {
+          const Vec<A> dv = simd::load(d + (ho * g.Wo + wo) * kLanes);
+          for (int64_t kw = 0; kw < g.k; ++kw) {
+            simd::store(t + kw * kLanes,
+                        simd::load(t + kw * kLanes) + simd::load(w + kw * kLanes) * dv);
+          }
+        } else {
+          const A dv = d[ho * g.Wo + wo];
+          for (int64_t kw = 0; kw < g.k; ++kw) t[kw] += w[kw] * dv;
         }
       }
     }
@@ -248,65 +259,86 @@ void with_kernel(int64_t k, int64_t s, F&& f) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Flat passes. A task keeps each image's data in flat buffers [pixels][L] with L = 1 (NCHW) or
-// kLanes (NHWC), padded to a multiple of kLanes with zeros. Element e belongs to slot e % kLanes
-// of its chunk; per-channel coefficients are given per slot (all slots equal in NCHW, one channel
-// per slot in NHWC), so one vectorised loop serves both layouts.
+// Flat passes. A task holds an image's data in flat buffers [pixels][L] with L = 1 (NCHW) or
+// kLanes (NHWC), padded with zeros to a multiple of kLanes. Element e belongs to slot e % kLanes
+// of its vector; per-channel coefficients are vectors with one value per slot (all equal in NCHW,
+// one channel per slot in NHWC), so one vector loop serves both layouts.
 
 template <typename A>
-HRNAS_TARGET_CLONES void sum_and_square(const A* __restrict v, int64_t len, A* __restrict s,
-                                        A* __restrict q) {
+HRNAS_TARGET_CLONES void sum_and_square(const A* __restrict v, int64_t len, Vec<A>* s,
+                                        Vec<A>* q) {
+  Vec<A> a = {}, b = {};
   for (int64_t c = 0; c < len; c += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) {
-      s[j] += v[c + j];
-      q[j] += v[c + j] * v[c + j];
-    }
+    const Vec<A> x = simd::load(v + c);
+    a += x;
+    b += x * x;
   }
+  *s += a;
+  *q += b;
 }
 
 template <typename A>
-HRNAS_TARGET_CLONES void batch_norm_act(const A* __restrict v, int64_t len,
-                                        const A* __restrict mean, const A* __restrict scale,
-                                        const A* __restrict beta, Activation act,
-                                        A* __restrict out) {
+inline Vec<A> activate_vec(Vec<A> v, Activation act) {
+  const Vec<A> zero = {};
+  if (act != Activation::kNone) v = v < zero ? zero : v;  // NaN compares false: it propagates
+  if (act == Activation::kRelu6) v = v > simd::splat<A>(A(6)) ? simd::splat<A>(A(6)) : v;
+  return v;
+}
+
+template <typename A>
+HRNAS_TARGET_CLONES void batch_norm_act(A* __restrict v, int64_t len, const Vec<A>* coef,
+                                        Activation act) {
+  // coef: mean, scale, beta (passed by pointer: GCC 12 has an internal error on wide vector
+  // arguments to multiversioned functions)
+  const Vec<A> mean = coef[0], scale = coef[1], beta = coef[2];
   for (int64_t c = 0; c < len; c += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) {
-      out[c + j] = activate((v[c + j] - mean[j]) * scale[j] + beta[j], act);
-    }
+    simd::store(v + c, activate_vec<A>((simd::load(v + c) - mean) * scale + beta, act));
   }
 }
 
-// dz = grad_y where the activation passes it (else 0); s += dz; q += dz * (conv - mean)
+// The activation's gradient mask, from its output: passes where the mask is all ones.
+template <typename A>
+inline Vec<A> masked(Vec<A> gy, Vec<A> y, Activation act) {
+  const Vec<A> zero = {};
+  if (act == Activation::kNone) return gy;
+  auto stop = y <= zero;
+  if (act == Activation::kRelu6) stop = stop | (y >= simd::splat<A>(A(6)));
+  return stop ? zero : gy;
+}
+
+// s += dz; q += dz * (conv - mean), with dz = grad_y masked by the activation
 template <typename A>
 HRNAS_TARGET_CLONES void masked_grad_sums(const A* __restrict gy, const A* __restrict y,
                                           const A* __restrict cv, int64_t len,
-                                          const A* __restrict mean, Activation act,
-                                          A* __restrict dz, A* __restrict s, A* __restrict q) {
+                                          const Vec<A>* mean_in, Activation act, Vec<A>* s,
+                                          Vec<A>* q) {
+  const Vec<A> mean = *mean_in;
+  Vec<A> a = {}, b = {};
   for (int64_t c = 0; c < len; c += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) {
-      const A d = passes_grad(y[c + j], act) ? gy[c + j] : A(0);
-      dz[c + j] = d;
-      s[j] += d;
-      q[j] += d * (cv[c + j] - mean[j]);
-    }
+    const Vec<A> dz = masked<A>(simd::load(gy + c), simd::load(y + c), act);
+    a += dz;
+    b += dz * (simd::load(cv + c) - mean);
   }
+  *s += a;
+  *q += b;
 }
 
-// out = k_dz * dz + k_conv * (conv - mean) + k_const over one row of `len` elements that starts
-// at a chunk boundary (NHWC) or anywhere (NCHW, where every slot holds the same coefficients).
+// One row of d(conv) = k_dz * dz + k_conv * (conv - mean) + k_const, written to `out`. The row
+// starts at a vector boundary of the flat buffers; rows of NCHW planes may end mid-vector (all
+// slots then share their coefficients, so the tail uses slot 0 onwards safely).
 template <typename A>
-HRNAS_TARGET_CLONES void conv_grad_row(const A* __restrict dz, const A* __restrict cv,
-                                       int64_t len, const A* __restrict k_dz,
-                                       const A* __restrict k_conv, const A* __restrict mean,
-                                       const A* __restrict k_const, A* __restrict out) {
+HRNAS_TARGET_CLONES void conv_grad_row(const A* __restrict gy, const A* __restrict y,
+                                       const A* __restrict cv, int64_t len, Activation act,
+                                       const Vec<A>* coef, A* __restrict out) {
+  const Vec<A> k_dz = coef[0], k_conv = coef[1], mean = coef[2], k_const = coef[3];
   int64_t c = 0;
   for (; c + kLanes <= len; c += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) {
-      out[c + j] = k_dz[j] * dz[c + j] + k_conv[j] * (cv[c + j] - mean[j]) + k_const[j];
-    }
+    const Vec<A> dz = masked<A>(simd::load(gy + c), simd::load(y + c), act);
+    simd::store(out + c, k_dz * dz + k_conv * (simd::load(cv + c) - mean) + k_const);
   }
   for (int64_t j = 0; c + j < len; ++j) {
-    out[c + j] = k_dz[j] * dz[c + j] + k_conv[j] * (cv[c + j] - mean[j]) + k_const[j];
+    const A dz = passes_grad(y[c + j], act) ? gy[c + j] : A(0);
+    out[c + j] = k_dz[j] * dz + k_conv[j] * (cv[c + j] - mean[j]) + k_const[j];
   }
 }
 
@@ -348,22 +380,25 @@ std::pair<int64_t, int64_t> origin(const Problem<T, A>& pr, int64_t n, int64_t c
   return {(n * pr.C + c0) * HW, 1};
 }
 
-// Image n's task channels of an [N, C, H, W] tensor into a flat [H*W][L] buffer (rows `pitch`
-// pixels apart, starting `offset` pixels in: a tile interior), converting to the math type.
+// Image n's task channels of an [N, C, H, W] tensor into a flat [H*W][L] buffer whose rows are
+// `pitch` pixels apart and start `offset` pixels in (a tile interior, or 0 and W for dense).
 template <typename T, typename A>
-void gather(const T* src, const Problem<T, A>& pr, int64_t n, const Task& t, int64_t H, int64_t W,
-            A* dst, int64_t pitch, int64_t offset) {
+HRNAS_TARGET_CLONES void gather(const T* src, const Problem<T, A>& pr, int64_t n, const Task& t,
+                                int64_t H, int64_t W, A* dst, int64_t pitch, int64_t offset) {
   const auto [o, step] = origin(pr, n, t.c0, H * W);
   const T* s = src + o;
-  const int64_t L = pr.L();
   for (int64_t h = 0; h < H; ++h) {
-    A* d = dst + (offset + h * pitch) * L;
     const T* sr = s + h * W * step;
-    if (L == 1) {
+    if (!pr.channels_last) {
+      A* d = dst + offset + h * pitch;
       for (int64_t w = 0; w < W; ++w) d[w] = static_cast<A>(sr[w]);
+    } else if (t.lanes == kLanes) {
+      A* d = dst + (offset + h * pitch) * kLanes;
+      for (int64_t w = 0; w < W; ++w) simd::store(d + w * kLanes, simd::load(sr + w * step));
     } else {
+      A* d = dst + (offset + h * pitch) * kLanes;
       for (int64_t w = 0; w < W; ++w) {
-        for (int64_t l = 0; l < t.lanes; ++l) d[w * L + l] = static_cast<A>(sr[w * step + l]);
+        for (int64_t l = 0; l < t.lanes; ++l) d[w * kLanes + l] = static_cast<A>(sr[w * step + l]);
       }
     }
   }
@@ -371,36 +406,51 @@ void gather(const T* src, const Problem<T, A>& pr, int64_t n, const Task& t, int
 
 // The reverse of gather for a dense [H*W][L] buffer.
 template <typename T, typename A>
-void scatter(const A* src, const Problem<T, A>& pr, int64_t n, const Task& t, int64_t HW, T* dst) {
+HRNAS_TARGET_CLONES void scatter(const A* src, const Problem<T, A>& pr, int64_t n, const Task& t,
+                                 int64_t HW, T* dst) {
   const auto [o, step] = origin(pr, n, t.c0, HW);
   T* d = dst + o;
-  const int64_t L = pr.L();
-  if (L == 1) {
+  if (!pr.channels_last) {
     for (int64_t i = 0; i < HW; ++i) d[i] = static_cast<T>(src[i]);
-    return;
-  }
-  for (int64_t i = 0; i < HW; ++i) {
-    for (int64_t l = 0; l < t.lanes; ++l) d[i * step + l] = static_cast<T>(src[i * L + l]);
+  } else if (t.lanes == kLanes) {
+    for (int64_t i = 0; i < HW; ++i) simd::store(d + i * step, simd::load(src + i * kLanes));
+  } else {
+    for (int64_t i = 0; i < HW; ++i) {
+      for (int64_t l = 0; l < t.lanes; ++l) d[i * step + l] = static_cast<T>(src[i * kLanes + l]);
+    }
   }
 }
 
-// Per-slot sums -> per-channel values: slot j in NHWC, the total of all slots in NCHW.
+// Per-slot sums -> per-channel value: slot l in NHWC, the total of all slots in NCHW.
 template <typename T, typename A>
-double channel_total(const Problem<T, A>& pr, const A* slots, int64_t l) {
+double channel_total(const Problem<T, A>& pr, const Vec<A>& slots, int64_t l) {
   if (pr.channels_last) return static_cast<double>(slots[l]);
   double total = 0.0;
   for (int64_t j = 0; j < kLanes; ++j) total += slots[j];
   return total;
 }
 
-// Per-channel value -> per-slot array (broadcast in NCHW).
+// Per-channel value -> its slot(s): slot l in NHWC, every slot in NCHW.
 template <typename T, typename A>
-void set_slot(const Problem<T, A>& pr, A* slots, int64_t l, A v) {
+void set_slot(const Problem<T, A>& pr, Vec<A>& slots, int64_t l, A v) {
   if (pr.channels_last) {
     slots[l] = v;
   } else {
-    std::fill(slots, slots + kLanes, v);
+    slots = simd::splat<A>(v);
   }
+}
+
+// Kernel rows of the task's channels, [k*k][L] (zero in unused lanes), optionally flipped.
+template <typename T, typename A>
+const A* task_weights(const Problem<T, A>& pr, const Group& grp, const Task& t, const T* w,
+                      bool flip, A* wt) {
+  const int64_t kk = grp.k * grp.k, L = pr.L();
+  std::fill(wt, wt + kk * L, A(0));
+  for (int64_t l = 0; l < t.lanes; ++l) {
+    const T* row = w + (t.c0 - grp.begin + l) * kk;
+    for (int64_t i = 0; i < kk; ++i) wt[i * L + l] = static_cast<A>(row[flip ? kk - 1 - i : i]);
+  }
+  return wt;
 }
 
 template <typename T, typename A>
@@ -417,49 +467,37 @@ struct FwdIO {
   A* var;
 };
 
-// Kernel rows of the task's channels, [k*k][L] (zero in unused lanes), optionally flipped.
-template <typename T, typename A>
-std::vector<A> task_weights(const Problem<T, A>& pr, const Group& grp, const Task& t,
-                            const T* w, bool flip) {
-  const int64_t kk = grp.k * grp.k, L = pr.L();
-  std::vector<A> wt(kk * L, A(0));
-  for (int64_t l = 0; l < t.lanes; ++l) {
-    const T* row = w + (t.c0 - grp.begin + l) * kk;
-    for (int64_t i = 0; i < kk; ++i) wt[i * L + l] = static_cast<A>(row[flip ? kk - 1 - i : i]);
-  }
-  return wt;
-}
-
 template <typename T, typename A>
 void fwd_task(const Problem<T, A>& pr, const std::vector<Group>& groups, const FwdIO<T, A>& io,
               const Task& t) {
   const Group& grp = groups[t.g];
   const Geom g = make_geom(pr.H, pr.W, grp.k, pr.stride);
   const int64_t L = pr.L(), HWo = g.Ho * g.Wo, len = round_up(HWo * L);
-  const std::vector<A> wt = task_weights(pr, grp, t, io.w[t.g], false);
-  std::vector<A> tile(g.Hp * g.Wp * L, A(0)), conv(pr.N * len, A(0));
-  A s[kLanes] = {}, q[kLanes] = {};
+  const int64_t tile_size = g.Hp * g.Wp * L + kTileSlack;
+  const A* wt = task_weights(pr, grp, t, io.w[t.g], false, scratch<A>(0, g.k * g.k * L));
+  A* tile = scratch<A>(1, tile_size);
+  A* out = scratch<A>(2, len);
+  std::fill(tile, tile + tile_size, A(0));
+  std::fill(out, out + len, A(0));
+  Vec<A> s = {}, q = {};
   for (int64_t n = 0; n < pr.N; ++n) {
-    gather(io.x, pr, n, t, pr.H, pr.W, tile.data(), g.Wp, g.p * g.Wp + g.p);
-    A* out = conv.data() + n * len;
+    gather(io.x, pr, n, t, pr.H, pr.W, tile, g.Wp, g.p * g.Wp + g.p);
     with_kernel(g.k, g.s, [&](auto K, auto S) {
       constexpr int kK = decltype(K)::value, kS = decltype(S)::value;
       if (pr.channels_last) {
-        correlate_block<kK, kS>(tile.data(), wt.data(), g, out);
+        correlate_block<kK, kS>(tile, wt, g, out);
       } else {
-        correlate_plane<kK, kS>(tile.data(), wt.data(), g, out);
+        correlate_plane<kK, kS>(tile, wt, g, out);
       }
     });
-    A si[kLanes] = {}, qi[kLanes] = {};  // per image, then into the task totals
-    sum_and_square(out, len, si, qi);
-    for (int64_t j = 0; j < kLanes; ++j) {
-      s[j] += si[j];
-      q[j] += qi[j];
-    }
+    Vec<A> si = {}, qi = {};  // per image, then into the task totals
+    sum_and_square(out, len, &si, &qi);
+    s += si;
+    q += qi;
     scatter(out, pr, n, t, HWo, io.conv);
   }
   const double count = static_cast<double>(pr.N * HWo);
-  A mean[kLanes] = {}, scale[kLanes] = {}, beta[kLanes] = {};
+  Vec<A> coef[3] = {};  // mean, scale, beta
   for (int64_t l = 0; l < t.lanes; ++l) {
     const int64_t c = t.c0 + l;
     A m, v;
@@ -473,14 +511,14 @@ void fwd_task(const Problem<T, A>& pr, const std::vector<Group>& groups, const F
     }
     io.mean[c] = m;
     io.var[c] = v;
-    set_slot(pr, mean, l, m);
-    set_slot(pr, scale, l, static_cast<A>(io.gamma[c]) / std::sqrt(v + pr.eps));
-    set_slot(pr, beta, l, static_cast<A>(io.beta[c]));
+    set_slot(pr, coef[0], l, m);
+    set_slot(pr, coef[1], l, static_cast<A>(io.gamma[c]) / std::sqrt(v + pr.eps));
+    set_slot(pr, coef[2], l, static_cast<A>(io.beta[c]));
   }
-  std::vector<A> y(len);
-  for (int64_t n = 0; n < pr.N; ++n) {
-    batch_norm_act(conv.data() + n * len, len, mean, scale, beta, pr.act, y.data());
-    scatter(y.data(), pr, n, t, HWo, io.y);
+  for (int64_t n = 0; n < pr.N; ++n) {  // BN + activation from the tape, still in cache
+    gather(io.conv, pr, n, t, g.Ho, g.Wo, out, g.Wo, 0);
+    batch_norm_act(out, len, coef, pr.act);
+    scatter(out, pr, n, t, HWo, io.y);
   }
 }
 
@@ -507,26 +545,31 @@ void bwd_task(const Problem<T, A>& pr, const std::vector<Group>& groups, const B
   const Geom g = make_geom(pr.H, pr.W, grp.k, pr.stride);
   const int64_t L = pr.L(), kk = g.k * g.k, HWo = g.Ho * g.Wo, len = round_up(HWo * L);
   const double count = static_cast<double>(pr.N * HWo);
+  A* gy = scratch<A>(0, len);
+  A* y = scratch<A>(1, len);
+  A* cv = scratch<A>(2, len);
+  std::fill(gy, gy + len, A(0));
+  std::fill(y, y + len, A(0));
+  std::fill(cv, cv + len, A(0));
+  auto load_image = [&](int64_t n) {
+    gather(io.gy, pr, n, t, g.Ho, g.Wo, gy, g.Wo, 0);
+    gather(io.y, pr, n, t, g.Ho, g.Wo, y, g.Wo, 0);
+    gather(io.conv, pr, n, t, g.Ho, g.Wo, cv, g.Wo, 0);
+  };
 
-  // Pass A: dz and the per-channel sums of dz and dz * (conv - mean).
-  A mean[kLanes] = {};
+  // Pass A: per-channel sums of dz and dz * (conv - mean).
+  Vec<A> mean = {};
   for (int64_t l = 0; l < t.lanes; ++l) set_slot(pr, mean, l, io.mean[t.c0 + l]);
-  std::vector<A> dz(pr.N * len, A(0)), conv(pr.N * len, A(0)), gy(len, A(0)), y(len, A(0));
-  A s[kLanes] = {}, q[kLanes] = {};
+  Vec<A> s = {}, q = {};
   for (int64_t n = 0; n < pr.N; ++n) {
-    gather(io.gy, pr, n, t, g.Ho, g.Wo, gy.data(), g.Wo, 0);
-    gather(io.y, pr, n, t, g.Ho, g.Wo, y.data(), g.Wo, 0);
-    gather(io.conv, pr, n, t, g.Ho, g.Wo, conv.data() + n * len, g.Wo, 0);
-    A si[kLanes] = {}, qi[kLanes] = {};
-    masked_grad_sums(gy.data(), y.data(), conv.data() + n * len, len, mean, pr.act,
-                     dz.data() + n * len, si, qi);
-    for (int64_t j = 0; j < kLanes; ++j) {
-      s[j] += si[j];
-      q[j] += qi[j];
-    }
+    load_image(n);
+    Vec<A> si = {}, qi = {};
+    masked_grad_sums(gy, y, cv, len, &mean, pr.act, &si, &qi);
+    s += si;
+    q += qi;
   }
   // d(conv) = k_dz * dz + k_conv * (conv - mean) + k_const
-  A k_dz[kLanes] = {}, k_conv[kLanes] = {}, k_const[kLanes] = {};
+  Vec<A> coef[4] = {{}, {}, mean, {}};
   for (int64_t l = 0; l < t.lanes; ++l) {
     const int64_t c = t.c0 + l;
     const double sdz = channel_total(pr, s, l), sdzx = channel_total(pr, q, l);
@@ -534,10 +577,10 @@ void bwd_task(const Problem<T, A>& pr, const std::vector<Group>& groups, const B
     const double gamma = static_cast<double>(io.gamma[c]);
     io.gbeta[c] = static_cast<T>(sdz);
     io.ggamma[c] = static_cast<T>(sdzx * rstd);
-    set_slot(pr, k_dz, l, static_cast<A>(gamma * rstd));
+    set_slot(pr, coef[0], l, static_cast<A>(gamma * rstd));
     if (pr.batch_stats) {
-      set_slot(pr, k_conv, l, static_cast<A>(-gamma * rstd * rstd * rstd * sdzx / count));
-      set_slot(pr, k_const, l, static_cast<A>(-gamma * rstd * sdz / count));
+      set_slot(pr, coef[1], l, static_cast<A>(-gamma * rstd * rstd * rstd * sdzx / count));
+      set_slot(pr, coef[3], l, static_cast<A>(-gamma * rstd * sdz / count));
     }
   }
 
@@ -545,45 +588,48 @@ void bwd_task(const Problem<T, A>& pr, const std::vector<Group>& groups, const B
   const bool scatter_dx = pr.stride == 2;
   const int64_t dl = scatter_dx ? 0 : g.p;  // stride 1: d(conv) inside a border of p
   const int64_t dpitch = scatter_dx ? g.Wo : g.Wp;
-  const std::vector<A> wt = task_weights(pr, grp, t, io.w[t.g], !scatter_dx);
-  std::vector<A> dtile((scatter_dx ? HWo : g.Hp * g.Wp) * L, A(0));
-  std::vector<A> xtile(g.Hp * g.Wp * L, A(0));
-  std::vector<A> dx((scatter_dx ? g.Hp * g.Wp : pr.H * pr.W) * L);
+  const int64_t tile_size = g.Hp * g.Wp * L + kTileSlack;
+  const A* wt = task_weights(pr, grp, t, io.w[t.g], !scatter_dx, scratch<A>(3, kk * L));
+  A* dtile = scratch<A>(4, 2 * tile_size);  // d(conv) tile, then the x tile
+  A* xtile = dtile + tile_size;
+  A* dx = scratch<A>(5, std::max(tile_size, round_up(pr.H * pr.W * L)));
+  std::fill(dtile, dtile + 2 * tile_size, A(0));
   std::vector<double> dw(kk * L, 0.0);
   for (int64_t n = 0; n < pr.N; ++n) {
+    load_image(n);
     for (int64_t ho = 0; ho < g.Ho; ++ho) {
       const int64_t row = ho * g.Wo * L;
-      conv_grad_row(dz.data() + n * len + row, conv.data() + n * len + row, g.Wo * L, k_dz,
-                    k_conv, mean, k_const, dtile.data() + ((ho + dl) * dpitch + dl) * L);
+      conv_grad_row(gy + row, y + row, cv + row, g.Wo * L, pr.act, coef,
+                    dtile + ((ho + dl) * dpitch + dl) * L);
     }
-    gather(io.x, pr, n, t, pr.H, pr.W, xtile.data(), g.Wp, g.p * g.Wp + g.p);
-    const A* dconv = dtile.data() + (dl * dpitch + dl) * L;
-    if (scatter_dx) std::fill(dx.begin(), dx.end(), A(0));
+    gather(io.x, pr, n, t, pr.H, pr.W, xtile, g.Wp, g.p * g.Wp + g.p);
+    const A* dconv = dtile + (dl * dpitch + dl) * L;
+    if (scatter_dx) std::fill(dx, dx + tile_size, A(0));
     with_kernel(g.k, g.s, [&](auto K, auto S) {
       constexpr int kK = decltype(K)::value, kS = decltype(S)::value;
       if (pr.channels_last) {
-        wgrad_block<kK, kS>(dconv, dpitch, xtile.data(), g, dw.data());
+        wgrad_block<kK, kS>(dconv, dpitch, xtile, g, dw.data());
       } else {
-        wgrad_plane<kK, kS>(dconv, dpitch, xtile.data(), g, dw.data());
+        wgrad_plane<kK, kS>(dconv, dpitch, xtile, g, dw.data());
       }
       if constexpr (kS == 1) {
         const Geom gd = make_geom(g.Ho, g.Wo, g.k, 1);
         if (pr.channels_last) {
-          correlate_block<kK, 1>(dtile.data(), wt.data(), gd, dx.data());
+          correlate_block<kK, 1>(dtile, wt, gd, dx);
         } else {
-          correlate_plane<kK, 1>(dtile.data(), wt.data(), gd, dx.data());
+          correlate_plane<kK, 1>(dtile, wt, gd, dx);
         }
       }
     });
     if (scatter_dx) {
-      scatter_stride2(dconv, wt.data(), g, L, dx.data());
+      scatter_stride2(dconv, wt, g, L, dx);
       // the interior of the scatter tile is the input gradient; compact it in place
       for (int64_t h = 0; h < pr.H; ++h) {
-        const A* src = dx.data() + ((h + g.p) * g.Wp + g.p) * L;
-        std::copy(src, src + pr.W * L, dx.data() + h * pr.W * L);
+        const A* src = dx + ((h + g.p) * g.Wp + g.p) * L;
+        std::copy(src, src + pr.W * L, dx + h * pr.W * L);
       }
     }
-    scatter(dx.data(), pr, n, t, pr.H * pr.W, io.gx);
+    scatter(dx, pr, n, t, pr.H * pr.W, io.gx);
   }
   for (int64_t l = 0; l < t.lanes; ++l) {
     T* gw = io.gw[t.g] + (t.c0 - grp.begin + l) * kk;

@@ -22,9 +22,11 @@
 
 #include <algorithm>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
+#include "common/simd.h"
 #include "multires_fusion/multires_fusion.h"
 
 namespace hrnas {
@@ -225,31 +227,73 @@ struct PixelTaps {
 enum class TapKind { kCopy, kNearest, kBilinear };
 
 // Channels per register-resident accumulator in the NHWC forward.
-constexpr int64_t kChannelBlock = 16;
+constexpr int64_t kChannelBlock = simd::kWidth;
 
-// out[c:c+len] = act(sum_j taps_j) over channels c..c+len. With kLen = len fixed at compile time
-// the accumulator lives in registers across all inputs, so each output element is written once
-// and never re-read; kLen = 0 handles a tail of len < kChannelBlock channels.
-template <int64_t kLen, typename scalar_t, typename opmath_t>
-inline void fuse_channels(const PixelTaps<scalar_t, opmath_t>* taps, const TapKind* kind, int n,
-                          int64_t c, int64_t len, scalar_t* __restrict out, Activation act) {
-  opmath_t s[kLen > 0 ? kLen : kChannelBlock];
-  const int64_t L = kLen > 0 ? kLen : len;
-  for (int64_t k = 0; k < L; ++k) s[k] = opmath_t(0);
+template <typename scalar_t, typename opmath_t>
+inline simd::Vec<opmath_t> load_as(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+    return simd::load<opmath_t>(p);
+  } else {
+    simd::Vec<opmath_t> v;
+    for (int64_t l = 0; l < simd::kWidth; ++l) v[l] = static_cast<opmath_t>(p[l]);
+    return v;
+  }
+}
+
+template <typename scalar_t, typename opmath_t>
+inline void store_as(scalar_t* p, simd::Vec<opmath_t> v) {
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+    simd::store<opmath_t>(p, v);
+  } else {
+    for (int64_t l = 0; l < simd::kWidth; ++l) p[l] = static_cast<scalar_t>(v[l]);
+  }
+}
+
+// out[c:c+kChannelBlock] = act(sum_j taps_j): the accumulator is one vector register across all
+// inputs, so each output element is written once and never re-read.
+template <typename scalar_t, typename opmath_t>
+inline void fuse_channel_block(const PixelTaps<scalar_t, opmath_t>* taps, const TapKind* kind,
+                               int n, int64_t c, scalar_t* __restrict out, Activation act) {
+  using V = simd::Vec<opmath_t>;
+  V s = {};
   for (int j = 0; j < n; ++j) {
     const PixelTaps<scalar_t, opmath_t>& t = taps[j];
     if (kind[j] == TapKind::kBilinear) {
-      for (int64_t k = 0; k < L; ++k) {
-        s[k] += t.a0 * (t.b0 * static_cast<opmath_t>(t.x00[c + k]) +
-                        t.b1 * static_cast<opmath_t>(t.x01[c + k])) +
-                t.a1 * (t.b0 * static_cast<opmath_t>(t.x10[c + k]) +
-                        t.b1 * static_cast<opmath_t>(t.x11[c + k]));
-      }
+      s += t.a0 * (t.b0 * load_as<scalar_t, opmath_t>(t.x00 + c) +
+                   t.b1 * load_as<scalar_t, opmath_t>(t.x01 + c)) +
+           t.a1 * (t.b0 * load_as<scalar_t, opmath_t>(t.x10 + c) +
+                   t.b1 * load_as<scalar_t, opmath_t>(t.x11 + c));
     } else {
-      for (int64_t k = 0; k < L; ++k) s[k] += static_cast<opmath_t>(t.x00[c + k]);
+      s += load_as<scalar_t, opmath_t>(t.x00 + c);
     }
   }
-  for (int64_t k = 0; k < L; ++k) out[c + k] = static_cast<scalar_t>(activate(s[k], act));
+  const V zero = {};
+  if (act != Activation::kNone) s = s < zero ? zero : s;  // NaN compares false: it propagates
+  if (act == Activation::kRelu6) s = s > simd::splat<opmath_t>(opmath_t(6)) ? simd::splat<opmath_t>(opmath_t(6)) : s;
+  store_as<scalar_t, opmath_t>(out + c, s);
+}
+
+// The same for a tail of len < kChannelBlock channels.
+template <typename scalar_t, typename opmath_t>
+inline void fuse_channel_tail(const PixelTaps<scalar_t, opmath_t>* taps, const TapKind* kind,
+                              int n, int64_t c, int64_t len, scalar_t* __restrict out,
+                              Activation act) {
+  for (int64_t k = 0; k < len; ++k) {
+    opmath_t s = opmath_t(0);
+    for (int j = 0; j < n; ++j) {
+      const PixelTaps<scalar_t, opmath_t>& t = taps[j];
+      const int64_t e = c + k;
+      if (kind[j] == TapKind::kBilinear) {
+        s += t.a0 * (t.b0 * static_cast<opmath_t>(t.x00[e]) +
+                     t.b1 * static_cast<opmath_t>(t.x01[e])) +
+             t.a1 * (t.b0 * static_cast<opmath_t>(t.x10[e]) +
+                     t.b1 * static_cast<opmath_t>(t.x11[e]));
+      } else {
+        s += static_cast<opmath_t>(t.x00[e]);
+      }
+    }
+    out[c + k] = static_cast<scalar_t>(activate(s, act));
+  }
 }
 
 template <typename scalar_t, typename opmath_t>
@@ -288,9 +332,9 @@ HRNAS_TARGET_CLONES void fwd_nhwc_rows(const Plan<scalar_t, opmath_t>& p, scalar
       scalar_t* ow = o + w * C;
       int64_t c0 = 0;
       for (; c0 + kChannelBlock <= C; c0 += kChannelBlock) {
-        fuse_channels<kChannelBlock>(taps, kind, p.n, c0, kChannelBlock, ow, p.act);
+        fuse_channel_block(taps, kind, p.n, c0, ow, p.act);
       }
-      if (c0 < C) fuse_channels<0>(taps, kind, p.n, c0, C - c0, ow, p.act);
+      if (c0 < C) fuse_channel_tail(taps, kind, p.n, c0, C - c0, ow, p.act);
     }
   }
 }

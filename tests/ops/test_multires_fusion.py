@@ -91,8 +91,10 @@ def test_gradcheck_float64(impl_device, mode, act, fmt):
         with torch.no_grad():
             for x in xs:
                 x.add_(0.5 * torch.sign(x))
+    # fast_mode (a random projection of the Jacobian) keeps the Triton interpreter runs short
     assert torch.autograd.gradcheck(
-        lambda *t: multires_fusion(list(t), (5, 4), mode, act, impl=impl), xs, eps=1e-6, atol=1e-7)
+        lambda *t: multires_fusion(list(t), (5, 4), mode, act, impl=impl), xs, eps=1e-6, atol=1e-7,
+        fast_mode=impl == "triton")
 
 
 def _op_args(device, fmt):

@@ -1,0 +1,483 @@
+"""Benchmark harness shared by every op of hrnas_kernels: one timing method, CSV schema and table.
+
+Each ``bench_<op>.py`` declares what to measure and nothing else:
+
+* ``CASES``: a list of dicts of shape parameters (and ``QUICK_CASES``, derived from ``CASES``,
+  for smoke runs), plus ``label(case)`` giving the compact shape string of a case;
+* ``PROVIDERS``: the implementations to compare (``"eager"``, ``"eager+compile"``, ``"native"``,
+  ``"triton"``, ...) and ``BASELINE``, the provider every speedup is measured against;
+* ``setup(case, provider, mode, device, dtype, memory_format)``: builds the inputs and returns a
+  ``Prepared`` (the zero-argument callable to time, the tensors whose ``.grad`` must be reset
+  between calls, and optionally the compulsory bytes one call moves), or a string saying why the
+  provider cannot run here (implementation not built, Triton on CPU, compile failure).
+
+and hands them to ``run()``. The script also serves the pytest-benchmark suite
+(``test_bench_<op>.py``), which reuses ``CASES`` and ``setup`` through ``run_pytest_benchmark``.
+
+Modes (``autograd_call`` builds them from a forward closure; inputs always require grad, so
+``forward`` is the training forward that records the graph):
+
+* ``forward``: the forward alone;
+* ``backward``: the backward alone, replayed on one forward graph recorded during setup
+  (``torch.autograd.grad(out, inputs, grad_out, retain_graph=True)``). This times the backward
+  kernels exactly instead of estimating them as full minus forward, whose noise on a shared
+  machine is the sum of two measurements. (A torch.compile'd backward that donates buffers
+  refuses ``retain_graph``: compile that mode with ``donated_buffer=False``, as
+  bench_multires_fusion does);
+* ``full``: forward then backward, graph freed each call.
+
+Gradients are returned by ``torch.autograd.grad``, never accumulated into ``.grad``.
+
+Timing: CUDA uses ``triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])``, which flushes L2
+before each call (CUDA events with the same flush when Triton is missing); CPU uses
+``torch.utils.benchmark.Timer(...).blocked_autorange(min_run_time=...)`` under the requested
+thread count, repeated until there are at least ``MIN_CPU_SAMPLES`` blocks, and p20/p50/p80 are
+taken over the per-call means of the blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime
+import math
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils import benchmark as torch_benchmark
+
+MODES = ("forward", "backward", "full")
+MEMORY_FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+CSV_COLUMNS = (
+    "op", "provider", "mode", "shape", "dtype", "memory_format", "threads", "device",
+    "torch_version", "git_sha", "p20_ms", "p50_ms", "p80_ms", "peak_mem_mb", "speedup_vs",
+    "baseline", "gbps", "frac_peak", "timestamp",
+)
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MIN_CPU_SAMPLES = 5
+DEFAULT_MIN_RUN_TIME = 1.0
+QUICK_MIN_RUN_TIME = 0.2
+# Peak HBM bandwidth used for frac_peak on CUDA: about what an H100 80GB HBM3 reaches on a
+# device-to-device copy counting read + write (3.35 TB/s nominal); see docs PERFORMANCE.md 1.1.
+DEFAULT_CUDA_PEAK_GBPS = 3000.0
+QUICK_PYTEST_ROUNDS = 10
+
+
+@dataclass
+class Prepared:
+    """What ``setup`` returns for a provider that can run: the call to time and its bookkeeping."""
+
+    fn: Callable[[], object]
+    grad_to_none: Sequence[torch.Tensor] = field(default_factory=tuple)
+    nbytes: int | None = None  # compulsory bytes one call reads + writes, for GB/s
+    # Settings the calls need (a config patch, say), entered once around warm-up and timing
+    # rather than paid inside every timed call.
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+
+@dataclass
+class _Result:
+    p20: float
+    p50: float
+    p80: float
+    peak_mem_mb: float | None
+    nbytes: int | None
+
+
+def autograd_call(
+    forward: Callable[[], torch.Tensor], inputs: Sequence[torch.Tensor], mode: str
+) -> Callable[[], object]:
+    """The callable timed for ``mode``, built from a closure running the op on ``inputs``.
+
+    ``backward`` records one forward graph here and replays only its backward on every call;
+    ``grad_out`` is random (seeded, laid out like the output) so no gradient is trivially zero.
+    """
+    if mode == "forward":
+        return forward
+    out = forward()
+    gen = torch.Generator(device=out.device).manual_seed(0)
+    grad_out = torch.empty_like(out).normal_(generator=gen)
+    inputs = tuple(inputs)
+    if mode == "backward":
+        return lambda: torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
+    if mode == "full":
+        return lambda: torch.autograd.grad(forward(), inputs, grad_out)
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def device_name(device: str) -> str:
+    """The name rows are compared by: the GPU name on CUDA, the CPU model name on CPU."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown-cpu"
+
+
+def device_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def git_sha() -> str:
+    """Short HEAD sha, ``-dirty`` when anything outside benchmarks/results differs from HEAD."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+            text=True, check=True,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True,
+            check=True,
+        ).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    dirty = any(not line[3:].startswith("benchmarks/results/") for line in status)
+    return sha + ("-dirty" if dirty else "")
+
+
+def loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().strip()
+    except OSError:
+        return "n/a"
+
+
+def _with_grad_reset(fn, grad_to_none):
+    if not grad_to_none:
+        return fn
+
+    def call():
+        for t in grad_to_none:
+            t.grad = None
+        return fn()
+
+    return call
+
+
+def _time_cpu(fn, threads: int, min_run_time: float) -> tuple[float, float, float]:
+    timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+    times: list[float] = []
+    while len(times) < MIN_CPU_SAMPLES:
+        times.extend(timer.blocked_autorange(min_run_time=min_run_time).times)
+    p20, p50, p80 = np.quantile(np.asarray(times) * 1e3, [0.2, 0.5, 0.8])
+    return float(p20), float(p50), float(p80)
+
+
+def _time_cuda(fn, grad_to_none, min_run_time: float) -> tuple[float, float, float]:
+    rep_ms = max(1, int(min_run_time * 1e3))
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        return _time_cuda_events(fn, grad_to_none, rep_ms)
+    p50, p20, p80 = do_bench(
+        fn, rep=rep_ms, grad_to_none=list(grad_to_none) or None, quantiles=[0.5, 0.2, 0.8]
+    )
+    return p20, p50, p80
+
+
+def _time_cuda_events(fn, grad_to_none, rep_ms: int) -> tuple[float, float, float]:
+    """do_bench's method without Triton: warm-up, then one event pair per call, L2 flushed."""
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        flush.zero_()
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end) / 5, 1e-3)
+    for _ in range(max(1, int(25 / estimate))):
+        fn()
+    n = max(MIN_CPU_SAMPLES, int(rep_ms / estimate))
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        for _ in range(n)
+    ]
+    for s, e in events:
+        for t in grad_to_none:
+            t.grad = None
+        flush.zero_()
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    times = [s.elapsed_time(e) for s, e in events]
+    p20, p50, p80 = np.quantile(times, [0.2, 0.5, 0.8])
+    return float(p20), float(p50), float(p80)
+
+
+def _peak_mem_mb(fn) -> float:
+    """CUDA max_memory_allocated over one call, live inputs (and a retained graph) included."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def measure(prepared: Prepared, device: str, threads: int, min_run_time: float) -> _Result:
+    """Warm up once, then time ``prepared.fn``; exceptions from the op propagate."""
+    fn = _with_grad_reset(prepared.fn, prepared.grad_to_none)
+    with prepared.context():
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+            peak = _peak_mem_mb(fn)
+            p20, p50, p80 = _time_cuda(prepared.fn, prepared.grad_to_none, min_run_time)
+        else:
+            peak = None
+            p20, p50, p80 = _time_cpu(fn, threads, min_run_time)
+    return _Result(p20, p50, p80, peak, prepared.nbytes)
+
+
+def parse_args(description: str | None = None, argv: Sequence[str] | None = None):
+    """The command line every ``bench_<op>.py`` shares; options left ``None`` take the script's
+    defaults in ``run``."""
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"),
+                   default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", nargs="+", default=["float32"], help="torch dtype names")
+    p.add_argument("--threads", nargs="+", type=int,
+                   help="CPU thread counts (torch.set_num_threads); default: the script's")
+    p.add_argument("--memory-format", choices=("nchw", "channels_last", "both"),
+                   help="default: every format the script declares")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--providers", nargs="+", help="subset of the script's providers")
+    p.add_argument("--quick", action="store_true",
+                   help=f"QUICK_CASES and min-run-time {QUICK_MIN_RUN_TIME} s, for smoke tests")
+    p.add_argument("--min-run-time", type=float,
+                   help=f"seconds of timed calls per measurement (default {DEFAULT_MIN_RUN_TIME}; "
+                        "CUDA: do_bench rep)")
+    p.add_argument("--peak-gbps", type=float,
+                   help="peak memory bandwidth for frac_peak, GB/s (default on CUDA "
+                        f"{DEFAULT_CUDA_PEAK_GBPS:g}: H100 80GB HBM3 copy; on CPU none)")
+    p.add_argument("--out", type=Path,
+                   help="CSV to append to (default benchmarks/results/<op>_<device-slug>.csv)")
+    args = p.parse_args(argv)
+    for name in args.dtype:
+        if not isinstance(getattr(torch, name, None), torch.dtype):
+            p.error(f"--dtype: {name!r} is not a torch dtype")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available here")
+    if args.threads and min(args.threads) < 1:
+        p.error("--threads must be positive")
+    return args
+
+
+def _open_csv(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.stat().st_size > 0:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), None)
+        if tuple(header or ()) != CSV_COLUMNS:
+            sys.exit(f"{path} has another header ({header}); pass another --out")
+        f = open(path, "a", newline="")
+        return f, csv.DictWriter(f, CSV_COLUMNS)
+    f = open(path, "w", newline="")
+    writer = csv.DictWriter(f, CSV_COLUMNS)
+    writer.writeheader()
+    return f, writer
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _print_block(title, labels, modes, providers, baseline, cells, notes):
+    header = ["case", "mode"] + list(providers)
+    rows = []
+    for label in labels:
+        for mode in modes:
+            row = [label, mode]
+            for provider in providers:
+                cell = cells.get((label, mode, provider), "-")
+                if isinstance(cell, _Result):
+                    base = cells.get((label, mode, baseline))
+                    text = f"{cell.p50:.3f}"
+                    if isinstance(base, _Result):
+                        text += f" {base.p50 / cell.p50:.2f}x"
+                    if cell.nbytes:
+                        text += f" {cell.nbytes / cell.p50 / 1e6:.3g}GB/s"
+                    cell = text
+                row.append(cell)
+            rows.append(row)
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    lines = [f"[{title}]", "  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines += [f"  [{i}] {note}" for i, note in enumerate(notes, start=1)]
+    print("\n".join(lines) + "\n", flush=True)
+
+
+def _measure_block(cases, labels, providers, modes, setup, device, dtype, fmt, threads,
+                   min_run_time):
+    """Results of one (threads, dtype, memory format) block: cells keyed (label, mode, provider)
+    holding a ``_Result`` or a footnote marker, the footnotes, and the number of errors."""
+    cells, notes, errors = {}, [], 0
+    for case, case_label in zip(cases, labels):
+        for provider in providers:
+            for mode in modes:
+                try:
+                    prepared = setup(case, provider, mode, device, dtype, MEMORY_FORMATS[fmt])
+                    if not isinstance(prepared, str):
+                        cells[case_label, mode, provider] = measure(
+                            prepared, device, threads, min_run_time
+                        )
+                        continue
+                    kind, note = "skip", f"{provider}: skipped: {prepared}"
+                except Exception as error:  # reported in the table; the run goes on
+                    errors += 1
+                    kind = "error"
+                    note = f"{provider} {mode}: error: {type(error).__name__}: {error}"
+                finally:
+                    prepared = None  # free the inputs and graphs before the next setup
+                if note not in notes:
+                    notes.append(note)
+                cells[case_label, mode, provider] = f"{kind}[{notes.index(note) + 1}]"
+    return cells, notes, errors
+
+
+def _rows(cells, baseline, peak_gbps, common):
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    for (case_label, mode, provider), res in cells.items():
+        if not isinstance(res, _Result):
+            continue
+        base = cells.get((case_label, mode, baseline))
+        gbps = res.nbytes / res.p50 / 1e6 if res.nbytes else None
+        frac = gbps / peak_gbps if gbps is not None and peak_gbps else None
+        yield {
+            **common,
+            "provider": provider, "mode": mode, "shape": case_label,
+            "p20_ms": f"{res.p20:.6g}", "p50_ms": f"{res.p50:.6g}", "p80_ms": f"{res.p80:.6g}",
+            "peak_mem_mb": _fmt(res.peak_mem_mb, ".1f"),
+            "speedup_vs": f"{base.p50 / res.p50:.4g}" if isinstance(base, _Result) else "",
+            "baseline": baseline, "gbps": _fmt(gbps, ".4g"), "frac_peak": _fmt(frac, ".4g"),
+            "timestamp": stamp,
+        }
+
+
+def run(
+    *,
+    op: str,
+    cases: Sequence[dict],
+    quick_cases: Sequence[dict],
+    providers: Sequence[str],
+    baseline: str,
+    setup: Callable,
+    label: Callable[[dict], str],
+    args: argparse.Namespace,
+    threads: Sequence[int] = (1, 2),
+    memory_formats: Sequence[str] = ("nchw",),
+) -> int:
+    """Measure every (threads, dtype, memory format, case, provider, mode); returns the exit code.
+
+    Rows are appended to the CSV block by block (one block per thread count, dtype and memory
+    format), so an interrupted run keeps what it measured. A provider whose ``setup`` returns a
+    reason is reported as skipped; one that raises is reported as an error, and the exit code is 1.
+    """
+    device = args.device
+    if args.providers:
+        unknown = sorted(set(args.providers) - set(providers))
+        if unknown:
+            sys.exit(f"unknown provider(s) {unknown}; {op} has {list(providers)}")
+        providers = [p for p in providers if p in args.providers]
+    cases = quick_cases if args.quick else cases
+    labels = [label(c) for c in cases]
+    if len(set(labels)) != len(labels):
+        sys.exit(f"{op}: label() gives two cases the same shape string: {labels}")
+    min_run_time = args.min_run_time or (QUICK_MIN_RUN_TIME if args.quick else DEFAULT_MIN_RUN_TIME)
+    formats = list(memory_formats) if args.memory_format in (None, "both") else [args.memory_format]
+    if device == "cuda":
+        thread_counts = args.threads or [torch.get_num_threads()]
+    else:
+        thread_counts = args.threads or list(threads)
+    peak_gbps = args.peak_gbps or (DEFAULT_CUDA_PEAK_GBPS if device == "cuda" else None)
+    dev_name = device_name(device)
+    sha = git_sha()
+    out_path = args.out or RESULTS_DIR / f"{op}_{device_slug(dev_name)}.csv"
+
+    print(
+        f"{op} | {dev_name} ({device}) | torch {torch.__version__} | git {sha}\n"
+        f"loadavg at start: {loadavg()} | min_run_time {min_run_time:g} s | modes "
+        f"{' '.join(args.modes)}\n"
+        f"cells: p50 ms, speedup vs {baseline} (its p50 / this p50), GB/s of compulsory bytes "
+        f"where the script counts them; p20/p80 and peak memory in {out_path}\n",
+        flush=True,
+    )
+    errors = 0
+    prev_threads = torch.get_num_threads()
+    csv_file, writer = _open_csv(out_path)
+    try:
+        for n_threads in thread_counts:
+            torch.set_num_threads(n_threads)
+            for dtype_name in args.dtype:
+                for fmt in formats:
+                    cells, notes, block_errors = _measure_block(
+                        cases, labels, providers, args.modes, setup, device,
+                        getattr(torch, dtype_name), fmt, n_threads, min_run_time,
+                    )
+                    errors += block_errors
+                    common = {
+                        "op": op, "dtype": dtype_name, "memory_format": fmt,
+                        "threads": n_threads, "device": dev_name,
+                        "torch_version": torch.__version__, "git_sha": sha,
+                    }
+                    writer.writerows(_rows(cells, baseline, peak_gbps, common))
+                    csv_file.flush()
+                    title = f"{dtype_name}, {fmt}, {n_threads} thread{'s' * (n_threads != 1)}"
+                    _print_block(title, labels, args.modes, providers, baseline, cells, notes)
+    finally:
+        csv_file.close()
+        torch.set_num_threads(prev_threads)
+    print(f"loadavg at end: {loadavg()} | rows appended to {out_path}", flush=True)
+    return 1 if errors else 0
+
+
+def env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    return default if value is None else value.strip().lower() not in ("0", "", "false", "no")
+
+
+def run_pytest_benchmark(benchmark, prepared: Prepared, device: str, quick: bool) -> None:
+    """Time ``prepared`` with the pytest-benchmark fixture.
+
+    Quick runs use a fixed ``QUICK_PYTEST_ROUNDS`` rounds (no calibration) so the suite stays a
+    smoke test; otherwise pytest-benchmark calibrates as configured on its command line. CUDA
+    calls are synchronized, since the fixture reads a host clock.
+    """
+    fn = _with_grad_reset(prepared.fn, prepared.grad_to_none)
+    if device == "cuda":
+        inner = fn
+
+        def fn():
+            inner()
+            torch.cuda.synchronize()
+
+    if prepared.nbytes:
+        benchmark.extra_info["nbytes"] = prepared.nbytes
+    with prepared.context():
+        fn()
+        if quick:
+            benchmark.pedantic(fn, rounds=QUICK_PYTEST_ROUNDS, iterations=1, warmup_rounds=1)
+        else:
+            benchmark(fn)
