@@ -27,27 +27,11 @@
 
 #include "common/checks.h"
 #include "common/simd.h"
-#include "multires_fusion/multires_fusion.h"
+#include "multires_fusion/multires_fusion_args.h"
 
 namespace hrnas {
 namespace multires_fusion {
 namespace {
-
-constexpr const char* kOp = "multires_fusion";
-
-Mode parse_mode(std::string_view s) {
-  if (s == "bilinear") return Mode::kBilinear;
-  if (s == "nearest") return Mode::kNearest;
-  TORCH_CHECK(false, kOp, ": unknown mode '", std::string(s), "' (expected bilinear or nearest)");
-}
-
-Activation parse_activation(std::string_view s) {
-  if (s == "none") return Activation::kNone;
-  if (s == "relu") return Activation::kRelu;
-  if (s == "relu6") return Activation::kRelu6;
-  TORCH_CHECK(false, kOp, ": unknown activation '", std::string(s),
-              "' (expected none, relu or relu6)");
-}
 
 // Taps along one axis. Forward: output index o reads l0[o] * x[i0[o]] + l1[o] * x[i1[o]] (nearest
 // uses i0 alone). Backward: input index i receives sum_k w[k] * g[o[k]] for k in
@@ -430,30 +414,14 @@ HRNAS_TARGET_CLONES void bwd_nhwc_rows(const Plan<scalar_t, opmath_t>& p, const 
 // Rough number of work items per parallel chunk so a chunk costs tens of microseconds.
 int64_t grain(int64_t item_cost) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, item_cost)); }
 
-void check_sizes(c10::IntArrayRef size) {
-  TORCH_CHECK(size.size() == 2, kOp, ": size must have 2 entries (H, W), got ", size.size());
-  TORCH_CHECK(size[0] > 0 && size[1] > 0, kOp, ": size must be positive, got ", size);
-}
-
 at::Tensor fwd_cpu(at::TensorList inputs, c10::SymIntArrayRef sym_size, std::string_view mode_s,
                    std::string_view act_s) {
   const c10::IntArrayRef size = C10_AS_INTARRAYREF_SLOW(sym_size);
   const Mode mode = parse_mode(mode_s);
   const Activation act = parse_activation(act_s);
-  check_sizes(size);
+  check_forward(inputs, size);
   const int n = static_cast<int>(inputs.size());
-  TORCH_CHECK(n >= 1 && n <= kMaxInputs, kOp, ": expected 1 to ", kMaxInputs, " inputs, got ", n);
   const at::Tensor& x0 = inputs[0];
-  check_nchw(kOp, "inputs[0]", x0);
-  for (int j = 0; j < n; ++j) {
-    check_nchw(kOp, "every input", inputs[j]);
-    check_same(kOp, "an input", inputs[j], x0);
-    TORCH_CHECK(inputs[j].size(0) == x0.size(0) && inputs[j].size(1) == x0.size(1), kOp,
-                ": inputs[", j, "] has N, C = ", inputs[j].size(0), ", ", inputs[j].size(1),
-                ", expected ", x0.size(0), ", ", x0.size(1));
-    TORCH_CHECK(inputs[j].size(2) > 0 && inputs[j].size(3) > 0, kOp, ": inputs[", j,
-                "] has an empty spatial size");
-  }
   TORCH_CHECK(x0.device().is_cpu(), kOp, ": the CPU kernel got a tensor on ", x0.device());
   const at::MemoryFormat fmt = output_memory_format(x0);
   at::Tensor out = at::empty({x0.size(0), x0.size(1), size[0], size[1]},
@@ -503,17 +471,8 @@ std::vector<at::Tensor> bwd_cpu(const at::Tensor& grad_out, const at::Tensor& ou
   const c10::IntArrayRef input_sizes = C10_AS_INTARRAYREF_SLOW(sym_input_sizes);
   const Mode mode = parse_mode(mode_s);
   const Activation act = parse_activation(act_s);
-  check_nchw(kOp, "grad_out", grad_out);
-  check_nchw(kOp, "out", out);
-  check_same(kOp, "grad_out", grad_out, out);
-  TORCH_CHECK(grad_out.sizes() == out.sizes(), kOp, ": grad_out has shape ", grad_out.sizes(),
-              ", expected ", out.sizes());
+  const int n = check_backward(grad_out, out, input_sizes);
   TORCH_CHECK(out.device().is_cpu(), kOp, ": the CPU kernel got a tensor on ", out.device());
-  TORCH_CHECK(input_sizes.size() % 2 == 0 && !input_sizes.empty() &&
-                  input_sizes.size() <= 2 * kMaxInputs,
-              kOp, ": input_sizes must hold (H, W) of 1 to ", kMaxInputs, " inputs, got ",
-              input_sizes);
-  const int n = static_cast<int>(input_sizes.size() / 2);
   const at::MemoryFormat fmt = output_memory_format(out);
   const int64_t N = out.size(0), C = out.size(1), Ho = out.size(2), Wo = out.size(3);
 
@@ -522,7 +481,6 @@ std::vector<at::Tensor> bwd_cpu(const at::Tensor& grad_out, const at::Tensor& ou
   int first_identity = -1;
   for (int j = 0; j < n; ++j) {
     const int64_t Hj = input_sizes[2 * j], Wj = input_sizes[2 * j + 1];
-    TORCH_CHECK(Hj > 0 && Wj > 0, kOp, ": input_sizes must be positive, got ", input_sizes);
     grads.push_back(at::empty({N, C, Hj, Wj}, out.options().memory_format(fmt)));
     if (first_identity < 0 && Hj == Ho && Wj == Wo) first_identity = j;
   }
