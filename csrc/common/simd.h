@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/activation.h"
+
 namespace hrnas {
 namespace simd {
 
@@ -60,6 +62,15 @@ inline Vec<T> even_lanes(Vec<T> a, Vec<T> b) {
   typedef I Mask __attribute__((vector_size(kWidth * sizeof(I))));
   const Mask even = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
   return __builtin_shuffle(a, b, even);
+}
+
+// The activation on a vector; NaN compares false, so it propagates as in the scalar version.
+template <typename T>
+inline Vec<T> activate(Vec<T> v, Activation act) {
+  const Vec<T> zero = {};
+  if (act != Activation::kNone) v = v < zero ? zero : v;
+  if (act == Activation::kRelu6) v = v > splat<T>(T(6)) ? splat<T>(T(6)) : v;
+  return v;
 }
 
 }  // namespace simd

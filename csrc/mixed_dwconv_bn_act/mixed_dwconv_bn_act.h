@@ -12,22 +12,13 @@
 #include <string_view>
 #include <vector>
 
+#include "common/activation.h"
 #include "common/checks.h"
 
 namespace hrnas {
 namespace mixed_dwconv {
 
 constexpr const char* kOp = "mixed_dwconv_bn_act";
-
-enum class Activation : int { kNone = 0, kRelu = 1, kRelu6 = 2 };
-
-inline Activation parse_activation(std::string_view s) {
-  if (s == "none") return Activation::kNone;
-  if (s == "relu") return Activation::kRelu;
-  if (s == "relu6") return Activation::kRelu6;
-  TORCH_CHECK(false, kOp, ": unknown activation '", std::string(s),
-              "' (expected none, relu or relu6)");
-}
 
 struct Group {
   int64_t begin, count, k;
@@ -55,23 +46,6 @@ inline std::vector<Group> check_and_group(const at::Tensor& x, at::TensorList we
               ": bn_weight must have shape [", begin, "], got ", bn_weight.sizes());
   check_same(kOp, "bn_weight", bn_weight, x);
   return groups;
-}
-
-template <typename T>
-inline T activate(T v, Activation act) {
-  if (act == Activation::kNone) return v;
-  if (v < T(0)) return T(0);
-  if (act == Activation::kRelu6 && v > T(6)) return T(6);
-  return v;
-}
-
-// Gradient passes the activation, decided from its output (as threshold_backward /
-// hardtanh_backward decide from theirs): NaN passes.
-template <typename T>
-inline bool passes_grad(T y, Activation act) {
-  if (act == Activation::kNone) return true;
-  if (act == Activation::kRelu) return !(y <= T(0));
-  return !(y <= T(0) || y >= T(6));
 }
 
 }  // namespace mixed_dwconv

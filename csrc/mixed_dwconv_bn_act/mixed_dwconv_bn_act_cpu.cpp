@@ -278,21 +278,13 @@ HRNAS_TARGET_CLONES void sum_and_square(const A* __restrict v, int64_t len, Vec<
 }
 
 template <typename A>
-inline Vec<A> activate_vec(Vec<A> v, Activation act) {
-  const Vec<A> zero = {};
-  if (act != Activation::kNone) v = v < zero ? zero : v;  // NaN compares false: it propagates
-  if (act == Activation::kRelu6) v = v > simd::splat<A>(A(6)) ? simd::splat<A>(A(6)) : v;
-  return v;
-}
-
-template <typename A>
 HRNAS_TARGET_CLONES void batch_norm_act(A* __restrict v, int64_t len, const Vec<A>* coef,
                                         Activation act) {
   // coef: mean, scale, beta (passed by pointer: GCC 12 has an internal error on wide vector
   // arguments to multiversioned functions)
   const Vec<A> mean = coef[0], scale = coef[1], beta = coef[2];
   for (int64_t c = 0; c < len; c += kLanes) {
-    simd::store(v + c, activate_vec<A>((simd::load(v + c) - mean) * scale + beta, act));
+    simd::store(v + c, simd::activate<A>((simd::load(v + c) - mean) * scale + beta, act));
   }
 }
 
@@ -645,7 +637,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
     const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, int64_t stride, bool use_batch_stats, double eps,
     std::string_view activation) {
-  const Activation act = parse_activation(activation);
+  const Activation act = parse_activation(kOp, activation);
   const std::vector<Group> groups = check_and_group(x_in, weights, bn_weight, stride);
   TORCH_CHECK(x_in.device().is_cpu(), kOp, ": the CPU kernel got a tensor on ", x_in.device());
   TORCH_CHECK(bn_bias.sizes() == bn_weight.sizes(), kOp, ": bn_bias must have shape ",
@@ -705,7 +697,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> bwd_cpu(
     const at::Tensor& conv_in, at::TensorList weights, const at::Tensor& bn_weight,
     const at::Tensor& mean_in, const at::Tensor& var_in, int64_t stride, bool use_batch_stats,
     double eps, std::string_view activation) {
-  const Activation act = parse_activation(activation);
+  const Activation act = parse_activation(kOp, activation);
   const std::vector<Group> groups = check_and_group(x_in, weights, bn_weight, stride);
   TORCH_CHECK(x_in.device().is_cpu(), kOp, ": the CPU kernel got a tensor on ", x_in.device());
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);

@@ -10,17 +10,12 @@
 #include <cmath>
 #include <cstdint>
 
-#ifdef __CUDACC__
-#define HRNAS_HD __host__ __device__ __forceinline__
-#else
-#define HRNAS_HD inline
-#endif
+#include "common/activation.h"
 
 namespace hrnas {
 namespace multires_fusion {
 
 enum class Mode : int { kBilinear = 0, kNearest = 1 };
-enum class Activation : int { kNone = 0, kRelu = 1, kRelu6 = 2 };
 
 // At most this many inputs (the public API enforces the same bound).
 constexpr int kMaxInputs = 8;
@@ -50,25 +45,6 @@ HRNAS_HD int64_t nearest_tap(int64_t dst, int64_t in_size, int64_t out_size) {
   const float scale = static_cast<float>(in_size) / static_cast<float>(out_size);
   const int64_t idx = static_cast<int64_t>(floorf(static_cast<float>(dst) * scale));
   return idx < in_size - 1 ? idx : in_size - 1;
-}
-
-// NaN propagates through both activations, as torch.relu and F.relu6 do.
-template <typename T>
-HRNAS_HD T activate(T v, Activation act) {
-  if (act == Activation::kNone) return v;
-  if (v < T(0)) return T(0);
-  if (act == Activation::kRelu6 && v > T(6)) return T(6);
-  return v;
-}
-
-// Whether the gradient passes the activation, decided from the activation's *output* (saved by
-// the forward). Matches threshold_backward (relu) and hardtanh_backward (relu6): out in (0, 6)
-// exactly when the pre-activation is; NaN passes, as in eager.
-template <typename T>
-HRNAS_HD bool passes_grad(T out, Activation act) {
-  if (act == Activation::kNone) return true;
-  if (act == Activation::kRelu) return !(out <= T(0));
-  return !(out <= T(0) || out >= T(6));
 }
 
 }  // namespace multires_fusion

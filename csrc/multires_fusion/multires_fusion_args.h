@@ -7,7 +7,10 @@
 
 #include <string>
 #include <string_view>
+#include <utility>
+#include <vector>
 
+#include "common/activation.h"
 #include "common/checks.h"
 #include "multires_fusion/multires_fusion.h"
 
@@ -20,14 +23,6 @@ inline Mode parse_mode(std::string_view s) {
   if (s == "bilinear") return Mode::kBilinear;
   if (s == "nearest") return Mode::kNearest;
   TORCH_CHECK(false, kOp, ": unknown mode '", std::string(s), "' (expected bilinear or nearest)");
-}
-
-inline Activation parse_activation(std::string_view s) {
-  if (s == "none") return Activation::kNone;
-  if (s == "relu") return Activation::kRelu;
-  if (s == "relu6") return Activation::kRelu6;
-  TORCH_CHECK(false, kOp, ": unknown activation '", std::string(s),
-              "' (expected none, relu or relu6)");
 }
 
 // Forward: 1 to kMaxInputs 4-d inputs sharing N, C, dtype and device, non-empty spatial sizes,
@@ -48,6 +43,23 @@ inline void check_forward(at::TensorList inputs, c10::IntArrayRef size) {
     TORCH_CHECK(inputs[j].size(2) > 0 && inputs[j].size(3) > 0, kOp, ": inputs[", j,
                 "] has an empty spatial size");
   }
+}
+
+// The input gradients of the backward, laid out like out; also the index of the first input that
+// is already at the output size (its gradient is the masked grad_out itself), or -1.
+inline std::pair<std::vector<at::Tensor>, int> allocate_input_grads(const at::Tensor& out,
+                                                                    c10::IntArrayRef input_sizes,
+                                                                    at::MemoryFormat fmt) {
+  std::vector<at::Tensor> grads;
+  int first_identity = -1;
+  for (size_t j = 0; j < input_sizes.size() / 2; ++j) {
+    const int64_t h = input_sizes[2 * j], w = input_sizes[2 * j + 1];
+    grads.push_back(at::empty({out.size(0), out.size(1), h, w}, out.options().memory_format(fmt)));
+    if (first_identity < 0 && h == out.size(2) && w == out.size(3)) {
+      first_identity = static_cast<int>(j);
+    }
+  }
+  return {std::move(grads), first_identity};
 }
 
 // Backward: grad_out shaped like out (with a non-empty spatial size), and (H, W) pairs of 1 to

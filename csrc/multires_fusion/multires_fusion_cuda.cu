@@ -832,7 +832,7 @@ at::Tensor fwd_cuda(at::TensorList inputs, c10::SymIntArrayRef sym_size, std::st
                     std::string_view act_s) {
   const c10::IntArrayRef size = C10_AS_INTARRAYREF_SLOW(sym_size);
   const Mode mode = parse_mode(mode_s);
-  const Activation act = parse_activation(act_s);
+  const Activation act = parse_activation(kOp, act_s);
   check_forward(inputs, size);
   const int n = static_cast<int>(inputs.size());
   const at::Tensor& x0 = inputs[0];
@@ -872,21 +872,14 @@ std::vector<at::Tensor> bwd_cuda(const at::Tensor& grad_out, const at::Tensor& o
                                  std::string_view act_s) {
   const c10::IntArrayRef input_sizes = C10_AS_INTARRAYREF_SLOW(sym_input_sizes);
   const Mode mode = parse_mode(mode_s);
-  const Activation act = parse_activation(act_s);
+  const Activation act = parse_activation(kOp, act_s);
   const int n = check_backward(grad_out, out, input_sizes);
   TORCH_CHECK(out.is_cuda(), kOp, ": the CUDA kernel got a tensor on ", out.device());
   const c10::cuda::CUDAGuard guard(out.device());
   const at::MemoryFormat fmt = output_memory_format(out);
   const int64_t N = out.size(0), C = out.size(1), Ho = out.size(2), Wo = out.size(3);
 
-  std::vector<at::Tensor> grads;
-  grads.reserve(n);
-  int first_identity = -1;
-  for (int j = 0; j < n; ++j) {
-    const int64_t Hj = input_sizes[2 * j], Wj = input_sizes[2 * j + 1];
-    grads.push_back(at::empty({N, C, Hj, Wj}, out.options().memory_format(fmt)));
-    if (first_identity < 0 && Hj == Ho && Wj == Wo) first_identity = j;
-  }
+  auto [grads, first_identity] = allocate_input_grads(out, input_sizes, fmt);
   if (out.numel() == 0) return grads;
   const at::Tensor g = grad_out.contiguous(fmt);
   const at::Tensor o = out.contiguous(fmt);
