@@ -199,18 +199,11 @@ HRNAS_TARGET_CLONES void fwd_nchw_planes(const Plan<scalar_t, opmath_t>& p, scal
   }
 }
 
-// One input's contribution to one output pixel in NHWC: the four source pixels (one for nearest,
-// one with no resampling) and the bilinear weights, grouped as ATen groups them:
-// a0 * (b0 * x00 + b1 * x01) + a1 * (b0 * x10 + b1 * x11).
-template <typename scalar_t, typename opmath_t>
-struct PixelTaps {
-  const scalar_t *x00, *x01, *x10, *x11;
-  opmath_t a0, a1, b0, b1;
-};
-
-enum class TapKind { kCopy, kNearest, kBilinear };
-
-// Channels per register-resident accumulator in the NHWC forward.
+// The NHWC forward, one output row at a time. Everything that depends only on the row (source row
+// pointers, vertical weights) is set up once per row; per output pixel each input costs two column
+// offsets and two horizontal weights, read from tables built once per call. The sum over inputs
+// for a block of kChannelBlock channels stays in one vector register, so each output element is
+// written once and never re-read.
 constexpr int64_t kChannelBlock = simd::kWidth;
 
 template <typename scalar_t, typename opmath_t>
@@ -233,91 +226,129 @@ inline void store_as(scalar_t* p, simd::Vec<opmath_t> v) {
   }
 }
 
-// out[c:c+kChannelBlock] = act(sum_j taps_j): the accumulator is one vector register across all
-// inputs, so each output element is written once and never re-read.
-template <typename scalar_t, typename opmath_t>
-inline void fuse_channel_block(const PixelTaps<scalar_t, opmath_t>* taps, const TapKind* kind,
-                               int n, int64_t c, scalar_t* __restrict out, Activation act) {
-  using V = simd::Vec<opmath_t>;
-  V s = {};
-  for (int j = 0; j < n; ++j) {
-    const PixelTaps<scalar_t, opmath_t>& t = taps[j];
-    if (kind[j] == TapKind::kBilinear) {
-      s += t.a0 * (t.b0 * load_as<scalar_t, opmath_t>(t.x00 + c) +
-                   t.b1 * load_as<scalar_t, opmath_t>(t.x01 + c)) +
-           t.a1 * (t.b0 * load_as<scalar_t, opmath_t>(t.x10 + c) +
-                   t.b1 * load_as<scalar_t, opmath_t>(t.x11 + c));
-    } else {
-      s += load_as<scalar_t, opmath_t>(t.x00 + c);
-    }
-  }
-  store_as<scalar_t, opmath_t>(out + c, simd::activate<opmath_t>(s, act));
-}
+enum class TapKind { kCopy, kNearest, kBilinear };
 
-// The same for a tail of len < kChannelBlock channels.
+// Per input, per output column: element offsets of the two source pixels within a source row,
+// and their weights (built once per call for the NHWC forward).
+template <typename opmath_t>
+struct ColumnTaps {
+  std::vector<int64_t> o0, o1;
+  std::vector<opmath_t> b0, b1;
+};
+
 template <typename scalar_t, typename opmath_t>
-inline void fuse_channel_tail(const PixelTaps<scalar_t, opmath_t>* taps, const TapKind* kind,
-                              int n, int64_t c, int64_t len, scalar_t* __restrict out,
-                              Activation act) {
-  for (int64_t k = 0; k < len; ++k) {
-    opmath_t s = opmath_t(0);
+struct RowTaps {
+  TapKind kind[kMaxInputs];
+  const scalar_t* r0[kMaxInputs];  // source rows (r1 only for bilinear)
+  const scalar_t* r1[kMaxInputs];
+  opmath_t a0[kMaxInputs], a1[kMaxInputs];
+  const int64_t* o0[kMaxInputs];
+  const int64_t* o1[kMaxInputs];
+  const opmath_t* b0[kMaxInputs];
+  const opmath_t* b1[kMaxInputs];
+};
+
+// act(sum_j input_j at output column w) over channels [c, c + len): the vector path for a full
+// block, the scalar path (kVector = false) for a tail of len < kChannelBlock channels.
+template <bool kVector, typename scalar_t, typename opmath_t>
+inline void fuse_pixel(const RowTaps<scalar_t, opmath_t>& t, int n, int64_t w, int64_t c,
+                       int64_t len, scalar_t* __restrict out, Activation act) {
+  if constexpr (kVector) {
+    simd::Vec<opmath_t> s = {};
     for (int j = 0; j < n; ++j) {
-      const PixelTaps<scalar_t, opmath_t>& t = taps[j];
-      const int64_t e = c + k;
-      if (kind[j] == TapKind::kBilinear) {
-        s += t.a0 * (t.b0 * static_cast<opmath_t>(t.x00[e]) +
-                     t.b1 * static_cast<opmath_t>(t.x01[e])) +
-             t.a1 * (t.b0 * static_cast<opmath_t>(t.x10[e]) +
-                     t.b1 * static_cast<opmath_t>(t.x11[e]));
-      } else {
-        s += static_cast<opmath_t>(t.x00[e]);
+      const int64_t o0 = t.o0[j][w] + c;
+      if (t.kind[j] != TapKind::kBilinear) {
+        s += load_as<scalar_t, opmath_t>(t.r0[j] + o0);
+        continue;
       }
+      const int64_t o1 = t.o1[j][w] + c;
+      const opmath_t b0 = t.b0[j][w], b1 = t.b1[j][w];
+      s += t.a0[j] * (b0 * load_as<scalar_t, opmath_t>(t.r0[j] + o0) +
+                      b1 * load_as<scalar_t, opmath_t>(t.r0[j] + o1)) +
+           t.a1[j] * (b0 * load_as<scalar_t, opmath_t>(t.r1[j] + o0) +
+                      b1 * load_as<scalar_t, opmath_t>(t.r1[j] + o1));
     }
-    out[c + k] = static_cast<scalar_t>(activate(s, act));
+    store_as<scalar_t, opmath_t>(out + c, simd::activate<opmath_t>(s, act));
+  } else {
+    for (int64_t k = c; k < c + len; ++k) {
+      opmath_t s = opmath_t(0);
+      for (int j = 0; j < n; ++j) {
+        const int64_t o0 = t.o0[j][w] + k;
+        if (t.kind[j] != TapKind::kBilinear) {
+          s += static_cast<opmath_t>(t.r0[j][o0]);
+          continue;
+        }
+        const int64_t o1 = t.o1[j][w] + k;
+        const opmath_t b0 = t.b0[j][w], b1 = t.b1[j][w];
+        s += t.a0[j] * (b0 * static_cast<opmath_t>(t.r0[j][o0]) +
+                        b1 * static_cast<opmath_t>(t.r0[j][o1])) +
+             t.a1[j] * (b0 * static_cast<opmath_t>(t.r1[j][o0]) +
+                        b1 * static_cast<opmath_t>(t.r1[j][o1]));
+      }
+      out[k] = static_cast<scalar_t>(activate(s, act));
+    }
   }
 }
 
 template <typename scalar_t, typename opmath_t>
-HRNAS_TARGET_CLONES void fwd_nhwc_rows(const Plan<scalar_t, opmath_t>& p, scalar_t* out,
+HRNAS_TARGET_CLONES void fwd_nhwc_rows(const Plan<scalar_t, opmath_t>& p,
+                                       const ColumnTaps<opmath_t>* cols, scalar_t* out,
                                        int64_t begin, int64_t end) {
   const int64_t C = p.C, Ho = p.Ho, Wo = p.Wo;
-  PixelTaps<scalar_t, opmath_t> taps[kMaxInputs];
-  TapKind kind[kMaxInputs];
+  RowTaps<scalar_t, opmath_t> t;
   for (int j = 0; j < p.n; ++j) {
-    kind[j] = p.identity[j] ? TapKind::kCopy
-                            : (p.mode == Mode::kBilinear ? TapKind::kBilinear : TapKind::kNearest);
+    t.kind[j] = p.identity[j] ? TapKind::kCopy
+                              : (p.mode == Mode::kBilinear ? TapKind::kBilinear : TapKind::kNearest);
+    t.o0[j] = cols[j].o0.data();
+    t.o1[j] = cols[j].o1.data();
+    t.b0[j] = cols[j].b0.data();
+    t.b1[j] = cols[j].b1.data();
   }
   for (int64_t nh = begin; nh < end; ++nh) {
     const int64_t n = nh / Ho, h = nh % Ho;
+    for (int j = 0; j < p.n; ++j) {
+      const int64_t rowlen = p.W[j] * C;
+      const scalar_t* x = p.x[j] + n * p.H[j] * rowlen;
+      if (t.kind[j] == TapKind::kCopy) {
+        t.r0[j] = x + h * rowlen;
+        continue;
+      }
+      t.r0[j] = x + p.rows[j].i0[h] * rowlen;
+      t.r1[j] = x + p.rows[j].i1[h] * rowlen;
+      t.a0[j] = p.rows[j].l0[h];
+      t.a1[j] = p.rows[j].l1[h];
+    }
     scalar_t* o = out + nh * Wo * C;
     for (int64_t w = 0; w < Wo; ++w) {
-      for (int j = 0; j < p.n; ++j) {
-        const int64_t Wj = p.W[j];
-        const scalar_t* x = p.x[j] + n * p.H[j] * Wj * C;
-        PixelTaps<scalar_t, opmath_t>& t = taps[j];
-        if (kind[j] == TapKind::kCopy) {
-          t.x00 = x + (h * Wj + w) * C;
-          continue;
-        }
-        const Axis<opmath_t>& r = p.rows[j];
-        const Axis<opmath_t>& c = p.cols[j];
-        t.x00 = x + (r.i0[h] * Wj + c.i0[w]) * C;
-        t.x01 = x + (r.i0[h] * Wj + c.i1[w]) * C;
-        t.x10 = x + (r.i1[h] * Wj + c.i0[w]) * C;
-        t.x11 = x + (r.i1[h] * Wj + c.i1[w]) * C;
-        t.a0 = r.l0[h];
-        t.a1 = r.l1[h];
-        t.b0 = c.l0[w];
-        t.b1 = c.l1[w];
-      }
       scalar_t* ow = o + w * C;
       int64_t c0 = 0;
       for (; c0 + kChannelBlock <= C; c0 += kChannelBlock) {
-        fuse_channel_block(taps, kind, p.n, c0, ow, p.act);
+        fuse_pixel<true>(t, p.n, w, c0, kChannelBlock, ow, p.act);
       }
-      if (c0 < C) fuse_channel_tail(taps, kind, p.n, c0, C - c0, ow, p.act);
+      if (c0 < C) fuse_pixel<false>(t, p.n, w, c0, C - c0, ow, p.act);
     }
   }
+}
+
+// Column tables of the NHWC forward: copies read column w, resampled inputs their taps.
+template <typename scalar_t, typename opmath_t>
+std::vector<ColumnTaps<opmath_t>> nhwc_columns(const Plan<scalar_t, opmath_t>& p) {
+  std::vector<ColumnTaps<opmath_t>> cols(p.n);
+  for (int j = 0; j < p.n; ++j) {
+    ColumnTaps<opmath_t>& ct = cols[j];
+    ct.o0.resize(p.Wo);
+    ct.o1.resize(p.Wo);
+    ct.b0.resize(p.Wo);
+    ct.b1.resize(p.Wo);
+    for (int64_t w = 0; w < p.Wo; ++w) {
+      const bool copy = p.identity[j];
+      ct.o0[w] = (copy ? w : p.cols[j].i0[w]) * p.C;
+      ct.o1[w] = (copy ? w : p.cols[j].i1[w]) * p.C;
+      ct.b0[w] = copy ? opmath_t(1) : p.cols[j].l0[w];
+      ct.b1[w] = copy ? opmath_t(0) : p.cols[j].l1[w];
+    }
+  }
+  return cols;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -450,8 +481,9 @@ at::Tensor fwd_cpu(at::TensorList inputs, c10::SymIntArrayRef sym_size, std::str
     }
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     if (fmt == at::MemoryFormat::ChannelsLast) {
+      const std::vector<ColumnTaps<opmath_t>> cols = nhwc_columns(p);
       at::parallel_for(0, p.N * p.Ho, grain(n * p.Wo * p.C), [&](int64_t b, int64_t e) {
-        fwd_nhwc_rows(p, o, b, e);
+        fwd_nhwc_rows(p, cols.data(), o, b, e);
       });
     } else {
       at::parallel_for(0, p.N * p.C, grain(n * p.Ho * p.Wo), [&](int64_t b, int64_t e) {
