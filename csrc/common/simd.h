@@ -73,5 +73,16 @@ inline Vec<T> activate(Vec<T> v, Activation act) {
   return v;
 }
 
+// The gradient through the activation, whose gate is read from the activation's output y:
+// passes where y is in (0, inf) for relu and (0, 6) for relu6; NaN passes (see passes_grad).
+template <typename T>
+inline Vec<T> grad_through(Vec<T> gy, Vec<T> y, Activation act) {
+  const Vec<T> zero = {};
+  if (act == Activation::kNone) return gy;
+  auto stop = y <= zero;
+  if (act == Activation::kRelu6) stop = stop | (y >= splat<T>(T(6)));
+  return stop ? zero : gy;
+}
+
 }  // namespace simd
 }  // namespace hrnas

@@ -30,6 +30,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/scratch.h"
 #include "common/simd.h"
 #include "mixed_dwconv_bn_act/mixed_dwconv_bn_act.h"
 
@@ -55,16 +56,6 @@ Geom make_geom(int64_t H, int64_t W, int64_t k, int64_t s) {
 // Tiles get this many spare elements at the end: a stride-2 vector load reads 2 * kLanes values
 // of which it keeps the even ones, so the last one may look one vector past the tile.
 constexpr int64_t kTileSlack = 2 * kLanes;
-
-// Per-thread scratch reused across calls. Fresh multi-megabyte buffers cost a page fault per
-// 4 KiB on first touch, which dominated calls of a few milliseconds.
-template <typename A>
-A* scratch(int slot, int64_t size) {
-  static thread_local std::vector<A> buffers[6];
-  std::vector<A>& b = buffers[slot];
-  if (static_cast<int64_t>(b.size()) < size) b.resize(size);
-  return b.data();
-}
 
 template <int S, typename A>
 inline Vec<A> load_strided(const A* p) {
@@ -288,16 +279,6 @@ HRNAS_TARGET_CLONES void batch_norm_act(A* __restrict v, int64_t len, const Vec<
   }
 }
 
-// The activation's gradient mask, from its output: passes where the mask is all ones.
-template <typename A>
-inline Vec<A> masked(Vec<A> gy, Vec<A> y, Activation act) {
-  const Vec<A> zero = {};
-  if (act == Activation::kNone) return gy;
-  auto stop = y <= zero;
-  if (act == Activation::kRelu6) stop = stop | (y >= simd::splat<A>(A(6)));
-  return stop ? zero : gy;
-}
-
 // s += dz; q += dz * (conv - mean), with dz = grad_y masked by the activation
 template <typename A>
 HRNAS_TARGET_CLONES void masked_grad_sums(const A* __restrict gy, const A* __restrict y,
@@ -307,7 +288,7 @@ HRNAS_TARGET_CLONES void masked_grad_sums(const A* __restrict gy, const A* __res
   const Vec<A> mean = *mean_in;
   Vec<A> a = {}, b = {};
   for (int64_t c = 0; c < len; c += kLanes) {
-    const Vec<A> dz = masked<A>(simd::load(gy + c), simd::load(y + c), act);
+    const Vec<A> dz = simd::grad_through<A>(simd::load(gy + c), simd::load(y + c), act);
     a += dz;
     b += dz * (simd::load(cv + c) - mean);
   }
@@ -325,7 +306,7 @@ HRNAS_TARGET_CLONES void conv_grad_row(const A* __restrict gy, const A* __restri
   const Vec<A> k_dz = coef[0], k_conv = coef[1], mean = coef[2], k_const = coef[3];
   int64_t c = 0;
   for (; c + kLanes <= len; c += kLanes) {
-    const Vec<A> dz = masked<A>(simd::load(gy + c), simd::load(y + c), act);
+    const Vec<A> dz = simd::grad_through<A>(simd::load(gy + c), simd::load(y + c), act);
     simd::store(out + c, k_dz * dz + k_conv * (simd::load(cv + c) - mean) + k_const);
   }
   for (int64_t j = 0; c + j < len; ++j) {

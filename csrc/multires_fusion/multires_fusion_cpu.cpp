@@ -16,7 +16,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/core/SymIntArrayRef.h>
 #include <torch/library.h>
 
@@ -26,6 +25,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/scratch.h"
 #include "common/simd.h"
 #include "multires_fusion/multires_fusion_args.h"
 
@@ -95,11 +95,6 @@ struct Plan {
   int64_t H[kMaxInputs] = {}, W[kMaxInputs] = {};
   bool identity[kMaxInputs] = {};
   Axis<opmath_t> rows[kMaxInputs], cols[kMaxInputs];
-  int64_t max_in_hw() const {
-    int64_t m = 0;
-    for (int j = 0; j < n; ++j) m = std::max(m, H[j] * W[j]);
-    return m;
-  }
   int64_t max_in_h() const {
     int64_t m = 0;
     for (int j = 0; j < n; ++j) m = std::max(m, H[j]);
@@ -353,88 +348,89 @@ std::vector<ColumnTaps<opmath_t>> nhwc_columns(const Plan<scalar_t, opmath_t>& p
 
 // ---------------------------------------------------------------------------------------------
 // Backward
+//
+// A unit is an NCHW plane (rows of Wo elements) or an NHWC image (rows of Wo * C elements). One
+// pass over the unit's output rows forms gm = grad_out * act'(out) row by row, writes it to the
+// gradients of same-size inputs, and adds it into per-input rows of vertical sums
+// V_j[i] = sum_h wv(h, i) * gm[h] (the only rows that reference input row i, in ascending h: the
+// same order a gather over h would use). Then each input gradient is gathered along W from V_j.
+// Every unit is owned by one thread: no atomics, results independent of the thread count.
 
-template <typename scalar_t>
-HRNAS_TARGET_CLONES void masked_grad(scalar_t* __restrict gm, const scalar_t* __restrict g,
-                                     const scalar_t* __restrict out, int64_t begin, int64_t end,
-                                     Activation act) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  if (act == Activation::kRelu) {
-    for (int64_t i = begin; i < end; ++i) {
-      gm[i] = static_cast<opmath_t>(out[i]) <= opmath_t(0) ? scalar_t(0) : g[i];
-    }
-  } else {
-    for (int64_t i = begin; i < end; ++i) {
-      const opmath_t o = static_cast<opmath_t>(out[i]);
-      gm[i] = (o <= opmath_t(0) || o >= opmath_t(6)) ? scalar_t(0) : g[i];
-    }
+// dst[0:len] += w * src[0:len]
+template <typename opmath_t>
+inline void axpy(opmath_t* __restrict dst, const opmath_t* __restrict src, opmath_t w,
+                 int64_t len) {
+  int64_t e = 0;
+  for (; e + simd::kWidth <= len; e += simd::kWidth) {
+    simd::store<opmath_t>(dst + e, simd::load<opmath_t>(dst + e) + w * simd::load<opmath_t>(src + e));
   }
+  for (; e < len; ++e) dst[e] += w * src[e];
 }
 
 template <typename scalar_t, typename opmath_t>
-HRNAS_TARGET_CLONES void bwd_nchw_planes(const Plan<scalar_t, opmath_t>& p, const scalar_t* gm,
-                                         int64_t begin, int64_t end) {
-  const int64_t Wo = p.Wo, HWo = p.Ho * p.Wo;
-  std::vector<opmath_t> v(p.max_in_h() * Wo);  // vertically gathered rows
-  for (int64_t plane = begin; plane < end; ++plane) {
-    const scalar_t* g = gm + plane * HWo;
+HRNAS_TARGET_CLONES void bwd_units(const Plan<scalar_t, opmath_t>& p, const scalar_t* g,
+                                   const scalar_t* out, int64_t L, int64_t begin, int64_t end) {
+  const int64_t Ho = p.Ho, R = p.Wo * L;
+  int64_t v_size = R;  // the gm row, then every resampled input's rows of vertical sums
+  int64_t v_at[kMaxInputs] = {};
+  for (int j = 0; j < p.n; ++j) {
+    if (p.identity[j]) continue;
+    v_at[j] = v_size;
+    v_size += p.H[j] * R;
+  }
+  opmath_t* gm = scratch<opmath_t>(0, v_size);
+  const bool bilinear = p.mode == Mode::kBilinear;
+  for (int64_t u = begin; u < end; ++u) {
+    std::fill(gm + R, gm + v_size, opmath_t(0));
+    const scalar_t* gu = g + u * Ho * R;
+    const scalar_t* ou = out + u * Ho * R;
+    for (int64_t h = 0; h < Ho; ++h) {
+      const scalar_t* gr = gu + h * R;
+      const scalar_t* orow = ou + h * R;
+      int64_t e = 0;
+      for (; e + simd::kWidth <= R; e += simd::kWidth) {
+        simd::store<opmath_t>(gm + e, simd::grad_through<opmath_t>(load_as<scalar_t, opmath_t>(gr + e),
+                                                           load_as<scalar_t, opmath_t>(orow + e), p.act));
+      }
+      for (; e < R; ++e) {
+        const opmath_t o = static_cast<opmath_t>(orow[e]);
+        gm[e] = passes_grad(o, p.act) ? static_cast<opmath_t>(gr[e]) : opmath_t(0);
+      }
+      for (int j = 0; j < p.n; ++j) {
+        if (p.identity[j]) {
+          scalar_t* gx = p.gx[j] + (u * Ho + h) * R;
+          for (int64_t k = 0; k < R; ++k) gx[k] = static_cast<scalar_t>(gm[k]);
+          continue;
+        }
+        const Axis<opmath_t>& r = p.rows[j];
+        axpy(gm + v_at[j] + r.i0[h] * R, gm, r.l0[h], R);
+        if (bilinear) axpy(gm + v_at[j] + r.i1[h] * R, gm, r.l1[h], R);
+      }
+    }
     for (int j = 0; j < p.n; ++j) {
+      if (p.identity[j]) continue;
       const int64_t Hj = p.H[j], Wj = p.W[j];
-      scalar_t* gx = p.gx[j] + plane * Hj * Wj;
-      if (gx == g) continue;  // the first same-size input's gradient *is* gm
-      if (p.identity[j]) {
-        std::copy(g, g + HWo, gx);
-        continue;
-      }
-      const Axis<opmath_t>& r = p.rows[j];
-      for (int64_t i = 0; i < Hj; ++i) {
-        opmath_t* vi = v.data() + i * Wo;
-        std::fill(vi, vi + Wo, opmath_t(0));
-        for (int64_t k = r.begin[i]; k < r.begin[i + 1]; ++k) {
-          const scalar_t* gr = g + r.o[k] * Wo;
-          const opmath_t wk = r.w[k];
-          for (int64_t w = 0; w < Wo; ++w) vi[w] += wk * static_cast<opmath_t>(gr[w]);
-        }
-      }
       const Axis<opmath_t>& c = p.cols[j];
+      scalar_t* gx = p.gx[j] + u * Hj * Wj * L;
       for (int64_t i = 0; i < Hj; ++i) {
-        const opmath_t* vi = v.data() + i * Wo;
-        scalar_t* gxi = gx + i * Wj;
+        const opmath_t* v = gm + v_at[j] + i * R;
         for (int64_t q = 0; q < Wj; ++q) {
-          opmath_t s = opmath_t(0);
-          for (int64_t k = c.begin[q]; k < c.begin[q + 1]; ++k) s += c.w[k] * vi[c.o[k]];
-          gxi[q] = static_cast<scalar_t>(s);
+          scalar_t* dst = gx + (i * Wj + q) * L;
+          int64_t e = 0;
+          for (; e + simd::kWidth <= L; e += simd::kWidth) {
+            simd::Vec<opmath_t> acc = {};
+            for (int64_t k = c.begin[q]; k < c.begin[q + 1]; ++k) {
+              acc += c.w[k] * simd::load<opmath_t>(v + c.o[k] * L + e);
+            }
+            store_as<scalar_t, opmath_t>(dst + e, acc);
+          }
+          for (; e < L; ++e) {
+            opmath_t acc = opmath_t(0);
+            for (int64_t k = c.begin[q]; k < c.begin[q + 1]; ++k) acc += c.w[k] * v[c.o[k] * L + e];
+            dst[e] = static_cast<scalar_t>(acc);
+          }
         }
       }
-    }
-  }
-}
-
-template <typename scalar_t, typename opmath_t>
-HRNAS_TARGET_CLONES void bwd_nhwc_rows(const Plan<scalar_t, opmath_t>& p, const scalar_t* gm,
-                                       int j, int64_t begin, int64_t end) {
-  const int64_t C = p.C, Ho = p.Ho, Wo = p.Wo, Hj = p.H[j], Wj = p.W[j];
-  const Axis<opmath_t>& r = p.rows[j];
-  const Axis<opmath_t>& c = p.cols[j];
-  std::vector<opmath_t> v(Wo * C);  // one vertically gathered output row
-  std::vector<opmath_t> s(C);
-  for (int64_t ni = begin; ni < end; ++ni) {
-    const int64_t n = ni / Hj, i = ni % Hj;
-    std::fill(v.begin(), v.end(), opmath_t(0));
-    for (int64_t k = r.begin[i]; k < r.begin[i + 1]; ++k) {
-      const scalar_t* gr = gm + (n * Ho + r.o[k]) * Wo * C;
-      const opmath_t wk = r.w[k];
-      for (int64_t e = 0; e < Wo * C; ++e) v[e] += wk * static_cast<opmath_t>(gr[e]);
-    }
-    scalar_t* gx = p.gx[j] + ni * Wj * C;
-    for (int64_t q = 0; q < Wj; ++q) {
-      std::fill(s.begin(), s.end(), opmath_t(0));
-      for (int64_t k = c.begin[q]; k < c.begin[q + 1]; ++k) {
-        const opmath_t* vk = v.data() + c.o[k] * C;
-        const opmath_t wk = c.w[k];
-        for (int64_t e = 0; e < C; ++e) s[e] += wk * vk[e];
-      }
-      for (int64_t e = 0; e < C; ++e) gx[q * C + e] = static_cast<scalar_t>(s[e]);
     }
   }
 }
@@ -505,37 +501,13 @@ std::vector<at::Tensor> bwd_cpu(const at::Tensor& grad_out, const at::Tensor& ou
   const at::MemoryFormat fmt = output_memory_format(out);
   const int64_t N = out.size(0), C = out.size(1), Ho = out.size(2), Wo = out.size(3);
 
-  auto [grads, first_identity] = allocate_input_grads(out, input_sizes, fmt);
+  auto grads = allocate_input_grads(out, input_sizes, fmt).first;
   if (out.numel() == 0) return grads;
   const at::Tensor g = grad_out.contiguous(fmt);
   const at::Tensor o = out.contiguous(fmt);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "multires_fusion_bwd", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    // gm = grad_out * act'(out), materialised once: in the first same-size input's gradient
-    // when there is one, else in a scratch buffer (or grad_out itself without an activation).
-    const scalar_t* gm = g.const_data_ptr<scalar_t>();
-    at::Tensor scratch;
-    if (act != Activation::kNone || first_identity >= 0) {
-      scalar_t* dst;
-      if (first_identity >= 0) {
-        dst = grads[first_identity].mutable_data_ptr<scalar_t>();
-      } else {
-        scratch = at::empty_like(o);
-        dst = scratch.mutable_data_ptr<scalar_t>();
-      }
-      const scalar_t* gp = g.const_data_ptr<scalar_t>();
-      const scalar_t* op = o.const_data_ptr<scalar_t>();
-      at::parallel_for(0, o.numel(), 32768, [&](int64_t b, int64_t e) {
-        if (act == Activation::kNone) {
-          std::copy(gp + b, gp + e, dst + b);
-        } else {
-          masked_grad(dst, gp, op, b, e, act);
-        }
-      });
-      gm = dst;
-    }
-
     Plan<scalar_t, opmath_t> p;
     p.n = n;
     p.N = N;
@@ -550,26 +522,15 @@ std::vector<at::Tensor> bwd_cpu(const at::Tensor& grad_out, const at::Tensor& ou
       p.gx[j] = grads[j].mutable_data_ptr<scalar_t>();
       p.identity[j] = p.H[j] == Ho && p.W[j] == Wo;
       if (!p.identity[j]) {
-        p.rows[j] = make_axis<opmath_t>(p.H[j], Ho, mode, true);
+        p.rows[j] = make_axis<opmath_t>(p.H[j], Ho, mode, false);
         p.cols[j] = make_axis<opmath_t>(p.W[j], Wo, mode, true);
       }
     }
-    if (fmt == at::MemoryFormat::ChannelsLast) {
-      for (int j = 0; j < n; ++j) {
-        if (j == first_identity) continue;
-        if (p.identity[j]) {
-          std::copy(gm, gm + o.numel(), p.gx[j]);
-          continue;
-        }
-        at::parallel_for(0, N * p.H[j], grain(3 * Wo * C), [&](int64_t b, int64_t e) {
-          bwd_nhwc_rows(p, gm, j, b, e);
-        });
-      }
-    } else {
-      at::parallel_for(0, N * C, grain(n * Ho * Wo), [&](int64_t b, int64_t e) {
-        bwd_nchw_planes(p, gm, b, e);
-      });
-    }
+    const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
+    const int64_t units = channels_last ? N : N * C, L = channels_last ? C : 1;
+    at::parallel_for(0, units, grain(n * Ho * Wo * L), [&](int64_t b, int64_t e) {
+      bwd_units(p, g.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(), L, b, e);
+    });
   });
   return grads;
 }
