@@ -95,112 +95,9 @@ struct Plan {
   int64_t H[kMaxInputs] = {}, W[kMaxInputs] = {};
   bool identity[kMaxInputs] = {};
   Axis<opmath_t> rows[kMaxInputs], cols[kMaxInputs];
-  int64_t max_in_h() const {
-    int64_t m = 0;
-    for (int j = 0; j < n; ++j) m = std::max(m, H[j]);
-    return m;
-  }
 };
 
-// acc[i] (= or +=) src[i]
-template <typename scalar_t, typename opmath_t>
-inline void accumulate(opmath_t* __restrict acc, const scalar_t* __restrict src, int64_t len,
-                       bool first) {
-  if (first) {
-    for (int64_t i = 0; i < len; ++i) acc[i] = static_cast<opmath_t>(src[i]);
-  } else {
-    for (int64_t i = 0; i < len; ++i) acc[i] += static_cast<opmath_t>(src[i]);
-  }
-}
-
-// acc[i] (= or +=) a0 * s0[i] + a1 * s1[i]
-template <typename opmath_t>
-inline void blend(opmath_t* __restrict acc, const opmath_t* __restrict s0,
-                  const opmath_t* __restrict s1, opmath_t a0, opmath_t a1, int64_t len,
-                  bool first) {
-  if (first) {
-    for (int64_t i = 0; i < len; ++i) acc[i] = a0 * s0[i] + a1 * s1[i];
-  } else {
-    for (int64_t i = 0; i < len; ++i) acc[i] += a0 * s0[i] + a1 * s1[i];
-  }
-}
-
-template <typename scalar_t, typename opmath_t>
-inline void store_activated(scalar_t* __restrict out, const opmath_t* __restrict acc, int64_t len,
-                            Activation act) {
-  switch (act) {
-    case Activation::kNone:
-      for (int64_t i = 0; i < len; ++i) out[i] = static_cast<scalar_t>(acc[i]);
-      break;
-    case Activation::kRelu:
-      for (int64_t i = 0; i < len; ++i) {
-        out[i] = static_cast<scalar_t>(acc[i] < opmath_t(0) ? opmath_t(0) : acc[i]);
-      }
-      break;
-    case Activation::kRelu6:
-      for (int64_t i = 0; i < len; ++i) {
-        const opmath_t v = acc[i];
-        out[i] = static_cast<scalar_t>(v < opmath_t(0) ? opmath_t(0)
-                                                       : (v > opmath_t(6) ? opmath_t(6) : v));
-      }
-      break;
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Forward
-
-template <typename scalar_t, typename opmath_t>
-HRNAS_TARGET_CLONES void fwd_nchw_planes(const Plan<scalar_t, opmath_t>& p, scalar_t* out,
-                                         int64_t begin, int64_t end) {
-  const int64_t Ho = p.Ho, Wo = p.Wo, HWo = Ho * Wo;
-  std::vector<opmath_t> acc(HWo);
-  std::vector<opmath_t> rows(p.max_in_h() * Wo);  // horizontally resampled rows of x_j
-  const bool bilinear = p.mode == Mode::kBilinear;
-  for (int64_t plane = begin; plane < end; ++plane) {
-    for (int j = 0; j < p.n; ++j) {
-      const bool first = j == 0;
-      const int64_t Hj = p.H[j], Wj = p.W[j];
-      const scalar_t* x = p.x[j] + plane * Hj * Wj;
-      if (p.identity[j]) {
-        accumulate(acc.data(), x, HWo, first);
-        continue;
-      }
-      const Axis<opmath_t>& c = p.cols[j];
-      for (int64_t r = 0; r < Hj; ++r) {
-        const scalar_t* xr = x + r * Wj;
-        opmath_t* t = rows.data() + r * Wo;
-        if (bilinear) {
-          for (int64_t w = 0; w < Wo; ++w) {
-            t[w] = c.l0[w] * static_cast<opmath_t>(xr[c.i0[w]]) +
-                   c.l1[w] * static_cast<opmath_t>(xr[c.i1[w]]);
-          }
-        } else {
-          for (int64_t w = 0; w < Wo; ++w) t[w] = static_cast<opmath_t>(xr[c.i0[w]]);
-        }
-      }
-      const Axis<opmath_t>& r = p.rows[j];
-      for (int64_t h = 0; h < Ho; ++h) {
-        opmath_t* a = acc.data() + h * Wo;
-        const opmath_t* t0 = rows.data() + r.i0[h] * Wo;
-        if (bilinear) {
-          blend(a, t0, rows.data() + r.i1[h] * Wo, r.l0[h], r.l1[h], Wo, first);
-        } else {
-          accumulate(a, t0, Wo, first);
-        }
-      }
-    }
-    store_activated(out + plane * HWo, acc.data(), HWo, p.act);
-  }
-}
-
-// The NHWC forward, one output row at a time. Everything that depends only on the row (source row
-// pointers, vertical weights) is set up once per row; per output pixel each input costs two column
-// offsets and two horizontal weights, read from tables built once per call. The sum over inputs
-// for a block of kChannelBlock channels stays in one vector register, so each output element is
-// written once and never re-read.
-constexpr int64_t kChannelBlock = simd::kWidth;
-
+// Vector loads/stores of scalar_t data in the math type (converting for fp16/bf16).
 template <typename scalar_t, typename opmath_t>
 inline simd::Vec<opmath_t> load_as(const scalar_t* p) {
   if constexpr (std::is_same_v<scalar_t, opmath_t>) {
@@ -220,6 +117,97 @@ inline void store_as(scalar_t* p, simd::Vec<opmath_t> v) {
     for (int64_t l = 0; l < simd::kWidth; ++l) p[l] = static_cast<scalar_t>(v[l]);
   }
 }
+
+// The NCHW forward, one plane at a time. Each resampled input is first resampled along W into a
+// per-thread buffer of its rows (a gather, done once per source row); then every output row is
+// one vector pass that blends two buffered rows per input (or reads the row of a same-size input),
+// sums over inputs in registers, applies the activation and writes the output once.
+template <typename scalar_t, typename opmath_t>
+HRNAS_TARGET_CLONES void fwd_nchw_planes(const Plan<scalar_t, opmath_t>& p, scalar_t* out,
+                                         int64_t begin, int64_t end) {
+  using V = simd::Vec<opmath_t>;
+  const int64_t Ho = p.Ho, Wo = p.Wo;
+  const bool bilinear = p.mode == Mode::kBilinear;
+  int64_t at[kMaxInputs] = {}, size = 0;  // where input j's resampled rows sit in the buffer
+  for (int j = 0; j < p.n; ++j) {
+    at[j] = size;
+    if (!p.identity[j]) size += p.H[j] * Wo;
+  }
+  opmath_t* rows = scratch<opmath_t>(0, size);
+  const opmath_t* r0[kMaxInputs];
+  const opmath_t* r1[kMaxInputs];
+  const scalar_t* xr[kMaxInputs];
+  opmath_t a0[kMaxInputs], a1[kMaxInputs];
+  for (int64_t plane = begin; plane < end; ++plane) {
+    for (int j = 0; j < p.n; ++j) {
+      if (p.identity[j]) continue;
+      const int64_t Hj = p.H[j], Wj = p.W[j];
+      const scalar_t* x = p.x[j] + plane * Hj * Wj;
+      const Axis<opmath_t>& c = p.cols[j];
+      for (int64_t r = 0; r < Hj; ++r) {
+        const scalar_t* xrow = x + r * Wj;
+        opmath_t* t = rows + at[j] + r * Wo;
+        if (bilinear) {
+          for (int64_t w = 0; w < Wo; ++w) {
+            t[w] = c.l0[w] * static_cast<opmath_t>(xrow[c.i0[w]]) +
+                   c.l1[w] * static_cast<opmath_t>(xrow[c.i1[w]]);
+          }
+        } else {
+          for (int64_t w = 0; w < Wo; ++w) t[w] = static_cast<opmath_t>(xrow[c.i0[w]]);
+        }
+      }
+    }
+    scalar_t* o = out + plane * Ho * Wo;
+    for (int64_t h = 0; h < Ho; ++h) {
+      for (int j = 0; j < p.n; ++j) {
+        if (p.identity[j]) {
+          xr[j] = p.x[j] + (plane * Ho + h) * Wo;
+          continue;
+        }
+        const Axis<opmath_t>& r = p.rows[j];
+        r0[j] = rows + at[j] + r.i0[h] * Wo;
+        r1[j] = rows + at[j] + r.i1[h] * Wo;
+        a0[j] = r.l0[h];
+        a1[j] = bilinear ? r.l1[h] : opmath_t(0);
+      }
+      scalar_t* orow = o + h * Wo;
+      int64_t w = 0;
+      for (; w + simd::kWidth <= Wo; w += simd::kWidth) {
+        V s = {};
+        for (int j = 0; j < p.n; ++j) {
+          if (p.identity[j]) {
+            s += load_as<scalar_t, opmath_t>(xr[j] + w);
+          } else if (bilinear) {
+            s += a0[j] * simd::load<opmath_t>(r0[j] + w) + a1[j] * simd::load<opmath_t>(r1[j] + w);
+          } else {
+            s += simd::load<opmath_t>(r0[j] + w);
+          }
+        }
+        store_as<scalar_t, opmath_t>(orow + w, simd::activate<opmath_t>(s, p.act));
+      }
+      for (; w < Wo; ++w) {
+        opmath_t s = opmath_t(0);
+        for (int j = 0; j < p.n; ++j) {
+          if (p.identity[j]) {
+            s += static_cast<opmath_t>(xr[j][w]);
+          } else if (bilinear) {
+            s += a0[j] * r0[j][w] + a1[j] * r1[j][w];
+          } else {
+            s += r0[j][w];
+          }
+        }
+        orow[w] = static_cast<scalar_t>(activate(s, p.act));
+      }
+    }
+  }
+}
+
+// The NHWC forward, one output row at a time. Everything that depends only on the row (source row
+// pointers, vertical weights) is set up once per row; per output pixel each input costs two column
+// offsets and two horizontal weights, read from tables built once per call. The sum over inputs
+// for a block of kChannelBlock channels stays in one vector register, so each output element is
+// written once and never re-read.
+constexpr int64_t kChannelBlock = simd::kWidth;
 
 enum class TapKind { kCopy, kNearest, kBilinear };
 
