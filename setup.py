@@ -39,8 +39,13 @@ def _extensions():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # -fopenmp at compile *and* link time: at::parallel_for is serial without it.
     # C++20 explicitly: torch made it the default only after 2.11, whose headers need it.
-    cxx = opt + ["-std=c++20", "-fopenmp", "-Wall", "-Wno-unknown-pragmas",
-                 "-DPy_LIMITED_API=0x030A0000"]
+    cxx = opt + [
+        "-std=c++20",
+        "-fopenmp",
+        "-Wall",
+        "-Wno-unknown-pragmas",
+        "-DPy_LIMITED_API=0x030A0000",
+    ]
     macros = [("HRNAS_WITH_CUDA", "1" if with_cuda else "0")]
     kwargs = dict(
         name="hrnas_kernels._C",
@@ -52,7 +57,9 @@ def _extensions():
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
         nvcc = opt + ["-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]
-        ext = CUDAExtension(sources=sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
+        ext = CUDAExtension(
+            sources=sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs
+        )
     else:
         ext = CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -57,9 +57,25 @@ from torch.utils import benchmark as torch_benchmark
 MODES = ("forward", "backward", "full")
 MEMORY_FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 CSV_COLUMNS = (
-    "op", "provider", "mode", "shape", "dtype", "memory_format", "threads", "device",
-    "torch_version", "git_sha", "p20_ms", "p50_ms", "p80_ms", "peak_mem_mb", "speedup_vs",
-    "baseline", "gbps", "frac_peak", "timestamp",
+    "op",
+    "provider",
+    "mode",
+    "shape",
+    "dtype",
+    "memory_format",
+    "threads",
+    "device",
+    "torch_version",
+    "git_sha",
+    "p20_ms",
+    "p50_ms",
+    "p80_ms",
+    "peak_mem_mb",
+    "speedup_vs",
+    "baseline",
+    "gbps",
+    "frac_peak",
+    "timestamp",
 )
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -138,11 +154,17 @@ def git_sha() -> str:
     """Short HEAD sha, ``-dirty`` when anything outside benchmarks/results differs from HEAD."""
     try:
         sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-            text=True, check=True,
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         status = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True,
+            ["git", "status", "--porcelain"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
             check=True,
         ).stdout.splitlines()
     except (OSError, subprocess.CalledProcessError):
@@ -255,25 +277,45 @@ def parse_args(description: str | None = None, argv: Sequence[str] | None = None
     p = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--device", choices=("cpu", "cuda"),
-                   default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     p.add_argument("--dtype", nargs="+", default=["float32"], help="torch dtype names")
-    p.add_argument("--threads", nargs="+", type=int,
-                   help="CPU thread counts (torch.set_num_threads); default: the script's")
-    p.add_argument("--memory-format", choices=("nchw", "channels_last", "both"),
-                   help="default: every format the script declares")
+    p.add_argument(
+        "--threads",
+        nargs="+",
+        type=int,
+        help="CPU thread counts (torch.set_num_threads); default: the script's",
+    )
+    p.add_argument(
+        "--memory-format",
+        choices=("nchw", "channels_last", "both"),
+        help="default: every format the script declares",
+    )
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--providers", nargs="+", help="subset of the script's providers")
-    p.add_argument("--quick", action="store_true",
-                   help=f"QUICK_CASES and min-run-time {QUICK_MIN_RUN_TIME} s, for smoke tests")
-    p.add_argument("--min-run-time", type=float,
-                   help=f"seconds of timed calls per measurement (default {DEFAULT_MIN_RUN_TIME}; "
-                        "CUDA: do_bench rep)")
-    p.add_argument("--peak-gbps", type=float,
-                   help="peak memory bandwidth for frac_peak, GB/s (default on CUDA "
-                        f"{DEFAULT_CUDA_PEAK_GBPS:g}: H100 80GB HBM3 copy; on CPU none)")
-    p.add_argument("--out", type=Path,
-                   help="CSV to append to (default benchmarks/results/<op>_<device-slug>.csv)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"QUICK_CASES and min-run-time {QUICK_MIN_RUN_TIME} s, for smoke tests",
+    )
+    p.add_argument(
+        "--min-run-time",
+        type=float,
+        help=f"seconds of timed calls per measurement (default {DEFAULT_MIN_RUN_TIME}; "
+        "CUDA: do_bench rep)",
+    )
+    p.add_argument(
+        "--peak-gbps",
+        type=float,
+        help="peak memory bandwidth for frac_peak, GB/s (default on CUDA "
+        f"{DEFAULT_CUDA_PEAK_GBPS:g}: H100 80GB HBM3 copy; on CPU none)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="CSV to append to (default benchmarks/results/<op>_<device-slug>.csv)",
+    )
     args = p.parse_args(argv)
     for name in args.dtype:
         if not isinstance(getattr(torch, name, None), torch.dtype):
@@ -329,8 +371,9 @@ def _print_block(title, labels, modes, providers, baseline, cells, notes):
     print("\n".join(lines) + "\n", flush=True)
 
 
-def _measure_block(cases, labels, providers, modes, setup, device, dtype, fmt, threads,
-                   min_run_time):
+def _measure_block(
+    cases, labels, providers, modes, setup, device, dtype, fmt, threads, min_run_time
+):
     """Results of one (threads, dtype, memory format) block: cells keyed (label, mode, provider)
     holding a ``_Result`` or a footnote marker, the footnotes, and the number of errors."""
     cells, notes, errors = {}, [], 0
@@ -367,11 +410,17 @@ def _rows(cells, baseline, peak_gbps, common):
         frac = gbps / peak_gbps if gbps is not None and peak_gbps else None
         yield {
             **common,
-            "provider": provider, "mode": mode, "shape": case_label,
-            "p20_ms": f"{res.p20:.6g}", "p50_ms": f"{res.p50:.6g}", "p80_ms": f"{res.p80:.6g}",
+            "provider": provider,
+            "mode": mode,
+            "shape": case_label,
+            "p20_ms": f"{res.p20:.6g}",
+            "p50_ms": f"{res.p50:.6g}",
+            "p80_ms": f"{res.p80:.6g}",
             "peak_mem_mb": _fmt(res.peak_mem_mb, ".1f"),
             "speedup_vs": f"{base.p50 / res.p50:.4g}" if isinstance(base, _Result) else "",
-            "baseline": baseline, "gbps": _fmt(gbps, ".4g"), "frac_peak": _fmt(frac, ".4g"),
+            "baseline": baseline,
+            "gbps": _fmt(gbps, ".4g"),
+            "frac_peak": _fmt(frac, ".4g"),
             "timestamp": stamp,
         }
 
@@ -433,14 +482,26 @@ def run(
             for dtype_name in args.dtype:
                 for fmt in formats:
                     cells, notes, block_errors = _measure_block(
-                        cases, labels, providers, args.modes, setup, device,
-                        getattr(torch, dtype_name), fmt, n_threads, min_run_time,
+                        cases,
+                        labels,
+                        providers,
+                        args.modes,
+                        setup,
+                        device,
+                        getattr(torch, dtype_name),
+                        fmt,
+                        n_threads,
+                        min_run_time,
                     )
                     errors += block_errors
                     common = {
-                        "op": op, "dtype": dtype_name, "memory_format": fmt,
-                        "threads": n_threads, "device": dev_name,
-                        "torch_version": torch.__version__, "git_sha": sha,
+                        "op": op,
+                        "dtype": dtype_name,
+                        "memory_format": fmt,
+                        "threads": n_threads,
+                        "device": dev_name,
+                        "torch_version": torch.__version__,
+                        "git_sha": sha,
                     }
                     writer.writerows(_rows(cells, baseline, peak_gbps, common))
                     csv_file.flush()
@@ -481,3 +542,62 @@ def run_pytest_benchmark(benchmark, prepared: Prepared, device: str, quick: bool
             benchmark.pedantic(fn, rounds=QUICK_PYTEST_ROUNDS, iterations=1, warmup_rounds=1)
         else:
             benchmark(fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces every op's benchmark script shares.
+
+
+def provider_unavailable(provider: str, device: str) -> str | None:
+    """Why a provider cannot run on ``device`` here (None if it can). The eager providers always
+    can; Triton is only timed on CUDA (interpreter timings mean nothing)."""
+    import hrnas_kernels
+
+    if provider in ("eager", "eager+compile"):
+        return None
+    if provider == "triton" and device != "cuda":
+        return "Triton is benchmarked on CUDA only (TRITON_INTERPRET timings mean nothing)"
+    reasons = hrnas_kernels.available_impls()[provider]
+    return reasons[device] if device in reasons else f"no {device} device here"
+
+
+class CompileCache:
+    """torch.compile of a reference function, kept for one case at a time. ``dynamo.reset``
+    between cases: dynamo does not guard on the thread count inductor's CPU code is built for."""
+
+    def __init__(self):
+        self._key, self._fns = None, {}
+
+    def get(self, key: tuple, fn, fullgraph: bool = True):
+        if self._key != key:
+            torch._dynamo.reset()
+            self._key, self._fns = key, {}
+        if fn not in self._fns:
+            self._fns[fn] = torch.compile(fn, fullgraph=fullgraph, dynamic=False)
+        return self._fns[fn]
+
+
+def no_donated_buffers():
+    """Context for replaying a compiled backward: donated buffers forbid retain_graph."""
+    return torch._functorch.config.patch(donated_buffer=False)
+
+
+def run_pytest_case(benchmark, bench, case, memory_format, provider, mode, device, threads, quick):
+    """One pytest-benchmark measurement of ``bench`` (an op's benchmark module)."""
+    import pytest
+
+    prepared = bench.setup(case, provider, mode, device, bench.DTYPE, MEMORY_FORMATS[memory_format])
+    if isinstance(prepared, str):
+        pytest.skip(f"{provider}: {prepared}")
+    benchmark.group = f"{bench.OP} {bench.label(case)} {memory_format} {mode}"
+    benchmark.extra_info.update(
+        op=bench.OP,
+        provider=provider,
+        mode=mode,
+        shape=bench.label(case),
+        dtype=str(bench.DTYPE).removeprefix("torch."),
+        memory_format=memory_format,
+        threads=threads,
+        device=device_name(device),
+    )
+    run_pytest_benchmark(benchmark, prepared, device, quick)

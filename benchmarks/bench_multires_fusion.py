@@ -27,9 +27,9 @@ from __future__ import annotations
 import contextlib
 import sys
 
+import _harness as h
 import torch
 
-import _harness as h
 import hrnas_kernels
 from hrnas_kernels.multires_fusion import reference
 
@@ -45,7 +45,7 @@ THREADS = (1, 2)
 MEMORY_FORMATS = ("nchw", "channels_last")
 DTYPE = torch.float32
 
-_compiled: dict = {}
+_compiled = h.CompileCache()
 
 
 def _replayable_reference(inputs, size, mode, activation):
@@ -67,34 +67,8 @@ def compulsory_bytes(case: dict, mode: str, dtype: torch.dtype) -> int:
     return {"forward": forward, "backward": backward, "full": forward + backward}[mode]
 
 
-def _unavailable(provider: str, device: str) -> str | None:
-    if provider in ("eager", "eager+compile"):
-        return None
-    if provider == "triton" and device != "cuda":
-        return "Triton is benchmarked on CUDA only (TRITON_INTERPRET timings mean nothing)"
-    reasons = hrnas_kernels.available_impls()[provider]
-    return reasons[device] if device in reasons else f"no {device} device here"
-
-
-def _compiled_reference(key: tuple, replayable: bool):
-    """The compiled reference of one case: ``dynamo.reset`` between cases, since dynamo does not
-    guard on the thread count that inductor's CPU code is specialized for."""
-    if _compiled.get("key") != key:
-        torch._dynamo.reset()
-        _compiled.clear()
-        _compiled["key"] = key
-    if replayable not in _compiled:
-        fn = _replayable_reference if replayable else reference.multires_fusion
-        _compiled[replayable] = torch.compile(fn, fullgraph=True, dynamic=False)
-    return _compiled[replayable]
-
-
-def _no_donated_buffers():
-    return torch._functorch.config.patch(donated_buffer=False)
-
-
 def setup(case, provider, mode, device, dtype, memory_format):
-    reason = _unavailable(provider, device)
+    reason = h.provider_unavailable(provider, device)
     if reason:
         return reason
     gen = torch.Generator().manual_seed(0)
@@ -107,6 +81,7 @@ def setup(case, provider, mode, device, dtype, memory_format):
     size, interp = (case["out"], case["out"]), case["interp"]
     context = contextlib.nullcontext
     if provider == "eager":
+
         def forward():
             return reference.multires_fusion(inputs, size, interp, ACTIVATION)
     elif provider == "eager+compile":
@@ -114,9 +89,11 @@ def setup(case, provider, mode, device, dtype, memory_format):
         # donates saved buffers refuses; that mode gets its own compile without buffer donation.
         replayable = mode == "backward"
         if replayable:
-            context = _no_donated_buffers
+            context = h.no_donated_buffers
         key = (tuple(sorted(case.items())), device, dtype, memory_format, torch.get_num_threads())
-        compiled = _compiled_reference(key, replayable)
+        compiled = _compiled.get(
+            key, _replayable_reference if replayable else reference.multires_fusion
+        )
 
         def forward():
             return compiled(inputs, size, interp, ACTIVATION)
@@ -127,10 +104,12 @@ def setup(case, provider, mode, device, dtype, memory_format):
         except Exception as error:  # any compiler failure: skip with its reason
             return f"torch.compile failed: {type(error).__name__}: {error}"
     else:
+
         def forward():
             return hrnas_kernels.multires_fusion(
                 inputs, size, mode=interp, activation=ACTIVATION, impl=provider
             )
+
     with context():
         fn = h.autograd_call(forward, inputs, mode)
     return h.Prepared(fn=fn, nbytes=compulsory_bytes(case, mode, dtype), context=context)
@@ -138,8 +117,15 @@ def setup(case, provider, mode, device, dtype, memory_format):
 
 def main(argv=None) -> int:
     return h.run(
-        op=OP, cases=CASES, quick_cases=QUICK_CASES, providers=PROVIDERS, baseline=BASELINE,
-        setup=setup, label=label, args=h.parse_args(__doc__, argv), threads=THREADS,
+        op=OP,
+        cases=CASES,
+        quick_cases=QUICK_CASES,
+        providers=PROVIDERS,
+        baseline=BASELINE,
+        setup=setup,
+        label=label,
+        args=h.parse_args(__doc__, argv),
+        threads=THREADS,
         memory_formats=MEMORY_FORMATS,
     )
 

@@ -7,10 +7,9 @@ providers that cannot run here are skipped with the reason ``setup`` gives.
 
 import re
 
-import pytest
-
 import _harness as h
 import bench_multires_fusion as bench
+import pytest
 
 QUICK = h.env_flag("HRNAS_BENCH_QUICK", True)
 CASES = bench.QUICK_CASES if QUICK else bench.CASES
@@ -27,15 +26,6 @@ def _case_id(case: dict) -> str:
 def test_multires_fusion(
     benchmark, bench_device, bench_threads, case, memory_format, provider, mode
 ):
-    prepared = bench.setup(
-        case, provider, mode, bench_device, bench.DTYPE, h.MEMORY_FORMATS[memory_format]
+    h.run_pytest_case(
+        benchmark, bench, case, memory_format, provider, mode, bench_device, bench_threads, QUICK
     )
-    if isinstance(prepared, str):
-        pytest.skip(f"{provider}: {prepared}")
-    benchmark.group = f"{bench.OP} {bench.label(case)} {memory_format} {mode}"
-    benchmark.extra_info.update(
-        op=bench.OP, provider=provider, mode=mode, shape=bench.label(case),
-        dtype=str(bench.DTYPE).removeprefix("torch."), memory_format=memory_format,
-        threads=bench_threads, device=h.device_name(bench_device),
-    )
-    h.run_pytest_benchmark(benchmark, prepared, bench_device, QUICK)

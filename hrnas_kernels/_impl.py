@@ -48,7 +48,9 @@ def native_reasons(device_type: str) -> list[str]:
             "`pip install --no-build-isolation -e .`"
         ]
     if device_type == "cuda" and not getattr(_native_module, "with_cuda", 0):
-        return ["hrnas_kernels._C was built without CUDA (torch.version.cuda was unset at build time)"]
+        return [
+            "hrnas_kernels._C was built without CUDA (torch.version.cuda was unset at build time)"
+        ]
     if device_type not in ("cpu", "cuda"):
         return [f"no native kernel for device type '{device_type}'"]
     return []

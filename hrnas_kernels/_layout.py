@@ -10,6 +10,10 @@ import torch
 
 
 def output_memory_format(t: torch.Tensor) -> torch.memory_format:
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+    if (
+        t.dim() == 4
+        and not t.is_contiguous()
+        and t.is_contiguous(memory_format=torch.channels_last)
+    ):
         return torch.channels_last
     return torch.contiguous_format

@@ -37,9 +37,16 @@ def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def randn(shape: Sequence[int], *, dtype=torch.float32, device="cpu", seed=0,
-          memory_format=torch.contiguous_format) -> torch.Tensor:
-    """Seeded normal tensor, generated on CPU in float64 so every dtype/device sees the same values."""
+def randn(
+    shape: Sequence[int],
+    *,
+    dtype=torch.float32,
+    device="cpu",
+    seed=0,
+    memory_format=torch.contiguous_format,
+) -> torch.Tensor:
+    """Seeded normal tensor, drawn on CPU in float64 so every dtype and device sees the same
+    values."""
     x = torch.randn(tuple(shape), generator=seeded(seed), dtype=torch.float64)
     return x.to(dtype=dtype, device=device).contiguous(memory_format=memory_format)
 
@@ -48,35 +55,60 @@ def upcast(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """float64 CPU copies that require grad, keeping each tensor's memory format."""
     out = []
     for t in tensors:
-        fmt = torch.channels_last if (t.dim() == 4 and not t.is_contiguous()
-                                      and t.is_contiguous(memory_format=torch.channels_last)) \
+        fmt = (
+            torch.channels_last
+            if (
+                t.dim() == 4
+                and not t.is_contiguous()
+                and t.is_contiguous(memory_format=torch.channels_last)
+            )
             else torch.contiguous_format
-        out.append(t.detach().to("cpu", torch.float64).contiguous(memory_format=fmt)
-                   .requires_grad_(t.requires_grad))
+        )
+        out.append(
+            t.detach()
+            .to("cpu", torch.float64)
+            .contiguous(memory_format=fmt)
+            .requires_grad_(t.requires_grad)
+        )
     return out
 
 
 def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    diff = (actual.detach().to("cpu", torch.float64) - expected.detach().to("cpu", torch.float64))
+    diff = actual.detach().to("cpu", torch.float64) - expected.detach().to("cpu", torch.float64)
     return float(diff.abs().nan_to_num(nan=float("inf")).max()) if diff.numel() else 0.0
 
 
-def assert_close_to_reference(actual: torch.Tensor, expected64: torch.Tensor, dtype: torch.dtype,
-                              eager_same_dtype: torch.Tensor | None = None, what: str = "output"):
+def assert_close_to_reference(
+    actual: torch.Tensor,
+    expected64: torch.Tensor,
+    dtype: torch.dtype,
+    eager_same_dtype: torch.Tensor | None = None,
+    what: str = "output",
+):
     """Compare ``actual`` (any dtype/device) with the float64 reference result.
 
     Within TOLERANCES[dtype]; for fp16/bf16, when ``eager_same_dtype`` (eager PyTorch run in the
     same low precision) is given, the error may also be up to twice eager's own error.
     NaNs must sit in the same places.
     """
-    assert actual.shape == expected64.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected64.shape)}"
+    assert actual.shape == expected64.shape, (
+        f"{what}: shape {tuple(actual.shape)} != {tuple(expected64.shape)}"
+    )
     atol, rtol = TOLERANCES[dtype]
     a = actual.detach().to("cpu", torch.float64)
     e = expected64.detach().to("cpu", torch.float64)
     if eager_same_dtype is not None and dtype in (torch.float16, torch.bfloat16):
         bound = 2 * max_error(eager_same_dtype, e) + atol
         err = max_error(a, e)
-        assert err <= bound, f"{what}: max error {err:.3g} exceeds 2x eager's ({bound:.3g}) in {dtype}"
+        assert err <= bound, (
+            f"{what}: max error {err:.3g} exceeds 2x eager's ({bound:.3g}) in {dtype}"
+        )
         return
-    torch.testing.assert_close(a, e.to(dtype).to(torch.float64), atol=atol, rtol=rtol,
-                               equal_nan=True, msg=lambda m: f"{what} ({dtype}): {m}")
+    torch.testing.assert_close(
+        a,
+        e.to(dtype).to(torch.float64),
+        atol=atol,
+        rtol=rtol,
+        equal_nan=True,
+        msg=lambda m: f"{what} ({dtype}): {m}",
+    )

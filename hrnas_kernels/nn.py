@@ -1,5 +1,6 @@
 """Drop-in ``nn.Module``s backed by the fused ops."""
 
+from .mixed_dwconv_bn_act import MixedDepthwiseConvBNAct, fuse_depthwise
 from .multires_fusion import MultiResolutionFusion
 
-__all__ = ["MultiResolutionFusion"]
+__all__ = ["MixedDepthwiseConvBNAct", "MultiResolutionFusion", "fuse_depthwise"]

@@ -11,10 +11,14 @@ from . import ops, reference
 ACTIVATIONS = (None, "relu", "relu6")
 _OPS = {"native": (ops.fwd, ops.bwd), "triton": (ops.fwd_triton, ops.bwd_triton)}
 _DTYPES = {
-    "native": {"cpu": (torch.float32, torch.float64),
-               "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16)},
-    "triton": {"cpu": (torch.float32, torch.float64),
-               "cuda": (torch.float32, torch.float16, torch.bfloat16)},
+    "native": {
+        "cpu": (torch.float32, torch.float64),
+        "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    },
+    "triton": {
+        "cpu": (torch.float32, torch.float64),
+        "cuda": (torch.float32, torch.float16, torch.bfloat16),
+    },
 }
 _OP = "mixed_dwconv_bn_act"
 
@@ -23,10 +27,32 @@ class _MixedDepthwiseConvBNAct(torch.autograd.Function):
     """Autograd over the compact-channel op pair; mean/var come out for the running-stat update."""
 
     @staticmethod
-    def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, stride, use_batch_stats,
-                eps, activation, impl, *weights):
-        y, conv, mean, var = _OPS[impl][0](x, list(weights), bn_weight, bn_bias, running_mean,
-                                           running_var, stride, use_batch_stats, eps, activation)
+    def forward(
+        ctx,
+        x,
+        bn_weight,
+        bn_bias,
+        running_mean,
+        running_var,
+        stride,
+        use_batch_stats,
+        eps,
+        activation,
+        impl,
+        *weights,
+    ):
+        y, conv, mean, var = _OPS[impl][0](
+            x,
+            list(weights),
+            bn_weight,
+            bn_bias,
+            running_mean,
+            running_var,
+            stride,
+            use_batch_stats,
+            eps,
+            activation,
+        )
         ctx.save_for_backward(y, x, conv, bn_weight, mean, var, *weights)
         ctx.stride, ctx.use_batch_stats, ctx.eps = stride, use_batch_stats, eps
         ctx.activation, ctx.impl = activation, impl
@@ -38,42 +64,82 @@ class _MixedDepthwiseConvBNAct(torch.autograd.Function):
     def backward(ctx, grad_y, _grad_mean, _grad_var):
         y, x, conv, bn_weight, mean, var, *weights = ctx.saved_tensors
         grad_x, grad_w, grad_gamma, grad_beta = _OPS[ctx.impl][1](
-            grad_y, y, x, conv, weights, bn_weight, mean, var, ctx.stride, ctx.use_batch_stats,
-            ctx.eps, ctx.activation)
+            grad_y,
+            y,
+            x,
+            conv,
+            weights,
+            bn_weight,
+            mean,
+            var,
+            ctx.stride,
+            ctx.use_batch_stats,
+            ctx.eps,
+            ctx.activation,
+        )
         return (grad_x, grad_gamma, grad_beta, None, None, None, None, None, None, None, *grad_w)
 
 
-def _check(x, weights, bn_weight, bn_bias, running_mean, running_var, stride, momentum, eps,
-           activation, channel_index):
+def _check(
+    x,
+    weights,
+    bn_weight,
+    bn_bias,
+    running_mean,
+    running_var,
+    stride,
+    momentum,
+    eps,
+    activation,
+    channel_index,
+):
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"{_OP}: x must be a 4-d [N, C, H, W] tensor, got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        raise ValueError(
+            f"{_OP}: x must be a 4-d [N, C, H, W] tensor, got "
+            f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+        )
     if not x.is_floating_point():
         raise TypeError(f"{_OP}: x has dtype {x.dtype}, expected a floating dtype")
     if isinstance(weights, torch.Tensor) or not isinstance(weights, Sequence) or not weights:
-        raise TypeError(f"{_OP}: weights must be a non-empty list of depthwise weights "
-                        "[C_k, 1, k, k], one per kernel size")
+        raise TypeError(
+            f"{_OP}: weights must be a non-empty list of depthwise weights "
+            "[C_k, 1, k, k], one per kernel size"
+        )
     for g, w in enumerate(weights):
         if not isinstance(w, torch.Tensor):
             raise TypeError(f"{_OP}: weights[{g}] is a {type(w).__name__}, expected a tensor")
         if w.dim() != 4 or w.shape[1] != 1 or w.shape[2] != w.shape[3]:
-            raise ValueError(f"{_OP}: weights[{g}] must have shape [C_k, 1, k, k], got {tuple(w.shape)}")
+            raise ValueError(
+                f"{_OP}: weights[{g}] must have shape [C_k, 1, k, k], got {tuple(w.shape)}"
+            )
         if w.shape[2] % 2 == 0:
-            raise ValueError(f"{_OP}: weights[{g}] has an even kernel size {w.shape[2]}; "
-                             "kernel sizes must be odd (padding k // 2 keeps the size)")
+            raise ValueError(
+                f"{_OP}: weights[{g}] has an even kernel size {w.shape[2]}; "
+                "kernel sizes must be odd (padding k // 2 keeps the size)"
+            )
         if w.dtype != x.dtype or w.device != x.device:
-            raise TypeError(f"{_OP}: weights[{g}] is {w.dtype} on {w.device}, x is {x.dtype} on {x.device}")
+            raise TypeError(
+                f"{_OP}: weights[{g}] is {w.dtype} on {w.device}, x is {x.dtype} on {x.device}"
+            )
     channels = sum(w.shape[0] for w in weights)
-    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
+    for name, t in (
+        ("bn_weight", bn_weight),
+        ("bn_bias", bn_bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
         if t is None and name.startswith("running"):
             continue
         if not isinstance(t, torch.Tensor) or t.shape != (channels,):
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{_OP}: {name} must have shape [{channels}] (the sum of the "
-                             f"weights' channels), got {shape}")
+            raise ValueError(
+                f"{_OP}: {name} must have shape [{channels}] (the sum of the "
+                f"weights' channels), got {shape}"
+            )
         if t.dtype != x.dtype or t.device != x.device:
-            raise TypeError(f"{_OP}: {name} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}")
+            raise TypeError(
+                f"{_OP}: {name} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}"
+            )
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{_OP}: pass both running_mean and running_var, or neither")
     if stride not in (1, 2) or isinstance(stride, bool):
@@ -88,46 +154,90 @@ def _check(x, weights, bn_weight, bn_bias, running_mean, running_var, stride, mo
         if x.shape[1] != channels:
             raise ValueError(f"{_OP}: x has {x.shape[1]} channels, the weights define {channels}")
         return
-    if not isinstance(channel_index, torch.Tensor) or channel_index.dtype != torch.int64 \
-            or channel_index.dim() != 1:
+    if (
+        not isinstance(channel_index, torch.Tensor)
+        or channel_index.dtype != torch.int64
+        or channel_index.dim() != 1
+    ):
         raise TypeError(f"{_OP}: channel_index must be a 1-d int64 tensor of alive channels")
     if channel_index.device != x.device:
         raise ValueError(f"{_OP}: channel_index is on {channel_index.device}, x on {x.device}")
     if x.shape[1] != channel_index.numel():
-        raise ValueError(f"{_OP}: x has {x.shape[1]} channels but channel_index lists "
-                         f"{channel_index.numel()} alive channels")
+        raise ValueError(
+            f"{_OP}: x has {x.shape[1]} channels but channel_index lists "
+            f"{channel_index.numel()} alive channels"
+        )
     if channel_index.numel():
         if int(channel_index.min()) < 0 or int(channel_index.max()) >= channels:
-            raise ValueError(f"{_OP}: channel_index must lie in [0, {channels}), got values in "
-                             f"[{int(channel_index.min())}, {int(channel_index.max())}]")
+            raise ValueError(
+                f"{_OP}: channel_index must lie in [0, {channels}), got values in "
+                f"[{int(channel_index.min())}, {int(channel_index.max())}]"
+            )
         if channel_index.numel() > 1 and not bool((channel_index[1:] > channel_index[:-1]).all()):
-            raise ValueError(f"{_OP}: channel_index must be strictly increasing (sorted, no duplicates)")
+            raise ValueError(
+                f"{_OP}: channel_index must be strictly increasing (sorted, no duplicates)"
+            )
 
 
-def fused_forward(x, weights, bn_weight, bn_bias, running_mean, running_var, *, stride, training,
-                  momentum, eps, activation, channel_index, counts, impl):
+def fused_forward(
+    x,
+    weights,
+    bn_weight,
+    bn_bias,
+    running_mean,
+    running_var,
+    *,
+    stride,
+    training,
+    momentum,
+    eps,
+    activation,
+    channel_index,
+    counts,
+    impl,
+):
     """The op with validated arguments and known per-group alive counts (``counts``), so a
     caller that caches its alive index (the nn.Module, the supernet) skips the host sync."""
     if impl == "reference":
         return reference.mixed_dwconv_bn_act(
-            x, weights, bn_weight, bn_bias, running_mean, running_var, stride=stride,
-            training=training, momentum=momentum, eps=eps, activation=activation,
-            channel_index=channel_index)
+            x,
+            weights,
+            bn_weight,
+            bn_bias,
+            running_mean,
+            running_var,
+            stride=stride,
+            training=training,
+            momentum=momentum,
+            eps=eps,
+            activation=activation,
+            channel_index=channel_index,
+        )
     use_batch_stats = training or running_mean is None
     if channel_index is None:
         rows, gamma, beta, rm, rv = list(weights), bn_weight, bn_bias, running_mean, running_var
     else:
         rows, start, offset = [], 0, 0
         for w, count in zip(weights, counts):
-            rows.append(w.index_select(0, channel_index[start:start + count] - offset))
+            rows.append(w.index_select(0, channel_index[start : start + count] - offset))
             start, offset = start + count, offset + w.shape[0]
         gamma = bn_weight.index_select(0, channel_index)
         beta = bn_bias.index_select(0, channel_index)
         rm = None if running_mean is None else running_mean.index_select(0, channel_index)
         rv = None if running_var is None else running_var.index_select(0, channel_index)
     y, mean, var = _MixedDepthwiseConvBNAct.apply(
-        x, gamma, beta, None if use_batch_stats else rm, None if use_batch_stats else rv, stride,
-        use_batch_stats, float(eps), activation or "none", impl, *rows)
+        x,
+        gamma,
+        beta,
+        None if use_batch_stats else rm,
+        None if use_batch_stats else rv,
+        stride,
+        use_batch_stats,
+        float(eps),
+        activation or "none",
+        impl,
+        *rows,
+    )
     if training and running_mean is not None and y.numel():
         count = y.shape[0] * y.shape[2] * y.shape[3]
         with torch.no_grad():
@@ -187,14 +297,43 @@ def mixed_dwconv_bn_act(
     Returns:
         ``[N, A or C, (H - 1) // stride + 1, (W - 1) // stride + 1]``.
     """
-    _check(x, weights, bn_weight, bn_bias, running_mean, running_var, stride, momentum, eps,
-           activation, channel_index)
-    if (training or running_mean is None) and x.shape[0] * ((x.shape[2] - 1) // stride + 1) * \
-            ((x.shape[3] - 1) // stride + 1) == 1 and x.shape[1] > 0:
-        raise ValueError(f"{_OP}: batch statistics need more than 1 value per channel, got input "
-                         f"shape {tuple(x.shape)}")
+    _check(
+        x,
+        weights,
+        bn_weight,
+        bn_bias,
+        running_mean,
+        running_var,
+        stride,
+        momentum,
+        eps,
+        activation,
+        channel_index,
+    )
+    if (
+        (training or running_mean is None)
+        and x.shape[0] * ((x.shape[2] - 1) // stride + 1) * ((x.shape[3] - 1) // stride + 1) == 1
+        and x.shape[1] > 0
+    ):
+        raise ValueError(
+            f"{_OP}: batch statistics need more than 1 value per channel, got input "
+            f"shape {tuple(x.shape)}"
+        )
     impl = resolve_impl(impl, x)
     counts = reference.group_counts(channel_index, [w.shape[0] for w in weights])
-    return fused_forward(x, weights, bn_weight, bn_bias, running_mean, running_var, stride=stride,
-                         training=training, momentum=momentum, eps=eps, activation=activation,
-                         channel_index=channel_index, counts=counts, impl=impl)
+    return fused_forward(
+        x,
+        weights,
+        bn_weight,
+        bn_bias,
+        running_mean,
+        running_var,
+        stride=stride,
+        training=training,
+        momentum=momentum,
+        eps=eps,
+        activation=activation,
+        channel_index=channel_index,
+        counts=counts,
+        impl=impl,
+    )

@@ -40,8 +40,18 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _fwd_fake(x, weights, bn_weight, bn_bias, running_mean, running_var, stride, use_batch_stats,
-              eps, activation):
+def _fwd_fake(
+    x,
+    weights,
+    bn_weight,
+    bn_bias,
+    running_mean,
+    running_var,
+    stride,
+    use_batch_stats,
+    eps,
+    activation,
+):
     n, a, h, w = x.shape
     shape = (n, a, (h - 1) // stride + 1, (w - 1) // stride + 1)
     fmt = output_memory_format(x)
@@ -51,10 +61,12 @@ def _fwd_fake(x, weights, bn_weight, bn_bias, running_mean, running_var, stride,
     return y, conv, stats[0], stats[1]
 
 
-def _bwd_fake(grad_y, y, x, conv, weights, bn_weight, mean, var, stride, use_batch_stats, eps,
-              activation):
-    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device,
-                         memory_format=output_memory_format(x))
+def _bwd_fake(
+    grad_y, y, x, conv, weights, bn_weight, mean, var, stride, use_batch_stats, eps, activation
+):
+    grad_x = torch.empty(
+        x.shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x)
+    )
     grad_w = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
     return grad_x, grad_w, torch.empty_like(bn_weight), torch.empty_like(bn_weight)
 

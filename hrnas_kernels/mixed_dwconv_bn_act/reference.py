@@ -48,11 +48,17 @@ def mixed_dwconv_bn_act(
     convs, start, offset = [], 0, 0
     for w, size, count in zip(weights, sizes, counts):
         if count:
-            rows = w if channel_index is None else w.index_select(
-                0, channel_index[start:start + count] - offset)
+            rows = (
+                w
+                if channel_index is None
+                else w.index_select(0, channel_index[start : start + count] - offset)
+            )
             k = w.shape[-1]
-            convs.append(F.conv2d(x[:, start:start + count], rows, stride=stride, padding=k // 2,
-                                  groups=count))
+            convs.append(
+                F.conv2d(
+                    x[:, start : start + count], rows, stride=stride, padding=k // 2, groups=count
+                )
+            )
         start, offset = start + count, offset + size
     n, _, h, w_ = x.shape
     ho, wo = (h - 1) // stride + 1, (w_ - 1) // stride + 1
@@ -64,8 +70,9 @@ def mixed_dwconv_bn_act(
     use_batch_stats = training or running_mean is None
     rm, rv = alive(running_mean), alive(running_var)
     if conv.shape[1]:
-        y = F.batch_norm(conv, rm, rv, alive(bn_weight), alive(bn_bias), use_batch_stats,
-                         momentum, eps)
+        y = F.batch_norm(
+            conv, rm, rv, alive(bn_weight), alive(bn_bias), use_batch_stats, momentum, eps
+        )
     else:
         y = conv
     if channel_index is not None and running_mean is not None and use_batch_stats:

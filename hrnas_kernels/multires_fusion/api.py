@@ -12,10 +12,14 @@ MODES = ("bilinear", "nearest")
 ACTIVATIONS = (None, "relu", "relu6")
 _OPS = {"native": (ops.fwd, ops.bwd), "triton": (ops.fwd_triton, ops.bwd_triton)}
 _DTYPES = {
-    "native": {"cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-               "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16)},
-    "triton": {"cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-               "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16)},
+    "native": {
+        "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+        "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    },
+    "triton": {
+        "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+        "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    },
 }
 _OP = "multires_fusion"
 
@@ -55,7 +59,9 @@ def _check_size(size, x0) -> tuple:
 
 def _check_inputs(inputs) -> list:
     if isinstance(inputs, (torch.Tensor, str, bytes)) or not isinstance(inputs, Sequence):
-        raise TypeError(f"{_OP}: inputs must be a list or tuple of tensors, got {type(inputs).__name__}")
+        raise TypeError(
+            f"{_OP}: inputs must be a list or tuple of tensors, got {type(inputs).__name__}"
+        )
     inputs = list(inputs)
     if not 1 <= len(inputs) <= MAX_INPUTS:
         raise ValueError(f"{_OP}: expected 1 to {MAX_INPUTS} inputs, got {len(inputs)}")
@@ -63,15 +69,23 @@ def _check_inputs(inputs) -> list:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{_OP}: inputs[{j}] is a {type(x).__name__}, expected a tensor")
         if x.dim() != 4:
-            raise ValueError(f"{_OP}: inputs[{j}] must be 4-d [N, C, H, W], got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{_OP}: inputs[{j}] must be 4-d [N, C, H, W], got shape {tuple(x.shape)}"
+            )
         if not x.is_floating_point():
             raise TypeError(f"{_OP}: inputs[{j}] has dtype {x.dtype}, expected a floating dtype")
     x0 = inputs[0]
     for j, x in enumerate(inputs[1:], start=1):
         if x.dtype != x0.dtype:
-            raise TypeError(f"{_OP}: inputs[{j}] has dtype {x.dtype}, inputs[0] has {x0.dtype}; all inputs must share one dtype")
+            raise TypeError(
+                f"{_OP}: inputs[{j}] has dtype {x.dtype}, inputs[0] has {x0.dtype}; "
+                "all inputs must share one dtype"
+            )
         if x.device != x0.device:
-            raise ValueError(f"{_OP}: inputs[{j}] is on {x.device}, inputs[0] on {x0.device}; all inputs must be on one device")
+            raise ValueError(
+                f"{_OP}: inputs[{j}] is on {x.device}, inputs[0] on {x0.device}; "
+                "all inputs must be on one device"
+            )
         if x.shape[0] != x0.shape[0] or x.shape[1] != x0.shape[1]:
             raise ValueError(
                 f"{_OP}: inputs[{j}] has N, C = {x.shape[0]}, {x.shape[1]}, inputs[0] has "

@@ -12,8 +12,9 @@ class MultiResolutionFusion(nn.Module):
     Stateless (no parameters). ``size=None`` fuses onto the first input's resolution.
     """
 
-    def __init__(self, size=None, mode: str = "bilinear", activation: str | None = "relu",
-                 impl: str = "auto"):
+    def __init__(
+        self, size=None, mode: str = "bilinear", activation: str | None = "relu", impl: str = "auto"
+    ):
         super().__init__()
         self.size, self.mode, self.activation, self.impl = size, mode, activation, impl
 
@@ -21,4 +22,7 @@ class MultiResolutionFusion(nn.Module):
         return multires_fusion(inputs, self.size, self.mode, self.activation, impl=self.impl)
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, mode={self.mode!r}, activation={self.activation!r}, impl={self.impl!r}"
+        return (
+            f"size={self.size}, mode={self.mode!r}, activation={self.activation!r}, "
+            f"impl={self.impl!r}"
+        )

@@ -69,8 +69,12 @@ BLOCK = 1024  # forward: output elements per program
 BWD_TILE = 65536 if TRITON_INTERPRET else 4096
 MAX_WINDOW_CHUNK = 16
 _ACTIVATIONS = {"none": 0, "relu": 1, "relu6": 2}
-_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float32, torch.bfloat16: tl.float32,
-           torch.float64: tl.float64}  # storage dtype -> accumulation (opmath) dtype
+_DTYPES = {
+    torch.float32: tl.float32,
+    torch.float16: tl.float32,
+    torch.bfloat16: tl.float32,
+    torch.float64: tl.float64,
+}  # storage dtype -> accumulation (opmath) dtype
 _MODES = ("bilinear", "nearest")
 
 
@@ -134,8 +138,23 @@ def _unravel(idx, C, H, W, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _resampled(x_ptr, n, c, h, w, mask, C, H_in, W_in, H, W, IDENTITY: tl.constexpr,
-               BILINEAR: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr):
+def _resampled(
+    x_ptr,
+    n,
+    c,
+    h,
+    w,
+    mask,
+    C,
+    H_in,
+    W_in,
+    H,
+    W,
+    IDENTITY: tl.constexpr,
+    BILINEAR: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    ACC: tl.constexpr,
+):
     H_in = tl.cast(H_in, tl.int64)
     W_in = tl.cast(W_in, tl.int64)
     if CHANNELS_LAST:
@@ -167,11 +186,41 @@ def _resampled(x_ptr, n, c, h, w, mask, C, H_in, W_in, H, W, IDENTITY: tl.conste
 
 @triton.jit
 def _multires_fusion_fwd_kernel(
-    out_ptr, x0, x1, x2, x3, x4, x5, x6, x7,
-    H0, W0, H1, W1, H2, W2, H3, W3, H4, W4, H5, W5, H6, W6, H7, W7,
-    total, C, H, W,
-    NUM_INPUTS: tl.constexpr, IDENTITY_MASK: tl.constexpr, BILINEAR: tl.constexpr,
-    ACTIVATION: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
+    out_ptr,
+    x0,
+    x1,
+    x2,
+    x3,
+    x4,
+    x5,
+    x6,
+    x7,
+    H0,
+    W0,
+    H1,
+    W1,
+    H2,
+    W2,
+    H3,
+    W3,
+    H4,
+    W4,
+    H5,
+    W5,
+    H6,
+    W6,
+    H7,
+    W7,
+    total,
+    C,
+    H,
+    W,
+    NUM_INPUTS: tl.constexpr,
+    IDENTITY_MASK: tl.constexpr,
+    BILINEAR: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    ACC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # Sizes may arrive as int32 scalars or, when equal to 1, as specialised constexprs.
@@ -181,29 +230,149 @@ def _multires_fusion_fwd_kernel(
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = idx < total
     n, c, h, w = _unravel(idx, C, H, W, CHANNELS_LAST)
-    acc = _resampled(x0, n, c, h, w, mask, C, H0, W0, H, W, (IDENTITY_MASK & 1) != 0,
-                     BILINEAR, CHANNELS_LAST, ACC)
+    acc = _resampled(
+        x0,
+        n,
+        c,
+        h,
+        w,
+        mask,
+        C,
+        H0,
+        W0,
+        H,
+        W,
+        (IDENTITY_MASK & 1) != 0,
+        BILINEAR,
+        CHANNELS_LAST,
+        ACC,
+    )
     if NUM_INPUTS > 1:
-        acc += _resampled(x1, n, c, h, w, mask, C, H1, W1, H, W, (IDENTITY_MASK & 2) != 0,
-                          BILINEAR, CHANNELS_LAST, ACC)
+        acc += _resampled(
+            x1,
+            n,
+            c,
+            h,
+            w,
+            mask,
+            C,
+            H1,
+            W1,
+            H,
+            W,
+            (IDENTITY_MASK & 2) != 0,
+            BILINEAR,
+            CHANNELS_LAST,
+            ACC,
+        )
     if NUM_INPUTS > 2:
-        acc += _resampled(x2, n, c, h, w, mask, C, H2, W2, H, W, (IDENTITY_MASK & 4) != 0,
-                          BILINEAR, CHANNELS_LAST, ACC)
+        acc += _resampled(
+            x2,
+            n,
+            c,
+            h,
+            w,
+            mask,
+            C,
+            H2,
+            W2,
+            H,
+            W,
+            (IDENTITY_MASK & 4) != 0,
+            BILINEAR,
+            CHANNELS_LAST,
+            ACC,
+        )
     if NUM_INPUTS > 3:
-        acc += _resampled(x3, n, c, h, w, mask, C, H3, W3, H, W, (IDENTITY_MASK & 8) != 0,
-                          BILINEAR, CHANNELS_LAST, ACC)
+        acc += _resampled(
+            x3,
+            n,
+            c,
+            h,
+            w,
+            mask,
+            C,
+            H3,
+            W3,
+            H,
+            W,
+            (IDENTITY_MASK & 8) != 0,
+            BILINEAR,
+            CHANNELS_LAST,
+            ACC,
+        )
     if NUM_INPUTS > 4:
-        acc += _resampled(x4, n, c, h, w, mask, C, H4, W4, H, W, (IDENTITY_MASK & 16) != 0,
-                          BILINEAR, CHANNELS_LAST, ACC)
+        acc += _resampled(
+            x4,
+            n,
+            c,
+            h,
+            w,
+            mask,
+            C,
+            H4,
+            W4,
+            H,
+            W,
+            (IDENTITY_MASK & 16) != 0,
+            BILINEAR,
+            CHANNELS_LAST,
+            ACC,
+        )
     if NUM_INPUTS > 5:
-        acc += _resampled(x5, n, c, h, w, mask, C, H5, W5, H, W, (IDENTITY_MASK & 32) != 0,
-                          BILINEAR, CHANNELS_LAST, ACC)
+        acc += _resampled(
+            x5,
+            n,
+            c,
+            h,
+            w,
+            mask,
+            C,
+            H5,
+            W5,
+            H,
+            W,
+            (IDENTITY_MASK & 32) != 0,
+            BILINEAR,
+            CHANNELS_LAST,
+            ACC,
+        )
     if NUM_INPUTS > 6:
-        acc += _resampled(x6, n, c, h, w, mask, C, H6, W6, H, W, (IDENTITY_MASK & 64) != 0,
-                          BILINEAR, CHANNELS_LAST, ACC)
+        acc += _resampled(
+            x6,
+            n,
+            c,
+            h,
+            w,
+            mask,
+            C,
+            H6,
+            W6,
+            H,
+            W,
+            (IDENTITY_MASK & 64) != 0,
+            BILINEAR,
+            CHANNELS_LAST,
+            ACC,
+        )
     if NUM_INPUTS > 7:
-        acc += _resampled(x7, n, c, h, w, mask, C, H7, W7, H, W, (IDENTITY_MASK & 128) != 0,
-                          BILINEAR, CHANNELS_LAST, ACC)
+        acc += _resampled(
+            x7,
+            n,
+            c,
+            h,
+            w,
+            mask,
+            C,
+            H7,
+            W7,
+            H,
+            W,
+            (IDENTITY_MASK & 128) != 0,
+            BILINEAR,
+            CHANNELS_LAST,
+            ACC,
+        )
     if ACTIVATION == 1:
         acc = tl.where(acc < 0.0, 0.0, acc).to(ACC)
     elif ACTIVATION == 2:
@@ -213,11 +382,27 @@ def _multires_fusion_fwd_kernel(
 
 @triton.jit
 def _multires_fusion_bwd_kernel(
-    gx_ptr, g_ptr, out_ptr,
-    total, C, H_in, W_in, H, W, margin_h, margin_w,
-    IDENTITY: tl.constexpr, BILINEAR: tl.constexpr, ACTIVATION: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, KH_CHUNK: tl.constexpr,
-    KW_CHUNK: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    gx_ptr,
+    g_ptr,
+    out_ptr,
+    total,
+    C,
+    H_in,
+    W_in,
+    H,
+    W,
+    margin_h,
+    margin_w,
+    IDENTITY: tl.constexpr,
+    BILINEAR: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    KH_CHUNK: tl.constexpr,
+    KW_CHUNK: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     C = tl.cast(C, tl.int64)
     H_in = tl.cast(H_in, tl.int64)
@@ -292,8 +477,10 @@ def _require(ok: bool, message: str) -> None:
 
 def _check(mode: str, activation: str, t: torch.Tensor) -> tuple[bool, int, tl.dtype]:
     _require(mode in _MODES, f"unknown mode '{mode}' (expected bilinear or nearest)")
-    _require(activation in _ACTIVATIONS,
-             f"unknown activation '{activation}' (expected none, relu or relu6)")
+    _require(
+        activation in _ACTIVATIONS,
+        f"unknown activation '{activation}' (expected none, relu or relu6)",
+    )
     _require(t.dtype in _DTYPES, f"the Triton kernel got dtype {t.dtype}")
     return mode == "bilinear", _ACTIVATIONS[activation], _DTYPES[t.dtype]
 
@@ -352,18 +539,25 @@ def fwd(inputs: list[torch.Tensor], size: list[int], mode: str, activation: str)
     _require(1 <= n_in <= MAX_INPUTS, f"expected 1 to {MAX_INPUTS} inputs, got {n_in}")
     x0 = inputs[0]
     bilinear, act, acc = _check(mode, activation, x0)
-    _require(len(size) == 2 and size[0] > 0 and size[1] > 0,
-             f"size must be a positive (H, W), got {list(size)}")
+    _require(
+        len(size) == 2 and size[0] > 0 and size[1] > 0,
+        f"size must be a positive (H, W), got {list(size)}",
+    )
     for j, x in enumerate(inputs):
         _require(x.dim() == 4, f"inputs[{j}] must be 4-d [N, C, H, W], got {x.dim()}-d")
-        _require(x.dtype == x0.dtype and x.device == x0.device,
-                 f"inputs[{j}] is {x.dtype} on {x.device}, inputs[0] {x0.dtype} on {x0.device}")
-        _require(x.shape[:2] == x0.shape[:2] and x.shape[2] > 0 and x.shape[3] > 0,
-                 f"inputs[{j}] has shape {tuple(x.shape)}, inputs[0] {tuple(x0.shape)}")
+        _require(
+            x.dtype == x0.dtype and x.device == x0.device,
+            f"inputs[{j}] is {x.dtype} on {x.device}, inputs[0] {x0.dtype} on {x0.device}",
+        )
+        _require(
+            x.shape[:2] == x0.shape[:2] and x.shape[2] > 0 and x.shape[3] > 0,
+            f"inputs[{j}] has shape {tuple(x.shape)}, inputs[0] {tuple(x0.shape)}",
+        )
     H, W = int(size[0]), int(size[1])
     fmt = output_memory_format(x0)
-    out = torch.empty((x0.shape[0], x0.shape[1], H, W), dtype=x0.dtype, device=x0.device,
-                      memory_format=fmt)
+    out = torch.empty(
+        (x0.shape[0], x0.shape[1], H, W), dtype=x0.dtype, device=x0.device, memory_format=fmt
+    )
     if out.numel() == 0:
         return out
     xs = [x.contiguous(memory_format=fmt) for x in inputs]
@@ -378,31 +572,54 @@ def fwd(inputs: list[torch.Tensor], size: list[int], mode: str, activation: str)
     total = out.numel()
     with _device(out):
         _multires_fusion_fwd_kernel[(triton.cdiv(total, BLOCK),)](
-            out, *xs, *sizes, total, x0.shape[1], H, W,
-            NUM_INPUTS=n_in, IDENTITY_MASK=identity_mask, BILINEAR=bilinear, ACTIVATION=act,
-            CHANNELS_LAST=fmt == torch.channels_last, ACC=acc, BLOCK=BLOCK,
+            out,
+            *xs,
+            *sizes,
+            total,
+            x0.shape[1],
+            H,
+            W,
+            NUM_INPUTS=n_in,
+            IDENTITY_MASK=identity_mask,
+            BILINEAR=bilinear,
+            ACTIVATION=act,
+            CHANNELS_LAST=fmt == torch.channels_last,
+            ACC=acc,
+            BLOCK=BLOCK,
         )
     return out
 
 
-def bwd(grad_out: torch.Tensor, out: torch.Tensor, input_sizes: list[int], mode: str,
-        activation: str) -> list[torch.Tensor]:
+def bwd(
+    grad_out: torch.Tensor, out: torch.Tensor, input_sizes: list[int], mode: str, activation: str
+) -> list[torch.Tensor]:
     """Gradient of every input, ``[N, C, H_j, W_j]`` in ``output_memory_format(out)``."""
     bilinear, act, acc = _check(mode, activation, out)
-    _require(len(input_sizes) % 2 == 0 and 2 <= len(input_sizes) <= 2 * MAX_INPUTS
-             and all(s > 0 for s in input_sizes),
-             f"input_sizes must hold positive (H, W) of 1 to {MAX_INPUTS} inputs, "
-             f"got {list(input_sizes)}")
-    _require(out.dim() == 4 and grad_out.shape == out.shape,
-             f"grad_out has shape {tuple(grad_out.shape)}, out {tuple(out.shape)}; "
-             "expected one 4-d shape")
-    _require(grad_out.dtype == out.dtype and grad_out.device == out.device,
-             f"grad_out is {grad_out.dtype} on {grad_out.device}, out {out.dtype} on {out.device}")
+    _require(
+        len(input_sizes) % 2 == 0
+        and 2 <= len(input_sizes) <= 2 * MAX_INPUTS
+        and all(s > 0 for s in input_sizes),
+        f"input_sizes must hold positive (H, W) of 1 to {MAX_INPUTS} inputs, "
+        f"got {list(input_sizes)}",
+    )
+    _require(
+        out.dim() == 4 and grad_out.shape == out.shape,
+        f"grad_out has shape {tuple(grad_out.shape)}, out {tuple(out.shape)}; "
+        "expected one 4-d shape",
+    )
+    _require(
+        grad_out.dtype == out.dtype and grad_out.device == out.device,
+        f"grad_out is {grad_out.dtype} on {grad_out.device}, out {out.dtype} on {out.device}",
+    )
     fmt = output_memory_format(out)
     N, C, H, W = out.shape
     grads = [
-        torch.empty((N, C, int(input_sizes[2 * j]), int(input_sizes[2 * j + 1])), dtype=out.dtype,
-                    device=out.device, memory_format=fmt)
+        torch.empty(
+            (N, C, int(input_sizes[2 * j]), int(input_sizes[2 * j + 1])),
+            dtype=out.dtype,
+            device=out.device,
+            memory_format=fmt,
+        )
         for j in range(len(input_sizes) // 2)
     ]
     if out.numel() == 0:
@@ -425,9 +642,27 @@ def bwd(grad_out: torch.Tensor, out: torch.Tensor, input_sizes: list[int], mode:
             block = BLOCK if identity else max(16, BWD_TILE // (kh_chunk * kw_chunk))
             total = gx.numel()
             _multires_fusion_bwd_kernel[(triton.cdiv(total, block),)](
-                gx, g, o, total, C, H_in, W_in, H, W, margin_h, margin_w,
-                IDENTITY=identity, BILINEAR=bilinear, ACTIVATION=act,
-                CHANNELS_LAST=channels_last, KH=kh, KW=kw, KH_CHUNK=kh_chunk,
-                KW_CHUNK=kw_chunk, ACC=acc, BLOCK=block, num_warps=8,
+                gx,
+                g,
+                o,
+                total,
+                C,
+                H_in,
+                W_in,
+                H,
+                W,
+                margin_h,
+                margin_w,
+                IDENTITY=identity,
+                BILINEAR=bilinear,
+                ACTIVATION=act,
+                CHANNELS_LAST=channels_last,
+                KH=kh,
+                KW=kw,
+                KH_CHUNK=kh_chunk,
+                KW_CHUNK=kw_chunk,
+                ACC=acc,
+                BLOCK=block,
+                num_warps=8,
             )
     return grads

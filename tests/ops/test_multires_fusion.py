@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import hrnas_kernels
 from hrnas_kernels import multires_fusion
 from hrnas_kernels._testing import TOLERANCES, assert_close_to_reference, randn, runnable, upcast
-from hrnas_kernels.multires_fusion import MultiResolutionFusion, ops, reference
+from hrnas_kernels.multires_fusion import MultiResolutionFusion, ops
 
 # (output size, [input sizes]): 1-pixel maps, odd sizes, ratios 1/2/4, non-integer ratios,
 # downsampling, 1 and 8 inputs.
@@ -25,10 +25,15 @@ MODE_ACT = [("bilinear", "relu"), ("bilinear", "relu6"), ("bilinear", None), ("n
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
 
-def _inputs(in_sizes, n=2, c=3, dtype=torch.float32, device="cpu", fmt=torch.contiguous_format,
-            seed=0):
-    return [randn((n, c, h, w), dtype=dtype, device=device, seed=seed + j, memory_format=fmt)
-            .requires_grad_() for j, (h, w) in enumerate(in_sizes)]
+def _inputs(
+    in_sizes, n=2, c=3, dtype=torch.float32, device="cpu", fmt=torch.contiguous_format, seed=0
+):
+    return [
+        randn(
+            (n, c, h, w), dtype=dtype, device=device, seed=seed + j, memory_format=fmt
+        ).requires_grad_()
+        for j, (h, w) in enumerate(in_sizes)
+    ]
 
 
 def _fwd_bwd(xs, impl, size, mode, act, seed=100):
@@ -74,8 +79,9 @@ def test_native_fp32_follows_interpolate_exactly():
     for mode in ("bilinear", "nearest"):
         for size in [(14, 18), (13, 11), (3, 4), (28, 36)]:
             ours = multires_fusion([x], size, mode, None, impl="native")
-            eager = F.interpolate(x, size=size, mode=mode,
-                                  align_corners=False if mode == "bilinear" else None)
+            eager = F.interpolate(
+                x, size=size, mode=mode, align_corners=False if mode == "bilinear" else None
+            )
             tol = 0 if mode == "nearest" else 2e-6
             torch.testing.assert_close(ours, eager, atol=tol, rtol=0)
 
@@ -84,22 +90,31 @@ def test_native_fp32_follows_interpolate_exactly():
 @pytest.mark.parametrize("mode,act", MODE_ACT, ids=lambda v: str(v))
 def test_gradcheck_float64(impl_device, mode, act, fmt):
     impl, device = impl_device
-    xs = [randn((1, 2, h, w), dtype=torch.float64, device=device, seed=j,
-                memory_format=FORMATS[fmt]).requires_grad_()
-          for j, (h, w) in enumerate([(5, 4), (2, 3), (7, 9)])]
+    xs = [
+        randn(
+            (1, 2, h, w), dtype=torch.float64, device=device, seed=j, memory_format=FORMATS[fmt]
+        ).requires_grad_()
+        for j, (h, w) in enumerate([(5, 4), (2, 3), (7, 9)])
+    ]
     if act is not None:  # keep pre-activations away from the kinks 0 and 6
         with torch.no_grad():
             for x in xs:
                 x.add_(0.5 * torch.sign(x))
     # fast_mode (a random projection of the Jacobian) keeps the Triton interpreter runs short
     assert torch.autograd.gradcheck(
-        lambda *t: multires_fusion(list(t), (5, 4), mode, act, impl=impl), xs, eps=1e-6, atol=1e-7,
-        fast_mode=impl == "triton")
+        lambda *t: multires_fusion(list(t), (5, 4), mode, act, impl=impl),
+        xs,
+        eps=1e-6,
+        atol=1e-7,
+        fast_mode=impl == "triton",
+    )
 
 
 def _op_args(device, fmt):
-    xs = [randn((2, 3, h, w), device=device, seed=j, memory_format=FORMATS[fmt])
-          for j, (h, w) in enumerate([(6, 5), (3, 3), (12, 9)])]
+    xs = [
+        randn((2, 3, h, w), device=device, seed=j, memory_format=FORMATS[fmt])
+        for j, (h, w) in enumerate([(6, 5), (3, 3), (12, 9)])
+    ]
     return xs
 
 
@@ -131,7 +146,9 @@ def test_compile_fullgraph_dynamic(impl_device):
     compiled = torch.compile(fuse, backend=counter, fullgraph=True, dynamic=True)
     # Sizes chosen with no accidental equalities, which duck sizing would turn into guards.
     for n, h in [(3, 8), (4, 12)]:
-        xs = [randn((n, 5, h // s, h // s), device=device, seed=s).requires_grad_() for s in (1, 2, 4)]
+        xs = [
+            randn((n, 5, h // s, h // s), device=device, seed=s).requires_grad_() for s in (1, 2, 4)
+        ]
         out = compiled(*xs)
         grads = torch.autograd.grad(out.sum(), xs)
         ref = fuse(*xs)
@@ -152,8 +169,9 @@ def test_compile_inductor_native():
     out = fn(a, b)
     ref = multires_fusion([a, b], None, impl="reference")
     torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(torch.autograd.grad(out.sum(), [a, b]),
-                               torch.autograd.grad(ref.sum(), [a, b]))
+    torch.testing.assert_close(
+        torch.autograd.grad(out.sum(), [a, b]), torch.autograd.grad(ref.sum(), [a, b])
+    )
 
 
 def test_identity_input_is_used_as_is(impl_device):
@@ -172,7 +190,9 @@ def test_mixed_memory_formats_and_non_contiguous(impl_device):
     a = randn((2, 6, 9, 7), device=device, memory_format=torch.channels_last).requires_grad_()
     big = randn((2, 6, 10, 16), device=device, seed=1).requires_grad_()
     b = big[:, :, ::2, ::3]  # non-contiguous view, 5 x 6
-    c = randn((2, 5, 6, 6), device=device, seed=2).requires_grad_().permute(0, 3, 2, 1)  # [2, 6, 6, 5]
+    c = (
+        randn((2, 5, 6, 6), device=device, seed=2).requires_grad_().permute(0, 3, 2, 1)
+    )  # [2, 6, 6, 5]
     xs = [a, b, c]
     out, grads = _fwd_bwd(xs, impl, None, "bilinear", "relu")
     assert out.is_contiguous(memory_format=torch.channels_last)
@@ -233,8 +253,12 @@ def test_module_matches_function(impl_device):
     impl, device = impl_device
     xs = _inputs([(8, 8), (4, 4)], device=device)
     m = MultiResolutionFusion(size=(8, 8), mode="nearest", activation="relu6", impl=impl)
-    torch.testing.assert_close(m(xs), multires_fusion(xs, (8, 8), "nearest", "relu6", impl="reference"),
-                               atol=TOLERANCES[torch.float32][0], rtol=TOLERANCES[torch.float32][1])
+    torch.testing.assert_close(
+        m(xs),
+        multires_fusion(xs, (8, 8), "nearest", "relu6", impl="reference"),
+        atol=TOLERANCES[torch.float32][0],
+        rtol=TOLERANCES[torch.float32][1],
+    )
     assert "nearest" in repr(m) and list(m.parameters()) == []
     assert hrnas_kernels.nn.MultiResolutionFusion is MultiResolutionFusion
 
@@ -247,6 +271,7 @@ def test_size_int_and_default():
 
 # ---------------------------------------------------------------------------------------------
 # Bad input: ValueError / TypeError that names the problem, before any kernel runs.
+
 
 def _x(*shape, **kw):
     return torch.zeros(*shape, **kw)

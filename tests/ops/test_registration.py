@@ -30,8 +30,9 @@ def test_available_impls_reports_every_impl_with_reasons():
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_import_and_reference_without_triton():
@@ -41,7 +42,8 @@ def test_import_and_reference_without_triton():
         import sys
         sys.modules["triton"] = None  # makes `import triton` raise ImportError
         import importlib.util
-        importlib.util.find_spec = lambda name, *a, _f=importlib.util.find_spec: None if name == "triton" else _f(name, *a)
+        _find = importlib.util.find_spec
+        importlib.util.find_spec = lambda name, *a: None if name == "triton" else _find(name, *a)
         import torch, hrnas_kernels
         x = [torch.randn(1, 2, 4, 4), torch.randn(1, 2, 2, 2)]
         assert hrnas_kernels.multires_fusion(x, impl="reference").shape == (1, 2, 4, 4)

@@ -1,0 +1,31 @@
+"""pytest-benchmark view of bench_mixed_dwconv: the same cases, providers, modes and setup.
+
+Run with ``pytest benchmarks --benchmark-only`` (see conftest.py for the environment variables).
+Results are grouped per case, mode and memory format, so each group compares the providers;
+providers that cannot run here are skipped with the reason ``setup`` gives.
+"""
+
+import re
+
+import _harness as h
+import bench_mixed_dwconv as bench
+import pytest
+
+QUICK = h.env_flag("HRNAS_BENCH_QUICK", True)
+CASES = bench.QUICK_CASES if QUICK else bench.CASES
+
+
+def _case_id(case: dict) -> str:
+    return re.sub(r"[^\w/.%=]+", "-", bench.label(case)).strip("-")
+
+
+@pytest.mark.parametrize("mode", bench.MODES)
+@pytest.mark.parametrize("provider", bench.PROVIDERS)
+@pytest.mark.parametrize("memory_format", bench.MEMORY_FORMATS)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_mixed_dwconv_bn_act(
+    benchmark, bench_device, bench_threads, case, memory_format, provider, mode
+):
+    h.run_pytest_case(
+        benchmark, bench, case, memory_format, provider, mode, bench_device, bench_threads, QUICK
+    )
