@@ -70,28 +70,55 @@ inline Vec<A> load_strided(const A* p) {
 // NCHW plane kernels: vectors along W.
 
 // out[ho][wo] = sum_{kh,kw} wt[kh][kw] * tile[ho*S + kh][wo*S + kw]   (out is Ho x Wo)
+// kRows output rows are computed together: with one accumulator the k*k FMAs of a vector form a
+// single dependency chain and run at FMA latency, with kRows independent chains at throughput.
+constexpr int64_t kRows = 4;
+
 template <int K, int S, typename A>
 HRNAS_TARGET_CLONES void correlate_plane(const A* __restrict tile, const A* __restrict wt,
                                          const Geom g, A* __restrict out) {
   const int64_t k = K > 0 ? K : g.k;
-  for (int64_t ho = 0; ho < g.Ho; ++ho) {
-    A* o = out + ho * g.Wo;
-    int64_t wo = 0;
-    for (; wo + kLanes <= g.Wo; wo += kLanes) {
+  if (g.Wo < kLanes) {  // narrow planes: scalar
+    for (int64_t ho = 0; ho < g.Ho; ++ho) {
+      for (int64_t wo = 0; wo < g.Wo; ++wo) {
+        A acc = A(0);
+        for (int64_t kh = 0; kh < k; ++kh) {
+          const A* r = tile + (ho * S + kh) * g.Wp + wo * S;
+          for (int64_t kw = 0; kw < k; ++kw) acc += wt[kh * k + kw] * r[kw];
+        }
+        out[ho * g.Wo + wo] = acc;
+      }
+    }
+    return;
+  }
+  // Vectors of kLanes outputs along W; the last one ends at Wo and may overlap the one before
+  // (recomputing a few outputs beats a scalar tail of k*k dependent FMAs per output).
+  int64_t ho = 0;
+  for (; ho + kRows <= g.Ho; ho += kRows) {
+    for (int64_t w0 = 0; w0 < g.Wo; w0 += kLanes) {
+      const int64_t wo = std::min(w0, g.Wo - kLanes);
+      Vec<A> acc[kRows] = {};
+      for (int64_t kh = 0; kh < k; ++kh) {
+        const A* r = tile + (ho * S + kh) * g.Wp + wo * S;
+        for (int64_t kw = 0; kw < k; ++kw) {
+          const A wv = wt[kh * k + kw];
+          for (int64_t i = 0; i < kRows; ++i) {
+            acc[i] += wv * load_strided<S>(r + i * S * g.Wp + kw);
+          }
+        }
+      }
+      for (int64_t i = 0; i < kRows; ++i) simd::store(out + (ho + i) * g.Wo + wo, acc[i]);
+    }
+  }
+  for (; ho < g.Ho; ++ho) {
+    for (int64_t w0 = 0; w0 < g.Wo; w0 += kLanes) {
+      const int64_t wo = std::min(w0, g.Wo - kLanes);
       Vec<A> acc = {};
       for (int64_t kh = 0; kh < k; ++kh) {
         const A* r = tile + (ho * S + kh) * g.Wp + wo * S;
         for (int64_t kw = 0; kw < k; ++kw) acc += wt[kh * k + kw] * load_strided<S>(r + kw);
       }
-      simd::store(o + wo, acc);
-    }
-    for (; wo < g.Wo; ++wo) {
-      A acc = A(0);
-      for (int64_t kh = 0; kh < k; ++kh) {
-        const A* r = tile + (ho * S + kh) * g.Wp + wo * S;
-        for (int64_t kw = 0; kw < k; ++kw) acc += wt[kh * k + kw] * r[kw];
-      }
-      o[wo] = acc;
+      simd::store(out + ho * g.Wo + wo, acc);
     }
   }
 }
@@ -115,9 +142,15 @@ HRNAS_TARGET_CLONES void wgrad_plane(const A* __restrict d, int64_t ld, const A*
     }
     return;
   }
+  // The last, partial vector of a row keeps only its first `tail` lanes, by selection (not by
+  // multiplying with 0, which would turn an inf or NaN beyond the row into NaN).
+  const int64_t tail = g.Wo % kLanes;
+  Vec<A> lane = {};
+  for (int64_t l = 0; l < kLanes; ++l) lane[l] = static_cast<A>(l);
+  const auto keep = lane < simd::splat<A>(static_cast<A>(tail));
+  const Vec<A> zero = {};
   for (int64_t kh = 0; kh < k; ++kh) {
     Vec<A> acc[kMaxK] = {};
-    A tail[kMaxK] = {};
     for (int64_t ho = 0; ho < g.Ho; ++ho) {
       const A* dr = d + ho * ld;
       const A* r = tile + (ho * S + kh) * g.Wp;
@@ -126,11 +159,15 @@ HRNAS_TARGET_CLONES void wgrad_plane(const A* __restrict d, int64_t ld, const A*
         const Vec<A> dv = simd::load(dr + wo);
         for (int64_t kw = 0; kw < kMaxK; ++kw) acc[kw] += dv * load_strided<S>(r + wo * S + kw);
       }
-      for (; wo < g.Wo; ++wo) {
-        for (int64_t kw = 0; kw < kMaxK; ++kw) tail[kw] += dr[wo] * r[wo * S + kw];
+      if (tail) {
+        Vec<A> dv = {};
+        for (int64_t l = 0; l < tail; ++l) dv[l] = dr[wo + l];
+        for (int64_t kw = 0; kw < kMaxK; ++kw) {
+          acc[kw] += keep ? dv * load_strided<S>(r + wo * S + kw) : zero;
+        }
       }
     }
-    for (int64_t kw = 0; kw < kMaxK; ++kw) dw[kh * k + kw] += simd::sum<A>(acc[kw]) + tail[kw];
+    for (int64_t kw = 0; kw < kMaxK; ++kw) dw[kh * k + kw] += simd::sum<A>(acc[kw]);
   }
 }
 
