@@ -10,16 +10,9 @@ from . import ops, reference
 
 ACTIVATIONS = (None, "relu", "relu6")
 _OPS = {"native": (ops.fwd, ops.bwd), "triton": (ops.fwd_triton, ops.bwd_triton)}
-_DTYPES = {
-    "native": {
-        "cpu": (torch.float32, torch.float64),
-        "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-    },
-    "triton": {
-        "cpu": (torch.float32, torch.float64),
-        "cuda": (torch.float32, torch.float16, torch.bfloat16),
-    },
-}
+# The kernels this op has: (impl, device type) -> dtypes. Pairs missing here are not written yet,
+# so impl resolution reports them instead of letting the dispatcher fail.
+SUPPORTED = {("native", "cpu"): (torch.float32, torch.float64)}
 _OP = "mixed_dwconv_bn_act"
 
 
@@ -255,7 +248,12 @@ def fused_forward(
 
 def resolve_impl(impl: str, x: torch.Tensor) -> str:
     def call_reasons(name):
-        if name in _DTYPES and x.dtype not in _DTYPES[name].get(x.device.type, ()):
+        if name == "reference":
+            return
+        dtypes = SUPPORTED.get((name, x.device.type))
+        if dtypes is None:
+            yield f"{_OP} has no {name} kernel for {x.device.type} yet"
+        elif x.dtype not in dtypes:
             yield f"dtype {x.dtype} is not supported on {x.device.type}"
 
     return _impl.resolve(_OP, impl, x.device, call_reasons)

@@ -20,7 +20,6 @@ Padding is k_g // 2 per group; Ho = (H - 1) // stride + 1. ``activation`` is "no
 
 import torch
 
-from .._impl import TRITON_INTERPRET
 from .._layout import output_memory_format
 
 _FWD_SCHEMA = (
@@ -78,22 +77,7 @@ for _suffix in ("", "_triton"):
     torch.library.register_fake(f"hrnas_kernels::mixed_dwconv_bn_act_bwd{_suffix}", _bwd_fake)
 
 
-def _fwd_triton(*args):
-    from . import triton as kernels
-
-    return kernels.fwd(*args)
-
-
-def _bwd_triton(*args):
-    from . import triton as kernels
-
-    return kernels.bwd(*args)
-
-
-# Under TRITON_INTERPRET=1 the Triton kernels also serve CPU tensors: that is how CI tests them.
-for _device in ("cuda", "cpu") if TRITON_INTERPRET else ("cuda",):
-    torch.library.impl("hrnas_kernels::mixed_dwconv_bn_act_fwd_triton", _device, _fwd_triton)
-    torch.library.impl("hrnas_kernels::mixed_dwconv_bn_act_bwd_triton", _device, _bwd_triton)
+# The _triton family has its schema (so both families stay in step) but no kernel yet.
 
 fwd = torch.ops.hrnas_kernels.mixed_dwconv_bn_act_fwd.default
 bwd = torch.ops.hrnas_kernels.mixed_dwconv_bn_act_bwd.default
