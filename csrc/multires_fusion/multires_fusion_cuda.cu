@@ -477,6 +477,52 @@ HRNAS_HD Pack<scalar_t, kVec> masked_grad_pack(const BwdArgs<scalar_t>& a, int64
   return g;
 }
 
+// Visits every output pixel (h, w) whose forward taps read input pixel (i, q), calling
+// visit(h, w, weight, poison) in ascending h, then w (poison: one of the weights is an exact 0 that
+// must still be added as 0 * g, as the CPU kernel and eager do). The column weights of the
+// candidate window are computed once and cached in registers when the window is at most
+// kColCache wide (upsampling up to about 4x); wider windows recompute them per row.
+template <typename opmath_t, typename Visit>
+HRNAS_HD void for_each_tap(int64_t i, int64_t q, int64_t Hj, int64_t Wj, int64_t Ho, int64_t Wo,
+                           Mode mode, Visit&& visit) {
+  int64_t h_lo, h_hi, w_lo, w_hi;
+  candidate_window(i, Hj, Ho, mode, &h_lo, &h_hi);
+  candidate_window(q, Wj, Wo, mode, &w_lo, &w_hi);
+  const int64_t nw = w_hi - w_lo + 1;
+  const bool cached = nw <= kColCache;
+  opmath_t wc[kColCache];
+  uint32_t hits = 0, poison = 0;
+  if (cached) {
+#pragma unroll
+    for (int k = 0; k < kColCache; ++k) {
+      if (k >= nw) break;
+      const TapHit hit = tap_weight(w_lo + k, q, Wj, Wo, mode, &wc[k]);
+      if (hit != kMiss) hits |= 1u << k;
+      if (hit == kHitPoison) poison |= 1u << k;
+    }
+  }
+  for (int64_t h = h_lo; h <= h_hi; ++h) {
+    opmath_t wr;
+    const TapHit row_hit = tap_weight(h, i, Hj, Ho, mode, &wr);
+    if (row_hit == kMiss) continue;
+    if (cached) {
+#pragma unroll
+      for (int k = 0; k < kColCache; ++k) {
+        if (k >= nw) break;
+        if (!((hits >> k) & 1u)) continue;
+        visit(h, w_lo + k, wr * wc[k], row_hit == kHitPoison || ((poison >> k) & 1u));
+      }
+    } else {
+      for (int64_t w = w_lo; w <= w_hi; ++w) {
+        opmath_t wcw;
+        const TapHit col_hit = tap_weight(w, q, Wj, Wo, mode, &wcw);
+        if (col_hit == kMiss) continue;
+        visit(h, w, wr * wcw, row_hit == kHitPoison || col_hit == kHitPoison);
+      }
+    }
+  }
+}
+
 // Thread t of segment s: gradient element (i, q) of planes plane0 + [0, np).
 template <typename scalar_t, int kPlanes>
 HRNAS_HD void bwd_nchw_thread(const BwdArgs<scalar_t>& a, int64_t t) {
@@ -502,56 +548,19 @@ HRNAS_HD void bwd_nchw_thread(const BwdArgs<scalar_t>& a, int64_t t) {
     }
     return;
   }
-  int64_t h_lo, h_hi, w_lo, w_hi;
-  candidate_window(i, Hj, Ho, a.mode, &h_lo, &h_hi);
-  candidate_window(q, Wj, Wo, a.mode, &w_lo, &w_hi);
-  const int64_t nw = w_hi - w_lo + 1;
-  const bool cached = nw <= kColCache;
-  opmath_t wc[kColCache];
-  uint32_t hits = 0, poison = 0;
-  if (cached) {
-#pragma unroll
-    for (int k = 0; k < kColCache; ++k) {
-      if (k >= nw) break;
-      const TapHit hit = tap_weight(w_lo + k, q, Wj, Wo, a.mode, &wc[k]);
-      if (hit != kMiss) hits |= 1u << k;
-      if (hit == kHitPoison) poison |= 1u << k;
-    }
-  }
   opmath_t acc[kPlanes];
 #pragma unroll
   for (int p = 0; p < kPlanes; ++p) acc[p] = opmath_t(0);
-  for (int64_t h = h_lo; h <= h_hi; ++h) {
-    opmath_t wr;
-    const TapHit row_hit = tap_weight(h, i, Hj, Ho, a.mode, &wr);
-    if (row_hit == kMiss) continue;
-    const int64_t row = g0 + h * Wo;
-    if (cached) {
+  for_each_tap<opmath_t>(i, q, Hj, Wj, Ho, Wo, a.mode,
+                         [&](int64_t h, int64_t w, opmath_t wk, bool zk) {
 #pragma unroll
-      for (int k = 0; k < kColCache; ++k) {
-        if (k >= nw) break;
-        if (!((hits >> k) & 1u)) continue;
-        const opmath_t wk = wr * wc[k];
-        const bool zk = row_hit == kHitPoison || ((poison >> k) & 1u);
-#pragma unroll
-        for (int p = 0; p < kPlanes; ++p) {
-          if (p < np) add_weighted(acc[p], wk, masked_grad_at(a, row + p * HWo + w_lo + k), zk);
-        }
-      }
-    } else {
-      for (int64_t w = w_lo; w <= w_hi; ++w) {
-        opmath_t wcw;
-        const TapHit col_hit = tap_weight(w, q, Wj, Wo, a.mode, &wcw);
-        if (col_hit == kMiss) continue;
-        const opmath_t wk = wr * wcw;
-        const bool zk = row_hit == kHitPoison || col_hit == kHitPoison;
-#pragma unroll
-        for (int p = 0; p < kPlanes; ++p) {
-          if (p < np) add_weighted(acc[p], wk, masked_grad_at(a, row + p * HWo + w), zk);
-        }
-      }
-    }
-  }
+                           for (int p = 0; p < kPlanes; ++p) {
+                             if (p < np) {
+                               add_weighted(acc[p], wk,
+                                            masked_grad_at(a, g0 + p * HWo + h * Wo + w), zk);
+                             }
+                           }
+                         });
 #pragma unroll
   for (int p = 0; p < kPlanes; ++p) {
     if (p < np) gx[p * HWj] = static_cast<scalar_t>(acc[p]);
@@ -587,72 +596,26 @@ HRNAS_HD void bwd_nhwc_thread(const BwdArgs<scalar_t>& a, int64_t t) {
     }
     return;
   }
-  int64_t h_lo, h_hi, w_lo, w_hi;
-  candidate_window(i, Hj, Ho, a.mode, &h_lo, &h_hi);
-  candidate_window(q, Wj, Wo, a.mode, &w_lo, &w_hi);
-  const int64_t nw = w_hi - w_lo + 1;
-  const bool cached = nw <= kColCache;
-  opmath_t wc[kColCache];
-  uint32_t hits = 0, poison = 0;
-  if (cached) {
-#pragma unroll
-    for (int k = 0; k < kColCache; ++k) {
-      if (k >= nw) break;
-      const TapHit hit = tap_weight(w_lo + k, q, Wj, Wo, a.mode, &wc[k]);
-      if (hit != kMiss) hits |= 1u << k;
-      if (hit == kHitPoison) poison |= 1u << k;
-    }
-  }
   opmath_t acc[kPlanes][kVec];
 #pragma unroll
   for (int p = 0; p < kPlanes; ++p) {
 #pragma unroll
     for (int e = 0; e < kVec; ++e) acc[p][e] = opmath_t(0);
   }
-  for (int64_t h = h_lo; h <= h_hi; ++h) {
-    opmath_t wr;
-    const TapHit row_hit = tap_weight(h, i, Hj, Ho, a.mode, &wr);
-    if (row_hit == kMiss) continue;
-    const int64_t row = g0 + h * Wo * C;
-    if (cached) {
-#pragma unroll
-      for (int k = 0; k < kColCache; ++k) {
-        if (k >= nw) break;
-        if (!((hits >> k) & 1u)) continue;
-        const opmath_t wk = wr * wc[k];
-        const bool zk = row_hit == kHitPoison || ((poison >> k) & 1u);
+  for_each_tap<opmath_t>(
+      i, q, Hj, Wj, Ho, Wo, a.mode, [&](int64_t h, int64_t w, opmath_t wk, bool zk) {
 #pragma unroll
         for (int p = 0; p < kPlanes; ++p) {
           if (p < np) {
             const Pack<scalar_t, kVec> g =
-                masked_grad_pack<kVec>(a, row + p * HWoC + (w_lo + k) * C);
+                masked_grad_pack<kVec>(a, g0 + p * HWoC + (h * Wo + w) * C);
 #pragma unroll
             for (int e = 0; e < kVec; ++e) {
               add_weighted(acc[p][e], wk, static_cast<opmath_t>(g.v[e]), zk);
             }
           }
         }
-      }
-    } else {
-      for (int64_t w = w_lo; w <= w_hi; ++w) {
-        opmath_t wcw;
-        const TapHit col_hit = tap_weight(w, q, Wj, Wo, a.mode, &wcw);
-        if (col_hit == kMiss) continue;
-        const opmath_t wk = wr * wcw;
-        const bool zk = row_hit == kHitPoison || col_hit == kHitPoison;
-#pragma unroll
-        for (int p = 0; p < kPlanes; ++p) {
-          if (p < np) {
-            const Pack<scalar_t, kVec> g = masked_grad_pack<kVec>(a, row + p * HWoC + w * C);
-#pragma unroll
-            for (int e = 0; e < kVec; ++e) {
-              add_weighted(acc[p][e], wk, static_cast<opmath_t>(g.v[e]), zk);
-            }
-          }
-        }
-      }
-    }
-  }
+      });
 #pragma unroll
   for (int p = 0; p < kPlanes; ++p) {
     if (p < np) {
