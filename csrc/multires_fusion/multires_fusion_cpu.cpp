@@ -1,16 +1,18 @@
-// Multi-resolution fusion on CPU: out = act(sum_j resize(x_j, (H, W))) in one pass over the
-// output, and an atomic-free, deterministic gather backward.
+// Multi-resolution fusion on CPU: out = act(sum_j resize(x_j, (H, W))) writing each output once,
+// and an atomic-free, deterministic backward.
 //
-// Resizing is separable, so each input is resampled along one axis into a small per-thread
-// buffer and then along the other, straight into the output accumulator:
-//   NCHW (one plane at a time): rows of x_j are resampled horizontally once each (gathers), then
-//        every output row is a contiguous, vectorised blend of two buffered rows.
-//   NHWC (one output row at a time): the two source rows are blended vertically over their whole
-//        W_j * C run, then each output pixel blends two C-vectors of that buffer.
-// Backward first forms gm = grad_out * act'(out) once (written straight into the gradient of an
-// input that is already at the output size, when there is one), then every other input's
-// gradient is *gathered*: each input pixel sums the output pixels that read it, using per-axis
-// transposed tap lists built once per call. No atomics, no scatter, fixed summation order.
+// Forward, both layouts sum every input for a vector of outputs in registers, then activate and
+// store:
+//   NCHW (one plane at a time): rows of each resampled x_j are first resampled along W into a
+//        per-thread buffer (one gather per source row); every output row then blends two buffered
+//        rows per input.
+//   NHWC (one output row at a time): each output pixel blends the four source pixels of each
+//        input, 16 channels per vector, with row pointers set once per row and column offsets
+//        from per-call tables.
+// Backward, per plane (NCHW) or image (NHWC): one pass over the output rows forms
+// gm = grad_out * act'(out), writes it to same-size inputs' gradients and adds it into per-input
+// rows of vertical sums (ascending output row); each input gradient is then gathered along W with
+// transposed tap lists. Every plane/image belongs to one thread: fixed summation order.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
