@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _impl
+from ._layout import output_memory_format
 
 # (atol, rtol) of an implementation's output against the float64 reference, cast to the dtype.
 # fp32/fp64 are torch.testing's defaults; fp16/bf16 are starting points, and low-precision results
@@ -55,15 +56,7 @@ def upcast(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """float64 CPU copies that require grad, keeping each tensor's memory format."""
     out = []
     for t in tensors:
-        fmt = (
-            torch.channels_last
-            if (
-                t.dim() == 4
-                and not t.is_contiguous()
-                and t.is_contiguous(memory_format=torch.channels_last)
-            )
-            else torch.contiguous_format
-        )
+        fmt = output_memory_format(t)
         out.append(
             t.detach()
             .to("cpu", torch.float64)

@@ -11,16 +11,8 @@ MAX_INPUTS = 8  # csrc/multires_fusion/multires_fusion.h: kMaxInputs
 MODES = ("bilinear", "nearest")
 ACTIVATIONS = (None, "relu", "relu6")
 _OPS = {"native": (ops.fwd, ops.bwd), "triton": (ops.fwd_triton, ops.bwd_triton)}
-_DTYPES = {
-    "native": {
-        "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-        "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-    },
-    "triton": {
-        "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-        "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-    },
-}
+# Every fused implementation takes these dtypes on every device it runs on.
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _OP = "multires_fusion"
 
 
@@ -129,8 +121,8 @@ def multires_fusion(
     x0 = inputs[0]
 
     def call_reasons(name):
-        if name in _DTYPES and x0.dtype not in _DTYPES[name].get(x0.device.type, ()):
-            yield f"dtype {x0.dtype} is not supported on {x0.device.type}"
+        if name != "reference" and x0.dtype not in _DTYPES:
+            yield f"dtype {x0.dtype} is not supported"
 
     impl = _impl.resolve(_OP, impl, x0.device, call_reasons)
     if impl == "reference":
