@@ -1,18 +1,19 @@
 // Multi-resolution fusion on CPU: out = act(sum_j resize(x_j, (H, W))) writing each output once,
 // and an atomic-free, deterministic backward.
 //
-// Forward, both layouts sum every input for a vector of outputs in registers, then activate and
-// store:
-//   NCHW (one plane at a time): rows of each resampled x_j are first resampled along W into a
-//        per-thread buffer (one gather per source row); every output row then blends two buffered
-//        rows per input.
-//   NHWC (one output row at a time): each output pixel blends the four source pixels of each
-//        input, 16 channels per vector, with row pointers set once per row and column offsets
-//        from per-call tables.
-// Backward, per plane (NCHW) or image (NHWC): one pass over the output rows forms
-// gm = grad_out * act'(out), writes it to same-size inputs' gradients and adds it into per-input
-// rows of vertical sums (ascending output row); each input gradient is then gathered along W with
-// transposed tap lists. Every plane/image belongs to one thread: fixed summation order.
+// Forward:
+//   NCHW (one plane at a time): each source row of a resampled input is resampled along W into a
+//        per-thread buffer by a vector row map (permutes within a 32-element window); each
+//        output row is summed in an L1 accumulator row (same-size rows, then two blended buffer
+//        rows per resampled input), then activated and written once.
+//   NHWC (one output row at a time): each resampled input's two source rows are blended into one
+//        buffer row; each output pixel sums, 16 channels per vector in registers, the same-size
+//        pixels and two weighted buffer pixels per resampled input, activates and stores.
+// Backward, per plane (NCHW) or image (NHWC): gm = grad_out * act'(out) is formed once (in a
+// same-size input's gradient when there is one); each resampled input's gradient is then gathered
+// row by row with the transposed taps, vertically then horizontally. Every plane/image belongs to
+// one thread and every sum has a fixed order: no atomics, bitwise independent of the thread
+// count.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
