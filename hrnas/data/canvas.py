@@ -43,7 +43,9 @@ def make_canvases(
 
     Returns ``image [count, size, size]`` uint8, ``mask [count, size, size]`` uint8 (0 =
     background, c + 1 = class c), ``keypoints [count, 10, 2]`` float32 (x, y of each class's
-    item centroid; 0 where invisible) and ``visible [count, 10]`` bool. ``seed`` (an int or a
+    item centroid; 0 where invisible), ``visible [count, 10]`` bool, and the provenance of each
+    paste in order: ``item_index [count, max_items]`` (index into ``images``, -1 for no item) and
+    ``item_pos [count, max_items, 2]`` (top, left; -1 for no item). ``seed`` (an int or a
     sequence of ints) seeds NumPy's PCG64, whose stream NumPy keeps fixed across versions.
     """
     images = np.asarray(images)
@@ -77,13 +79,15 @@ def make_canvases(
     mask = np.zeros((count, size, size), np.uint8)
     offs = np.arange(IMAGE_SIZE)
     windows = []
+    item_index = np.full((count, max_items), -1, np.int64)
     for slot in range(max_items):
         rows_n = np.flatnonzero(n_items > slot)
         cls = classes[rows_n, slot]
         pool_len = np.array([len(p) for p in pools])[cls]
         within = np.minimum((pick[rows_n, slot] * pool_len).astype(np.int64), pool_len - 1)
-        item_index = np.array([pools[c][w] for c, w in zip(cls, within)], dtype=np.int64)
-        items = images[item_index]
+        chosen = np.array([pools[c][w] for c, w in zip(cls, within)], dtype=np.int64)
+        item_index[rows_n, slot] = chosen
+        items = images[chosen]
         ys = pos[rows_n, slot, 0][:, None, None] + offs[None, :, None]
         xs = pos[rows_n, slot, 1][:, None, None] + offs[None, None, :]
         ns = rows_n[:, None, None]
@@ -105,4 +109,12 @@ def make_canvases(
         cy = (own * ys).sum(axis=(1, 2)) / np.maximum(n_own, 1)
         keypoints[rows_n[seen], cls[seen]] = np.stack([cx, cy], axis=-1)[seen]
         visible[rows_n[seen], cls[seen]] = True
-    return {"image": canvas, "mask": mask, "keypoints": keypoints, "visible": visible}
+    item_pos = np.where(item_index[..., None] >= 0, pos, -1)
+    return {
+        "image": canvas,
+        "mask": mask,
+        "keypoints": keypoints,
+        "visible": visible,
+        "item_index": item_index,
+        "item_pos": item_pos,
+    }

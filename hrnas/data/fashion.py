@@ -112,6 +112,8 @@ class FashionSegmentation(_InMemory):
             seed=[seed, _SPLIT_CODE[split]],
         )
         self.keypoints, self.visible = canvases.pop("keypoints"), canvases.pop("visible")
+        # Which split item went where (index into load_fashion_mnist(split, source)): provenance.
+        self.item_index, self.item_pos = canvases.pop("item_index"), canvases.pop("item_pos")
         super().__init__(self._keys(canvases), transform)
 
     def _keys(self, canvases: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
