@@ -121,10 +121,13 @@ def pck_hits(
     return int((dist[visible] < threshold).sum()), int(visible.sum())
 
 
+def _fraction(correct: int, counted: int) -> float:
+    return correct / counted if counted else float("nan")
+
+
 def pck(pred, gt, visible, norm, threshold: float) -> float:
     """Fraction of visible keypoints within ``threshold * norm`` (NaN when none is visible)."""
-    correct, counted = pck_hits(pred, gt, visible, norm, threshold)
-    return correct / counted if counted else float("nan")
+    return _fraction(*pck_hits(pred, gt, visible, norm, threshold))
 
 
 def heatmap_pck_hits(
@@ -151,8 +154,7 @@ def pck_from_heatmaps(
     stride: float = 1.0,
 ) -> float:
     """PCK of heatmap predictions (see ``heatmap_pck_hits``); NaN when no keypoint is visible."""
-    correct, counted = heatmap_pck_hits(heatmaps, gt, visible, threshold, stride)
-    return correct / counted if counted else float("nan")
+    return _fraction(*heatmap_pck_hits(heatmaps, gt, visible, threshold, stride))
 
 
 class Accuracy:
@@ -210,4 +212,4 @@ class PCK:
         self.counted += n
 
     def compute(self) -> dict[str, float]:
-        return {"PCK": self.correct / self.counted if self.counted else float("nan")}
+        return {"PCK": _fraction(self.correct, self.counted)}

@@ -185,3 +185,10 @@ def test_build_dataset_errors():
         build_dataset("cityscapes", "train", root=".", colour=True)
     with pytest.raises(ValueError, match="needs root="):
         build_dataset("imagefolder", "train")
+
+
+def test_build_dataset_passes_options_through_subclasses():
+    ds = build_dataset("fashion-kpt", "test", count=3, size=32, heatmap_stride=2, sigma=1.5)
+    assert ds.batch([0])["heatmap"].shape == (1, 10, 16, 16) and ds.sigma == 1.5
+    with pytest.raises(ValueError, match=r"has no option 'stride'.*'heatmap_stride'"):
+        build_dataset("fashion-kpt", "test", stride=2)
