@@ -144,3 +144,14 @@ def test_rebuild_from_debian_files_is_identical(tmp_path):
     full, _ = fm.load_fashion_mnist("test", "full")
     with np.load(out) as npz:
         np.testing.assert_array_equal(npz["test_images"], full[npz["test_index"]])
+
+
+def test_dense_task_on_full_source(tmp_path):
+    from hrnas.data import build_dataset
+
+    root = fake_debian(tmp_path)
+    ds = build_dataset("fashion-seg", "test", source="full", root=root, count=5, size=32)
+    placed = ds.item_index[ds.item_index >= 0]
+    assert placed.max() < 30  # the fake t10k has 30 items
+    greys = set(np.unique(ds.batch(range(5))["image"].mul(255).round().numpy()).tolist())
+    assert greys <= {0.0} | {float(10 * c + k) for c in range(10) for k in range(3)}
