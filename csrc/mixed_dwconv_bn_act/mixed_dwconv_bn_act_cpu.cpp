@@ -10,7 +10,8 @@
 //         one contiguous, cache-line sized run in NHWC) and convolved with loops vectorised
 //         along the channels; a few neighbouring output pixels share each weight load.
 // Forward: conv -> tape (the pre-BN output, kept for backward: on CPU storing beats recomputing
-// a k x k conv) + per-channel sums; then BN + activation from the tape while it is still in cache.
+// a k x k conv; in NHWC packed per task, see packed_tape) + per-channel sums; then BN +
+// activation from the tape while it is still in cache.
 // Backward: one pass reduces sum(dz) and sum(dz * x_hat) per channel (dz = grad_y masked by the
 // activation, taken from y); a second pass forms d(conv) per image and runs the weight gradient
 // (correlate x with d(conv)) and the input gradient (correlate d(conv) with the flipped kernel for
@@ -382,6 +383,37 @@ std::vector<Task> make_tasks(const std::vector<Group>& groups, bool channels_las
 
 int64_t round_up(int64_t v) { return (v + kLanes - 1) / kLanes * kLanes; }
 
+// Runs f(task) for every task, in parallel. at::parallel_for would give each thread one
+// contiguous run of the list, and the list is ordered by group: with kernel sizes 3/5/7 one
+// thread got the 3x3 tasks and the other the 7x7 ones. Tasks are instead dealt to threads
+// longest first, each to the least loaded thread (cost ~ lanes * (k^2 + a copy overhead)). Each
+// task owns its channels, so the results do not depend on the assignment.
+template <typename F>
+void run_tasks(const std::vector<Task>& tasks, const std::vector<Group>& groups, F&& f) {
+  const int64_t count = static_cast<int64_t>(tasks.size());
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
+  auto cost = [&](int64_t i) {
+    const int64_t k = groups[tasks[i].g].k;
+    return tasks[i].lanes * (k * k + 8);
+  };
+  std::vector<int64_t> order(count);
+  for (int64_t i = 0; i < count; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return cost(a) > cost(b); });
+  std::vector<std::vector<int64_t>> lists(threads);
+  std::vector<int64_t> load(threads, 0);
+  for (int64_t i : order) {
+    const int64_t th = std::min_element(load.begin(), load.end()) - load.begin();
+    lists[th].push_back(i);
+    load[th] += cost(i);
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
+    for (int64_t th = b; th < e; ++th) {
+      for (int64_t i : lists[th]) f(tasks[i]);
+    }
+  });
+}
+
 // NHWC tasks touch one 64-byte run per pixel, C channels apart: too sparse for the hardware
 // prefetcher here (each load stalled on a miss), so loads and stores prefetch this many pixels
 // ahead. A prefetch past the end of a tensor is harmless (it never faults).
@@ -439,6 +471,37 @@ HRNAS_TARGET_CLONES void scatter(const A* src, const Problem<T, A>& pr, int64_t 
     for (int64_t i = 0; i < HW; ++i) {
       for (int64_t l = 0; l < t.lanes; ++l) d[i * step + l] = static_cast<T>(src[i * kLanes + l]);
     }
+  }
+}
+
+// The channels_last tape (the pre-BN conv output kept for backward) is ours to lay out: task t's
+// part for image n is packed as [HWo][lanes] at N * HWo * c0 + n * HWo * lanes (the tasks tile
+// the channels, so it has y's size). A full task uses its part in place as the [HWo][kLanes]
+// working buffer of the conv and of the backward: no strided copies of the tape at all. NCHW
+// tapes keep the output layout, where a task's plane is contiguous already.
+template <typename P, typename T, typename A>
+P* packed_tape(P* conv, const Problem<T, A>& pr, const Task& t, int64_t n, int64_t HWo) {
+  return conv + pr.N * HWo * t.c0 + n * HWo * t.lanes;
+}
+
+// Whether task t works in its packed tape directly.
+template <typename T, typename A>
+bool tape_in_place(const Problem<T, A>& pr, const Task& t) {
+  return std::is_same_v<T, A> && pr.channels_last && t.lanes == kLanes;
+}
+
+// [HW][kLanes] buffer <-> [HW][lanes] packed tape, for tasks of fewer than kLanes channels.
+template <typename T, typename A>
+void pack_tape(const A* src, int64_t HW, int64_t lanes, T* dst) {
+  for (int64_t i = 0; i < HW; ++i) {
+    for (int64_t l = 0; l < lanes; ++l) dst[i * lanes + l] = static_cast<T>(src[i * kLanes + l]);
+  }
+}
+
+template <typename T, typename A>
+void unpack_tape(const T* src, int64_t HW, int64_t lanes, A* dst) {
+  for (int64_t i = 0; i < HW; ++i) {
+    for (int64_t l = 0; l < lanes; ++l) dst[i * kLanes + l] = static_cast<A>(src[i * lanes + l]);
   }
 }
 
@@ -501,21 +564,30 @@ void fwd_task(const Problem<T, A>& pr, const std::vector<Group>& groups, const F
   std::fill(tile, tile + tile_size, A(0));
   std::fill(out, out + len, A(0));
   Vec<A> s = {}, q = {};
+  const bool in_place = tape_in_place(pr, t);
   for (int64_t n = 0; n < pr.N; ++n) {
     gather(io.x, pr, n, t, pr.H, pr.W, tile, g.Wp, g.p * g.Wp + g.p);
+    A* conv = out;
+    if constexpr (std::is_same_v<T, A>) {
+      if (in_place) conv = packed_tape(io.conv, pr, t, n, HWo);
+    }
     with_kernel(g.k, g.s, [&](auto K, auto S) {
       constexpr int kK = decltype(K)::value, kS = decltype(S)::value;
       if (pr.channels_last) {
-        correlate_block<kK, kS>(tile, wt, g, out);
+        correlate_block<kK, kS>(tile, wt, g, conv);
       } else {
-        correlate_plane<kK, kS>(tile, wt, g, out);
+        correlate_plane<kK, kS>(tile, wt, g, conv);
       }
     });
     Vec<A> si = {}, qi = {};  // per image, then into the task totals
-    sum_and_square(out, len, &si, &qi);
+    sum_and_square(conv, len, &si, &qi);
     s += si;
     q += qi;
-    scatter(out, pr, n, t, HWo, io.conv);
+    if (pr.channels_last) {
+      if (!in_place) pack_tape(out, HWo, t.lanes, packed_tape(io.conv, pr, t, n, HWo));
+    } else {
+      scatter(out, pr, n, t, HWo, io.conv);
+    }
   }
   const double count = static_cast<double>(pr.N * HWo);
   Vec<A> coef[3] = {};  // mean, scale, beta
@@ -537,7 +609,14 @@ void fwd_task(const Problem<T, A>& pr, const std::vector<Group>& groups, const F
     set_slot(pr, coef[2], l, static_cast<A>(io.beta[c]));
   }
   for (int64_t n = 0; n < pr.N; ++n) {  // BN + activation from the tape, still in cache
-    gather(io.conv, pr, n, t, g.Ho, g.Wo, out, g.Wo, 0);
+    const T* tape = packed_tape(static_cast<const T*>(io.conv), pr, t, n, HWo);
+    if (in_place) {
+      std::copy(tape, tape + len, out);
+    } else if (pr.channels_last) {
+      unpack_tape(tape, HWo, t.lanes, out);
+    } else {
+      gather(io.conv, pr, n, t, g.Ho, g.Wo, out, g.Wo, 0);
+    }
     batch_norm_act(out, len, coef, pr.act);
     scatter(out, pr, n, t, HWo, io.y);
   }
@@ -568,14 +647,27 @@ void bwd_task(const Problem<T, A>& pr, const std::vector<Group>& groups, const B
   const double count = static_cast<double>(pr.N * HWo);
   A* gy = scratch<A>(0, len);
   A* y = scratch<A>(1, len);
-  A* cv = scratch<A>(2, len);
+  A* const cv_buf = scratch<A>(2, len);
+  const A* cv = cv_buf;
   std::fill(gy, gy + len, A(0));
   std::fill(y, y + len, A(0));
-  std::fill(cv, cv + len, A(0));
+  std::fill(cv_buf, cv_buf + len, A(0));
+  const bool in_place = tape_in_place(pr, t);
   auto load_image = [&](int64_t n) {
     gather(io.gy, pr, n, t, g.Ho, g.Wo, gy, g.Wo, 0);
     gather(io.y, pr, n, t, g.Ho, g.Wo, y, g.Wo, 0);
-    gather(io.conv, pr, n, t, g.Ho, g.Wo, cv, g.Wo, 0);
+    const T* tape = packed_tape(io.conv, pr, t, n, HWo);
+    if constexpr (std::is_same_v<T, A>) {
+      if (in_place) {
+        cv = tape;
+        return;
+      }
+    }
+    if (pr.channels_last) {
+      unpack_tape(tape, HWo, t.lanes, cv_buf);
+    } else {
+      gather(io.conv, pr, n, t, g.Ho, g.Wo, cv_buf, g.Wo, 0);
+    }
   };
 
   // Pass A: per-channel sums of dz and dz * (conv - mean).
@@ -713,10 +805,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
                                 use_batch_stats ? nullptr : rv.const_data_ptr<scalar_t>(),
                                 y.mutable_data_ptr<scalar_t>(), conv.mutable_data_ptr<scalar_t>(),
                                 mean.mutable_data_ptr<A>(), var.mutable_data_ptr<A>()};
-    const std::vector<Task> tasks = make_tasks(groups, pr.channels_last);
-    at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) fwd_task(pr, groups, io, tasks[i]);
-    });
+    run_tasks(make_tasks(groups, pr.channels_last), groups,
+              [&](const Task& t) { fwd_task(pr, groups, io, t); });
   });
   return {y, conv, mean, var};
 }
@@ -782,10 +872,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> bwd_cpu(
                                 gx.mutable_data_ptr<scalar_t>(), gwp.data(),
                                 ggamma.mutable_data_ptr<scalar_t>(),
                                 gbeta.mutable_data_ptr<scalar_t>()};
-    const std::vector<Task> tasks = make_tasks(groups, pr.channels_last);
-    at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) bwd_task(pr, groups, io, tasks[i]);
-    });
+    run_tasks(make_tasks(groups, pr.channels_last), groups,
+              [&](const Task& t) { bwd_task(pr, groups, io, t); });
   });
   return {gx, gw, ggamma, gbeta};
 }

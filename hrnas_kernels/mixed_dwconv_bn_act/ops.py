@@ -9,7 +9,9 @@ size and dead rows get exactly zero gradient without the kernels knowing about m
     fwd(x [N, A, H, W], weights: per group [A_g, 1, k_g, k_g] (A_g may be 0, sum A_g = A),
         bn_weight [A], bn_bias [A], running_mean [A]?, running_var [A]?,
         stride, use_batch_stats, eps, activation)
-      -> (y [N, A, Ho, Wo], conv [N, A, Ho, Wo] (pre-BN tape for backward),
+      -> (y [N, A, Ho, Wo], conv [N, A, Ho, Wo] (pre-BN tape for backward: pass it back
+          unchanged; its element order is the kernel's own, e.g. the CPU kernel packs a
+          channels_last tape per 16-channel block),
           mean [A], var [A] (fp32/fp64 statistics: the batch's, biased, or the running ones))
     bwd(grad_y, y, x, conv, weights, bn_weight, mean, var, stride, use_batch_stats, eps, activation)
       -> (grad_x, [grad of each group's weights], grad_bn_weight, grad_bn_bias)
