@@ -57,7 +57,7 @@ GROUPS_PER_LAUNCH = 3
 # for full 128-byte transactions; the interpreter pays per operation, not per element, so it
 # takes whole small problems in one tile.
 _TILES = (
-    {False: (16, 256), True: (16, 256)} if TRITON_INTERPRET else {False: (1, 512), True: (32, 32)}
+    {False: (16, 256), True: (16, 256)} if TRITON_INTERPRET else {False: (2, 256), True: (32, 32)}
 )
 _BLOCK_R = 16 if TRITON_INTERPRET else 32  # channels per program of the per-channel reductions
 _CHUNK = 256 if TRITON_INTERPRET else 64  # position blocks per step of those reductions
@@ -740,8 +740,10 @@ def _wgrad_sum_kernel(
     e = (tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)).to(tl.int64)
     m = e < size
     acc = tl.zeros([BLOCK_W], dtype=ACC)
-    for j in range(0, NBP):
-        acc += tl.load(part_ptr + j * WT + begin + e, mask=m, other=0.0)
+    ptrs = part_ptr + begin + e
+    for _ in range(0, NBP):
+        acc += tl.load(ptrs, mask=m, other=0.0)
+        ptrs += WT
     tl.store(gw_ptr + e, acc.to(gw_ptr.dtype.element_ty), mask=m)
 
 
