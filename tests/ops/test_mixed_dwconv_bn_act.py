@@ -390,6 +390,40 @@ def test_running_stats_follow_batch_norm_over_steps(impl_device, fmt):
         assert_close_to_reference(rv, rv64, torch.float32, what=f"running_var after step {step}")
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("fmt,stride", [("nchw", 1), ("nhwc", 2)])
+def test_triton_reductions_across_blocks(fmt, stride, monkeypatch):
+    """Tiles much smaller than the problem, as on a GPU: several position blocks per channel
+    (the last one partial), several channel tiles per group, reduction loops over several chunks:
+    the cross-block statistics merge and the weight-gradient partial sums against the reference
+    (the other interpreter cases fit in one tile)."""
+    why = runnable("triton", "cpu")
+    if why:
+        pytest.skip(why)
+    from hrnas_kernels.mixed_dwconv_bn_act import triton as kernels
+
+    monkeypatch.setattr(kernels, "_TILES", {False: (2, 16), True: (4, 8)})
+    for name, value in (("_BLOCK_R", 2), ("_CHUNK", 2), ("_BLOCK_W", 16)):
+        monkeypatch.setattr(kernels, name, value)
+    case = Case(2, (5, 2, 3), (3, 5, 1), 5, 6, stride)
+    ws, gamma, beta, rm, rv = _params(case, torch.float32, "cpu")
+    x = randn((case.n, case.c, case.h, case.w), seed=1, memory_format=FORMATS[fmt]).requires_grad_()
+    rm_k, rv_k = rm.clone(), rv.clone()
+    out, grads = _call(x, ws, gamma, beta, rm_k, rv_k, case, None, True, "triton")
+    rm64, rv64 = upcast([rm, rv])
+    with _one_thread():
+        ref, ref_grads = _call(
+            *upcast([x]), upcast(ws), *upcast([gamma, beta]), rm64, rv64, case, None, True,
+            "reference",
+        )  # fmt: skip
+    assert_close_to_reference(out, ref, torch.float32)
+    assert_close_to_reference(grads[0], ref_grads[0], torch.float32, what="grad x")
+    for g, r in zip(grads[1:], ref_grads[1:]):
+        _assert_reduced_grad_close(g, r, torch.float32)
+    assert_close_to_reference(rm_k, rm64, torch.float32, what="running_mean")
+    assert_close_to_reference(rv_k, rv64, torch.float32, what="running_var")
+
+
 @pytest.mark.parametrize(
     "training,stride,activation", [(True, 1, "relu6"), (False, 2, "relu"), (True, 2, None)]
 )
