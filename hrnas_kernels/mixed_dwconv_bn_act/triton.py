@@ -27,9 +27,11 @@ M2 = sum M2_b + n_b (mean_b - mean)^2), which stays accurate where E[x^2] - mean
 (3) normalize + activation from the tape. Eval (1 launch): conv, normalize, activation, store.
 Backward (4 launches + one per group for its weight gradient): (1) partial sums of dz and
 dz (conv - mean) per (channel, position block); (2) per channel: grad gamma/beta and the three
-coefficients of d(conv); (3) grad x, a gather over the k x k output pixels that read each input
-pixel, d(conv) recomputed from grad_y, y and conv on the fly (no scratch tensor); (4) weight
-gradient partials per (channel, tap, position block); (5) their sum over blocks in block order.
+coefficients of d(conv); (3) d(conv) of each output pixel, from grad_y, y and conv, stored once
+in the accumulation type, and the weight-gradient partials per (channel, tap, position block);
+(4) grad x, a gather over the k x k output pixels that read each input pixel, from the stored
+d(conv) (one load per tap instead of three plus the BN-backward arithmetic); (5) the weight
+partials summed over blocks in block order.
 No atomics anywhere: results are deterministic. Partials and statistics are float32 (float64 for
 float64 inputs), stored values are in the input dtype; the tape is rounded to the input dtype
 before the statistics are taken, as the eager chain computes BatchNorm on the stored conv.
