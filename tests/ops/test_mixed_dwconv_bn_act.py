@@ -17,7 +17,13 @@ from torch import nn
 from hrnas_kernels import mixed_dwconv_bn_act
 from hrnas_kernels._layout import output_memory_format
 from hrnas_kernels._testing import TOLERANCES, assert_close_to_reference, randn, runnable, upcast
-from hrnas_kernels.mixed_dwconv_bn_act import MixedDepthwiseConvBNAct, api, fuse_depthwise, ops
+from hrnas_kernels.mixed_dwconv_bn_act import (
+    MixedDepthwiseConvBNAct,
+    api,
+    fuse_depthwise,
+    ops,
+    reference,
+)
 
 
 @pytest.fixture
@@ -422,6 +428,40 @@ def test_triton_reductions_across_blocks(fmt, stride, monkeypatch):
         _assert_reduced_grad_close(g, r, torch.float32)
     assert_close_to_reference(rm_k, rm64, torch.float32, what="running_mean")
     assert_close_to_reference(rv_k, rv64, torch.float32, what="running_var")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+def test_triton_half_precision_ops(dtype, fmt):
+    """The GPU dtypes through the Triton op pair on CPU tensors (the interpreter; the public API
+    offers them on CUDA only): output and every gradient within twice the error of eager
+    PyTorch in the same dtype, against float64."""
+    why = runnable("triton", "cpu")
+    if why:
+        pytest.skip(why)
+    case = Case(2, (3, 2, 4), (3, 5, 7), 5, 6, 1)
+    ws, gamma, beta, _, _ = _params(case, dtype, "cpu")
+    x = randn((2, case.c, 5, 6), dtype=dtype, seed=1, memory_format=FORMATS[fmt])
+    gy = randn((2, case.c, 5, 6), dtype=dtype, seed=2)
+    ws, gamma, beta = [w.detach() for w in ws], gamma.detach(), beta.detach()
+    y, conv, mean, var = ops.fwd_triton(x, ws, gamma, beta, None, None, 1, True, 1e-5, "relu6")
+    gx, gw, ggamma, gbeta = ops.bwd_triton(
+        gy, y, x, conv, ws, gamma, mean, var, 1, True, 1e-5, "relu6"
+    )
+    inputs = [x.requires_grad_(), *[w.requires_grad_() for w in ws]]
+    inputs += [gamma.requires_grad_(), beta.requires_grad_()]
+    results = []
+    for ts in (upcast(inputs), inputs):  # float64, then eager in the same dtype
+        out = reference.mixed_dwconv_bn_act(ts[0], ts[1:-2], ts[-2], ts[-1], None, None)
+        results.append([out, *torch.autograd.grad(out, ts, gy.to(out.dtype))])
+    names = (
+        ["output", "grad x"]
+        + [f"grad weights[{g}]" for g in range(3)]
+        + ["grad gamma", "grad beta"]
+    )
+    for name, a, r, e in zip(names, [y, gx, *gw, ggamma, gbeta], *results):
+        assert_close_to_reference(a, r, dtype, e, what=name)
 
 
 @pytest.mark.parametrize(
