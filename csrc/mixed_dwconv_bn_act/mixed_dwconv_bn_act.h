@@ -9,6 +9,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
 #include <string_view>
 #include <vector>
 
@@ -46,6 +47,51 @@ inline std::vector<Group> check_and_group(const at::Tensor& x, at::TensorList we
               ": bn_weight must have shape [", begin, "], got ", bn_weight.sizes());
   check_same(kOp, "bn_weight", bn_weight, x);
   return groups;
+}
+
+// The forward's checks beyond check_and_group: bias, running statistics (required and [C] when
+// batch statistics are not used), eps.
+inline void check_forward_args(const at::Tensor& x, const at::Tensor& bn_weight,
+                               const at::Tensor& bn_bias,
+                               const std::optional<at::Tensor>& running_mean,
+                               const std::optional<at::Tensor>& running_var, bool use_batch_stats,
+                               double eps) {
+  TORCH_CHECK(bn_bias.sizes() == bn_weight.sizes(), kOp, ": bn_bias must have shape ",
+              bn_weight.sizes(), ", got ", bn_bias.sizes());
+  check_same(kOp, "bn_bias", bn_bias, x);
+  if (!use_batch_stats) {
+    TORCH_CHECK(running_mean.has_value() && running_var.has_value(), kOp,
+                ": running statistics are required when batch statistics are not used");
+    for (const at::Tensor* t : {&*running_mean, &*running_var}) {
+      TORCH_CHECK(t->sizes() == bn_weight.sizes(), kOp, ": running statistics must have shape ",
+                  bn_weight.sizes(), ", got ", t->sizes());
+      check_same(kOp, "a running statistic", *t, x);
+    }
+  }
+  TORCH_CHECK(eps > 0, kOp, ": eps must be positive, got ", eps);
+}
+
+// The backward's checks beyond check_and_group: grad_y, y and conv are [N, C, Ho, Wo] like x,
+// mean and var [C] in the statistics type (double for double x, else float).
+inline void check_backward_args(const at::Tensor& x, const at::Tensor& grad_y,
+                                const at::Tensor& y, const at::Tensor& conv,
+                                const at::Tensor& mean, const at::Tensor& var, int64_t stride) {
+  const int64_t N = x.size(0), C = x.size(1);
+  const int64_t Ho = (x.size(2) - 1) / stride + 1, Wo = (x.size(3) - 1) / stride + 1;
+  for (const at::Tensor* t : {&grad_y, &y, &conv}) {
+    TORCH_CHECK(t->dim() == 4 && t->size(0) == N && t->size(1) == C && t->size(2) == Ho &&
+                    t->size(3) == Wo,
+                kOp, ": grad_y, y and conv must have shape [", N, ", ", C, ", ", Ho, ", ", Wo,
+                "], got ", t->sizes());
+    check_same(kOp, "grad_y/y/conv", *t, x);
+  }
+  const auto stats_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const at::Tensor* t : {&mean, &var}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == C && t->scalar_type() == stats_type &&
+                    t->device() == x.device(),
+                kOp, ": mean and var must be [", C, "] ", stats_type, " on ", x.device(),
+                ", got ", t->sizes(), " ", t->scalar_type(), " on ", t->device());
+  }
 }
 
 }  // namespace mixed_dwconv

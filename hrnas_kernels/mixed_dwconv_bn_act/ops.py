@@ -22,6 +22,7 @@ Padding is k_g // 2 per group; Ho = (H - 1) // stride + 1. ``activation`` is "no
 
 import torch
 
+from .._impl import TRITON_INTERPRET
 from .._layout import output_memory_format
 
 _FWD_SCHEMA = (
@@ -79,7 +80,30 @@ for _suffix in ("", "_triton"):
     torch.library.register_fake(f"hrnas_kernels::mixed_dwconv_bn_act_bwd{_suffix}", _bwd_fake)
 
 
-# The _triton family has its schema (so both families stay in step) but no kernel yet.
+def _fwd_triton(
+    x, weights, bn_weight, bn_bias, running_mean, running_var, stride, use_batch_stats, eps, act
+):
+    from . import triton as kernels
+
+    return kernels.fwd(
+        x, weights, bn_weight, bn_bias, running_mean, running_var, stride, use_batch_stats, eps, act
+    )
+
+
+def _bwd_triton(
+    grad_y, y, x, conv, weights, bn_weight, mean, var, stride, use_batch_stats, eps, act
+):
+    from . import triton as kernels
+
+    return kernels.bwd(
+        grad_y, y, x, conv, weights, bn_weight, mean, var, stride, use_batch_stats, eps, act
+    )
+
+
+# Under TRITON_INTERPRET=1 the Triton kernels also serve CPU tensors: that is how CI tests them.
+for _device in ("cuda", "cpu") if TRITON_INTERPRET else ("cuda",):
+    torch.library.impl("hrnas_kernels::mixed_dwconv_bn_act_fwd_triton", _device, _fwd_triton)
+    torch.library.impl("hrnas_kernels::mixed_dwconv_bn_act_bwd_triton", _device, _bwd_triton)
 
 fwd = torch.ops.hrnas_kernels.mixed_dwconv_bn_act_fwd.default
 bwd = torch.ops.hrnas_kernels.mixed_dwconv_bn_act_bwd.default

@@ -17,14 +17,30 @@ from torch import nn
 from hrnas_kernels import mixed_dwconv_bn_act
 from hrnas_kernels._layout import output_memory_format
 from hrnas_kernels._testing import TOLERANCES, assert_close_to_reference, randn, runnable, upcast
-from hrnas_kernels.mixed_dwconv_bn_act import MixedDepthwiseConvBNAct, api, fuse_depthwise, ops
+from hrnas_kernels.mixed_dwconv_bn_act import (
+    MixedDepthwiseConvBNAct,
+    api,
+    fuse_depthwise,
+    ops,
+    reference,
+)
 
 
 @pytest.fixture
-def impl_device(impl_device):
-    """The shared (impl, device) pairs, less those this op has no kernel for yet."""
+def impl_device(impl_device, request):
+    """The shared (impl, device) pairs, less those this op has no kernel for yet. Triton on CPU
+    runs in Triton's interpreter (about 0.2 ms per tensor operation, whatever its size), within
+    CI's budget only for the tests and cases below; every test runs in full on a GPU."""
     if impl_device not in api.SUPPORTED:
         pytest.skip(f"mixed_dwconv_bn_act has no {impl_device[0]} kernel for {impl_device[1]} yet")
+    if impl_device == ("triton", "cpu"):
+        params = getattr(request.node, "callspec", None)
+        params = params.params if params else {}
+        if request.function.__name__ not in INTERPRETER_TESTS or (
+            params.get("case", INTERPRETER_CASES[0]) not in INTERPRETER_CASES
+            or params.get("mask_kind") == "all"  # the same kernel call as "none-given"
+        ):
+            pytest.skip("too large for the Triton interpreter's CI budget (runs on a GPU)")
     return impl_device
 
 
@@ -60,8 +76,25 @@ CASES = [
     Case(2, (13,), (7,), 5, 3, 2),
     Case(3, (4, 5), (3, 5), 1, 1, 1),
     Case(2, (6, 3, 5), (1, 9, 5), 2, 17, 2),
+    Case(2, (3, 2, 4), (3, 5, 7), 5, 6, 2),
+    Case(2, (4, 3), (3, 5), 7, 9, 1),
 ]
+# The cases the Triton interpreter runs: mixed 3/5/7 with stride 2 and images smaller than the
+# kernel, two groups with stride 1, and 1x1 images.
+INTERPRETER_CASES = [CASES[6], CASES[7], CASES[4]]
 MASKS = ["none-given", "all", "random", "group-dead", "all-dead"]
+
+
+INTERPRETER_TESTS = {
+    "test_matches_reference",
+    "test_non_contiguous_inputs",
+    "test_nan_and_inf_propagate_like_eager",
+    "test_running_stats_follow_batch_norm_over_steps",
+    "test_gradcheck_float64",
+    "test_opcheck",
+    "test_compile_fullgraph_dynamic",
+    "test_module_matches_reference_and_caches_alive_index",
+}
 
 
 @contextlib.contextmanager
@@ -80,6 +113,8 @@ def _one_thread():
 def _dtypes(impl, device):
     if device == "cuda":
         return [torch.float32, torch.float16, torch.bfloat16]
+    if impl == "triton":  # the interpreter's budget: float64 is covered by gradcheck
+        return [torch.float32]
     return [torch.float32, torch.float64]
 
 
@@ -359,6 +394,74 @@ def test_running_stats_follow_batch_norm_over_steps(impl_device, fmt):
                 )
         assert_close_to_reference(rm, rm64, torch.float32, what=f"running_mean after step {step}")
         assert_close_to_reference(rv, rv64, torch.float32, what=f"running_var after step {step}")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("fmt,stride", [("nchw", 1), ("nhwc", 2)])
+def test_triton_reductions_across_blocks(fmt, stride, monkeypatch):
+    """Tiles much smaller than the problem, as on a GPU: several position blocks per channel
+    (the last one partial), several channel tiles per group, reduction loops over several chunks:
+    the cross-block statistics merge and the weight-gradient partial sums against the reference
+    (the other interpreter cases fit in one tile)."""
+    why = runnable("triton", "cpu")
+    if why:
+        pytest.skip(why)
+    from hrnas_kernels.mixed_dwconv_bn_act import triton as kernels
+
+    monkeypatch.setattr(kernels, "_TILES", {False: (2, 16), True: (4, 8)})
+    for name, value in (("_BLOCK_R", 2), ("_CHUNK", 2), ("_BLOCK_W", 16)):
+        monkeypatch.setattr(kernels, name, value)
+    case = Case(2, (5, 2, 3), (3, 5, 1), 5, 6, stride)
+    ws, gamma, beta, rm, rv = _params(case, torch.float32, "cpu")
+    x = randn((case.n, case.c, case.h, case.w), seed=1, memory_format=FORMATS[fmt]).requires_grad_()
+    rm_k, rv_k = rm.clone(), rv.clone()
+    out, grads = _call(x, ws, gamma, beta, rm_k, rv_k, case, None, True, "triton")
+    rm64, rv64 = upcast([rm, rv])
+    with _one_thread():
+        ref, ref_grads = _call(
+            *upcast([x]), upcast(ws), *upcast([gamma, beta]), rm64, rv64, case, None, True,
+            "reference",
+        )  # fmt: skip
+    assert_close_to_reference(out, ref, torch.float32)
+    assert_close_to_reference(grads[0], ref_grads[0], torch.float32, what="grad x")
+    for g, r in zip(grads[1:], ref_grads[1:]):
+        _assert_reduced_grad_close(g, r, torch.float32)
+    assert_close_to_reference(rm_k, rm64, torch.float32, what="running_mean")
+    assert_close_to_reference(rv_k, rv64, torch.float32, what="running_var")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+def test_triton_half_precision_ops(dtype, fmt):
+    """The GPU dtypes through the Triton op pair on CPU tensors (the interpreter; the public API
+    offers them on CUDA only): output and every gradient within twice the error of eager
+    PyTorch in the same dtype, against float64."""
+    why = runnable("triton", "cpu")
+    if why:
+        pytest.skip(why)
+    case = Case(2, (3, 2, 4), (3, 5, 7), 5, 6, 1)
+    ws, gamma, beta, _, _ = _params(case, dtype, "cpu")
+    x = randn((2, case.c, 5, 6), dtype=dtype, seed=1, memory_format=FORMATS[fmt])
+    gy = randn((2, case.c, 5, 6), dtype=dtype, seed=2)
+    ws, gamma, beta = [w.detach() for w in ws], gamma.detach(), beta.detach()
+    y, conv, mean, var = ops.fwd_triton(x, ws, gamma, beta, None, None, 1, True, 1e-5, "relu6")
+    gx, gw, ggamma, gbeta = ops.bwd_triton(
+        gy, y, x, conv, ws, gamma, mean, var, 1, True, 1e-5, "relu6"
+    )
+    inputs = [x.requires_grad_(), *[w.requires_grad_() for w in ws]]
+    inputs += [gamma.requires_grad_(), beta.requires_grad_()]
+    results = []
+    for ts in (upcast(inputs), inputs):  # float64, then eager in the same dtype
+        out = reference.mixed_dwconv_bn_act(ts[0], ts[1:-2], ts[-2], ts[-1], None, None)
+        results.append([out, *torch.autograd.grad(out, ts, gy.to(out.dtype))])
+    names = (
+        ["output", "grad x"]
+        + [f"grad weights[{g}]" for g in range(3)]
+        + ["grad gamma", "grad beta"]
+    )
+    for name, a, r, e in zip(names, [y, gx, *gw, ggamma, gbeta], *results):
+        assert_close_to_reference(a, r, dtype, e, what=name)
 
 
 @pytest.mark.parametrize(
