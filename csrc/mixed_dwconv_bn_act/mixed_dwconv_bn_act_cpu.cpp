@@ -761,19 +761,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
   const Activation act = parse_activation(kOp, activation);
   const std::vector<Group> groups = check_and_group(x_in, weights, bn_weight, stride);
   TORCH_CHECK(x_in.device().is_cpu(), kOp, ": the CPU kernel got a tensor on ", x_in.device());
-  TORCH_CHECK(bn_bias.sizes() == bn_weight.sizes(), kOp, ": bn_bias must have shape ",
-              bn_weight.sizes(), ", got ", bn_bias.sizes());
-  check_same(kOp, "bn_bias", bn_bias, x_in);
-  if (!use_batch_stats) {
-    TORCH_CHECK(running_mean.has_value() && running_var.has_value(), kOp,
-                ": running statistics are required when batch statistics are not used");
-    for (const at::Tensor* t : {&*running_mean, &*running_var}) {
-      TORCH_CHECK(t->sizes() == bn_weight.sizes(), kOp, ": running statistics must have shape ",
-                  bn_weight.sizes(), ", got ", t->sizes());
-      check_same(kOp, "a running statistic", *t, x_in);
-    }
-  }
-  TORCH_CHECK(eps > 0, kOp, ": eps must be positive, got ", eps);
+  check_forward_args(x_in, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps);
   const at::MemoryFormat fmt = output_memory_format(x_in);
   const at::Tensor x = x_in.contiguous(fmt);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -819,21 +807,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> bwd_cpu(
   const Activation act = parse_activation(kOp, activation);
   const std::vector<Group> groups = check_and_group(x_in, weights, bn_weight, stride);
   TORCH_CHECK(x_in.device().is_cpu(), kOp, ": the CPU kernel got a tensor on ", x_in.device());
+  check_backward_args(x_in, grad_y, y_in, conv_in, mean_in, var_in, stride);
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
-  const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
-  for (const at::Tensor* t : {&grad_y, &y_in, &conv_in}) {
-    TORCH_CHECK(t->dim() == 4 && t->size(0) == N && t->size(1) == C && t->size(2) == Ho &&
-                    t->size(3) == Wo,
-                kOp, ": grad_y, y and conv must have shape [", N, ", ", C, ", ", Ho, ", ", Wo,
-                "], got ", t->sizes());
-    check_same(kOp, "grad_y/y/conv", *t, x_in);
-  }
-  const auto stats_type = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  for (const at::Tensor* t : {&mean_in, &var_in}) {
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == C && t->scalar_type() == stats_type, kOp,
-                ": mean and var must be [", C, "] ", stats_type, ", got ", t->sizes(), " ",
-                t->scalar_type());
-  }
   const at::MemoryFormat fmt = output_memory_format(x_in);
   const at::Tensor x = x_in.contiguous(fmt), gy = grad_y.contiguous(fmt), y = y_in.contiguous(fmt),
                    conv = conv_in.contiguous(fmt);
