@@ -1,9 +1,9 @@
 """Compact networks from a searched architecture.
 
 ``build_from_arch(arch)`` builds the network an ``export_arch`` dict describes from plain PyTorch
-layers (``CompactBlock``s, ``PlainFusion``), randomly initialised, for retraining from scratch
-(as the authors do). ``export_subnet(net)`` builds the same network and copies the supernet's
-alive weights and BN statistics into it, so that in eval mode it computes what the masked
+layers (``CompactBlock``s; fusion on the eager reference), randomly initialised, for retraining
+from scratch (as the authors do). ``export_subnet(net)`` builds the same network and copies the
+supernet's alive weights and BN statistics into it, so that in eval mode it computes what the masked
 supernet computes (float64: to rounding), with no custom op, mask or index left.
 """
 
@@ -13,7 +13,7 @@ import torch
 
 from .arch import export_arch, parse_arch
 from .layers.compact_block import CompactBlock
-from .layers.fusion import PlainFusion
+from .layers.fusion import Fusion
 from .supernet.hrnet import HRNet, init_weights
 
 
@@ -22,7 +22,7 @@ class CompactNet(HRNet):
 
     def __init__(self, arch: dict):
         space, num_classes, entries = parse_arch(arch)
-        fusion = PlainFusion()
+        fusion = Fusion("reference")
         used = []
 
         def make_block(name, inp, oup, stride):

@@ -40,7 +40,7 @@ class BlockShape(nn.Module):
     Args:
         in_channels: an int, or one int per input branch (the dense head; stride must be 1).
         out_channels, stride: as the block's.
-        fusion: a ``Fusion``/``PlainFusion`` module, used to resize the head's branches.
+        fusion: a ``Fusion`` module, used to resize the head's branches.
     """
 
     def __init__(self, in_channels, out_channels: int, stride: int, fusion: nn.Module):

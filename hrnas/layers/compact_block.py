@@ -23,7 +23,7 @@ from .block_shape import BlockShape
 class CompactBlock(BlockShape):
     """Args: ``in_channels``, ``out_channels``, ``stride`` as ``MixedBlock``; ``kernel_sizes`` and
     ``channels``: the kept kernel sizes and the channels kept for each (all positive);
-    ``bn_momentum``, ``bn_eps``; ``fusion``: a ``PlainFusion``."""
+    ``bn_momentum``, ``bn_eps``; ``fusion``: a ``Fusion("reference")``."""
 
     def __init__(
         self,

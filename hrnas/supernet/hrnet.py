@@ -160,7 +160,7 @@ class DenseHeadModule(nn.Module):
 
 class HRNet(nn.Module):
     """Stem, stages, head. ``make_block(name, in_channels, out_channels, stride)``; ``fusion``
-    a ``Fusion``/``PlainFusion`` module shared by every fusion point."""
+    a ``Fusion`` module shared by every fusion point."""
 
     def __init__(self, spec: SpaceSpec, num_classes: int, make_block, fusion: nn.Module):
         super().__init__()
