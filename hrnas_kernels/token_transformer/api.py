@@ -11,7 +11,7 @@ from . import ops, reference
 _OPS = {"native": (ops.fwd, ops.bwd), "triton": (ops.fwd_triton, ops.bwd_triton)}
 # The kernels this op has: (impl, device type) -> dtypes. Pairs missing here are not written yet,
 # so impl resolution reports them instead of letting the dispatcher fail.
-SUPPORTED = {}
+SUPPORTED = {("native", "cpu"): (torch.float32, torch.float64)}
 _OP = "token_transformer"
 
 
@@ -48,7 +48,7 @@ class _TokenTransformer(torch.autograd.Function):
             eps,
         )
         ctx.save_for_backward(
-            tape, coords, w_in, bn_in_w, var_in, query, w_out, bn_out_w, var_out, *layers
+            tape, coords, w_in, bn_in_w, bn_in_b, var_in, query, w_out, bn_out_w, var_out, *layers
         )
         ctx.meta = (impl, num_heads, [x.shape[2], x.shape[3]], residual, eps, rm_in is None, n_enc)
         ctx.mark_non_differentiable(mean_in, var_in, mean_out, var_out)
@@ -57,7 +57,7 @@ class _TokenTransformer(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, *_grad_stats):
-        tape, coords, w_in, bn_in_w, var_in, query, w_out, bn_out_w, var_out, *layers = (
+        tape, coords, w_in, bn_in_w, bn_in_b, var_in, query, w_out, bn_out_w, var_out, *layers = (
             ctx.saved_tensors
         )
         impl, num_heads, in_size, residual, eps, use_batch_stats, n_enc = ctx.meta
@@ -67,6 +67,7 @@ class _TokenTransformer(torch.autograd.Function):
             coords,
             w_in,
             bn_in_w,
+            bn_in_b,
             var_in,
             layers[:n_enc],
             query,

@@ -10,10 +10,10 @@ block is one forward and one backward op.
         rm_in [L]?, rv_in [L]?, encoder: 8 tensors (reference.LAYER_WEIGHTS), query [L, d]?,
         decoder: 8 tensors or none, w_out [C_out, L], bn_out_w [C_out], bn_out_b [C_out],
         rm_out [C_out]?, rv_out [C_out]?, num_heads, out_size [Ho, Wo], residual, eps)
-      -> (y [N, C_out, Ho, Wo], tape [N, tape_size(...)] (what backward reads),
+      -> (y [N, C_out, Ho, Wo], tape [N * tape_size(...)] (what backward reads),
           mean_in [L], var_in [L], mean_out [C_out], var_out [C_out])
-    bwd(grad_y, tape, coords, w_in, bn_in_w, var_in, encoder, query?, decoder, w_out, bn_out_w,
-        var_out, num_heads, in_size [H, W], residual, use_batch_stats, eps)
+    bwd(grad_y, tape, coords, w_in, bn_in_w, bn_in_b, var_in, encoder, query?, decoder, w_out,
+        bn_out_w, var_out, num_heads, in_size [H, W], residual, use_batch_stats, eps)
       -> (grad_x, grad_w_in, grad_bn_in_w, grad_bn_in_b, [grad of each encoder weight],
           grad_query ([0] without a decoder), [grad of each decoder weight], grad_w_out,
           grad_bn_out_w, grad_bn_out_b)
@@ -38,11 +38,11 @@ _FWD_SCHEMA = (
 )
 _BWD_SCHEMA = (
     "(Tensor grad_out, Tensor tape, Tensor coords, Tensor input_proj_weight, "
-    "Tensor input_norm_weight, Tensor input_var, Tensor[] encoder, Tensor? query_embed, "
-    "Tensor[] decoder, Tensor reverse_proj_weight, Tensor reverse_norm_weight, "
-    "Tensor reverse_var, int num_heads, SymInt[] in_size, bool residual, bool use_batch_stats, "
-    "float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor[], Tensor, Tensor[], Tensor, Tensor, "
-    "Tensor)"
+    "Tensor input_norm_weight, Tensor input_norm_bias, Tensor input_var, Tensor[] encoder, "
+    "Tensor? query_embed, Tensor[] decoder, Tensor reverse_proj_weight, "
+    "Tensor reverse_norm_weight, Tensor reverse_var, int num_heads, SymInt[] in_size, "
+    "bool residual, bool use_batch_stats, float eps) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor[], Tensor, Tensor[], Tensor, Tensor, Tensor)"
 )
 
 
@@ -88,7 +88,7 @@ def _fwd_fake(
     dim = coords.shape[-1] * coords.shape[-2]
     layers = 1 + (len(decoder) > 0)
     y = x.new_empty((n, c_out, out_size[0], out_size[1]))
-    tape = x.new_empty((n, tape_size(c, tokens, dim, num_heads, layers, c_out)))
+    tape = x.new_empty((n * tape_size(c, tokens, dim, num_heads, layers, c_out),))
     sd = stats_dtype(x.dtype)
     stats = [x.new_empty((k,), dtype=sd) for k in (tokens, tokens, c_out, c_out)]
     return (y, tape, *stats)
@@ -100,6 +100,7 @@ def _bwd_fake(
     coords,
     input_proj_weight,
     input_norm_weight,
+    input_norm_bias,
     input_var,
     encoder,
     query_embed,
