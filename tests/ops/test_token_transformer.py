@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hrnas_kernels._testing import randn, runnable
+from hrnas_kernels import token_transformer
+from hrnas_kernels._testing import assert_close_to_reference, randn, runnable
 from hrnas_kernels.nn import DynamicTokenTransformer
-from hrnas_kernels.token_transformer import api, grid_coordinates
+from hrnas_kernels.token_transformer import api, grid_coordinates, ops
 
 
 @pytest.fixture
@@ -261,3 +262,385 @@ def test_dropout_in_training():
     m.impl = "native"
     with pytest.raises(RuntimeError, match="impl='native' cannot run this call"):
         m(x)
+
+
+# -- every fused implementation against the float64 reference ------------------------------------
+
+# (N, C, C_out, H, W, tokens, grid, heads, downsample, decoder): sizes above and below the 8x8
+# grid (H or W < grid: the resize upsamples), token counts 1/7/64, channel changes, 2 heads,
+# downsampling with odd sizes, no decoder, a 4x4 grid.
+CASES = [
+    (2, 6, None, 9, 11, 7, 8, 1, False, True),
+    (3, 4, None, 5, 3, 64, 8, 1, False, True),
+    (2, 5, 8, 16, 12, 7, 8, 2, False, True),
+    (2, 3, None, 11, 7, 1, 8, 1, True, True),
+    (2, 4, 3, 6, 6, 7, 4, 1, False, False),
+]
+MASKS = ["all", "random", "single", "none"]
+
+
+def _mask(tokens, kind):
+    if kind == "all":
+        return torch.ones(tokens, dtype=torch.bool)
+    if kind == "none":
+        return torch.zeros(tokens, dtype=torch.bool)
+    if kind == "single":
+        return torch.arange(tokens) == tokens // 2
+    return torch.rand(tokens, generator=torch.Generator().manual_seed(tokens)) < 0.5
+
+
+def _module(case, impl, dtype=torch.float64, device="cpu", seed=0):
+    _, c, c_out, _, _, tokens, grid, heads, down, dec = case
+    m = DynamicTokenTransformer(c, c_out, tokens, grid, heads, down, use_decoder=dec, impl=impl)
+    _randomize(m, seed)
+    return m.to(device=device, dtype=dtype)
+
+
+def _grads(m, x, y, gy):
+    y.backward(gy)
+    return {"x": x.grad, **{n: p.grad for n, p in m.named_parameters()}}
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_matches_reference(impl_device, case, mask, training):
+    impl, device = impl_device
+    dtype = torch.float32
+    n, c, _, h, w, tokens = case[:6]
+    alive = _mask(tokens, mask)
+    ref = _module(case, "reference")
+    m = _module(case, impl, dtype, device)
+    for mod in (ref, m):
+        mod.set_token_mask(alive)
+        mod.train(training)
+    x64 = randn((n, c, h, w), dtype=torch.float64, seed=7).requires_grad_()
+    x = x64.detach().to(device, dtype).requires_grad_()
+    y64, y = ref(x64), m(x)
+    assert_close_to_reference(y, y64, dtype)
+    gy = randn(y.shape, dtype=torch.float64, seed=8)
+    g64 = _grads(ref, x64, y64, gy)
+    g = _grads(m, x, y, gy.to(device, dtype))
+    for name, expected in g64.items():
+        actual = g[name]
+        if expected is None:  # unused by the reference (no token alive): zero, or none at all
+            assert actual is None or not actual.any(), name
+            continue
+        # gradients sum over many terms: relative to their scale
+        scale = max(float(expected.abs().max()), 1.0)
+        torch.testing.assert_close(
+            actual.double().cpu(), expected, atol=2e-5 * scale, rtol=1e-4, msg=name
+        )
+    for name, buf in ref.named_buffers():
+        if buf.is_floating_point() and name != "coords":
+            assert_close_to_reference(dict(m.named_buffers())[name], buf, dtype, what=name)
+    dead = ~alive
+    for name, index_dim in [
+        ("input_proj.weight", 0),
+        ("input_norm.weight", 0),
+        ("input_norm.bias", 0),
+        ("reverse_proj.weight", 1),
+    ] + ([("query_embed.weight", 0)] if case[-1] else []):
+        gd = g[name].cpu().index_select(index_dim, torch.nonzero(dead).flatten())
+        assert not gd.any(), f"{name}: dead tokens got a gradient"
+    before = _module(case, impl).input_norm
+    assert torch.equal(m.input_norm.running_mean[dead].double(), before.running_mean[dead])
+
+
+def _functional_args(m):
+    """The positional arguments of token_transformer for module ``m`` (x excluded)."""
+    dec = m.decoder.weights() if m.use_decoder else None
+    return [
+        m.coords,
+        m.input_proj.weight.flatten(1),
+        m.input_norm.weight,
+        m.input_norm.bias,
+        m.input_norm.running_mean,
+        m.input_norm.running_var,
+        m.encoder.weights(),
+        m.query_embed.weight if m.use_decoder else None,
+        dec,
+        m.reverse_proj.weight.flatten(1),
+        m.reverse_norm.weight,
+        m.reverse_norm.bias,
+        m.reverse_norm.running_mean,
+        m.reverse_norm.running_var,
+    ]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("heads,decoder", [(1, True), (2, False)])
+def test_gradcheck_float64(impl_device, training, heads, decoder):
+    """Every input of the public function, tiny sizes (2x2 grid, 3 tokens, one dead)."""
+    impl, device = impl_device
+    case = (2, 2, 3, 3, 4, 3, 2, heads, False, decoder)
+    m = _module(case, impl, device=device, seed=1)
+    args = _functional_args(m)
+    x = randn((2, 2, 3, 4), dtype=torch.float64, device=device, seed=2).requires_grad_()
+    index = torch.tensor([0, 2], device=device)
+    leaves = [x] + [p.detach().clone().requires_grad_() for p in m.parameters()]
+    names = [n for n, _ in m.named_parameters()]
+    running = [t.clone() for t in (args[4], args[5], args[12], args[13])]
+
+    def f(x, *params):
+        p = dict(zip(names, params))
+        enc = [p[f"encoder.{k}"] for k in _LAYER_KEYS["self_attn"]]
+        dec = [p[f"decoder.{k}"] for k in _LAYER_KEYS["multihead_attn"]] if decoder else None
+        return token_transformer(
+            x,
+            m.coords,
+            p["input_proj.weight"].flatten(1),
+            p["input_norm.weight"],
+            p["input_norm.bias"],
+            *(running[:2] if not training else (None, None)),
+            enc,
+            p["query_embed.weight"] if decoder else None,
+            dec,
+            p["reverse_proj.weight"].flatten(1),
+            p["reverse_norm.weight"],
+            p["reverse_norm.bias"],
+            *(running[2:] if not training else (None, None)),
+            token_index=index,
+            num_heads=heads,
+            training=training,
+            impl=impl,
+        )
+
+    # one thread: hundreds of tiny calls, each paying its parallel regions' barriers otherwise
+    # (the thread count does not change results, see test_thread_count_invariant)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-6)
+    finally:
+        torch.set_num_threads(threads)
+
+
+_LAYER_KEYS = {
+    name: [
+        f"{name}.in_proj_weight",
+        f"{name}.out_proj.weight",
+        "linear1.weight",
+        "linear2.weight",
+        "norm1.weight",
+        "norm1.bias",
+        "norm2.weight",
+        "norm2.bias",
+    ]
+    for name in ("self_attn", "multihead_attn")
+}
+
+
+def _op_args(device, use_batch_stats, decoder, tokens=5):
+    """Compact-token op arguments for a module with 2 heads, 4x4 grid, 3 -> 3 channels."""
+    case = (2, 3, None, 6, 5, tokens, 4, 2, False, decoder)
+    m = _module(case, "native", torch.float32, device, seed=3)
+    a = (
+        [t.detach() for t in _functional_args(m)[:6]]
+        + [
+            [t.detach() for t in m.encoder.weights()],
+            m.query_embed.weight.detach() if decoder else None,
+            [t.detach() for t in m.decoder.weights()] if decoder else [],
+        ]
+        + [t.detach() for t in _functional_args(m)[9:]]
+    )
+    if use_batch_stats:
+        a[4] = a[5] = a[12] = a[13] = None
+    x = randn((2, 3, 6, 5), device=device, seed=4)
+    return [x] + a + [2, [6, 5], True, 1e-5]
+
+
+@pytest.mark.parametrize("use_batch_stats,decoder", [(True, True), (False, False)])
+def test_opcheck(impl_device, use_batch_stats, decoder):
+    impl, device = impl_device
+    fwd, bwd = (ops.fwd, ops.bwd) if impl == "native" else (ops.fwd_triton, ops.bwd_triton)
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    args = _op_args(device, use_batch_stats, decoder)
+    torch.library.opcheck(fwd, args, test_utils=utils)
+    y, tape, mean_in, var_in, mean_out, var_out = fwd(*args)
+    gy = randn(y.shape, device=device, seed=9)
+    bwd_args = [gy, tape, *args[1:5], var_in, *args[7:12], var_out]
+    bwd_args += [2, [6, 5], True, use_batch_stats, 1e-5]
+    torch.library.opcheck(bwd, bwd_args, test_utils=utils)
+
+
+def test_compile_fullgraph_dynamic(impl_device):
+    """The public function traces without graph breaks, forward and backward (training BN with
+    the running-statistics update), and one dynamic compile serves two input shapes."""
+    impl, device = impl_device
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    m = _module((0, 5, None, 0, 0, 7, 8, 1, False, True), impl, torch.float32, device)
+
+    def f(x, *args):
+        return token_transformer(
+            x, *args[:6], list(args[6:14]), args[14], list(args[15:23]), *args[23:], impl=impl
+        )
+
+    compiled = torch.compile(f, backend=counter, fullgraph=True, dynamic=True)
+    frames = []
+    for n, h, w in [(3, 9, 13), (4, 14, 17)]:
+        results = []
+        for fn in (compiled, f):
+            a = _functional_args(m)
+            a[4], a[5], a[12], a[13] = (t.detach().clone() for t in (a[4], a[5], a[12], a[13]))
+            flat = a[:6] + a[6] + [a[7]] + a[8] + a[9:]
+            x = randn((n, 5, h, w), device=device, seed=n).requires_grad_()
+            out = fn(x, *flat)
+            grads = torch.autograd.grad(out.square().sum(), [x, *m.parameters()])
+            results.append((out, grads, a[4], a[13]))
+        torch.testing.assert_close(results[0], results[1])
+        frames.append(counter.frame_count)
+    assert frames[0] >= 1 and frames[1] == frames[0]
+
+
+def test_module_compiles_and_follows_mask_changes(impl_device):
+    """torch.compile(module): the alive-index lookup runs eagerly (one graph break); a new mask
+    gives the new transformer, not a stale one."""
+    impl, device = impl_device
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    case = CASES[0]
+    m, eager = (
+        _module(case, impl, torch.float32, device),
+        _module(case, impl, torch.float32, device),
+    )
+    compiled = torch.compile(m, backend=CompileCounterWithBackend("aot_eager"))
+    x = randn(case[:2] + case[3:5], device=device, seed=4)
+    for kind in ("random", "single", "all"):
+        m.set_token_mask(_mask(case[5], kind))
+        eager.set_token_mask(_mask(case[5], kind))
+        out, ref = compiled(x), eager(x)
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(
+            torch.autograd.grad(out.sum(), [m.input_proj.weight]),
+            torch.autograd.grad(ref.sum(), [eager.input_proj.weight]),
+        )
+    torch.testing.assert_close(m.input_norm.running_var, eager.input_norm.running_var)
+
+
+def test_thread_count_invariant():
+    """Reductions run inside one task in a fixed order: the same results with 1 and 2 threads."""
+    if runnable("native", "cpu"):
+        pytest.skip(runnable("native", "cpu"))
+    case = (4, 6, None, 12, 10, 16, 8, 1, False, True)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            m = _module(case, "native", torch.float32)
+            x = randn((4, 6, 12, 10), seed=1).requires_grad_()
+            y = m(x)
+            results.append((y, *torch.autograd.grad(y.square().sum(), [x, *m.parameters()])))
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=1e-5)
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+def _call(**change):
+    """token_transformer on a valid small reference problem, with ``change`` applied."""
+    m = _module((2, 3, None, 6, 5, 4, 4, 2, False, True), "reference", torch.float32)
+    names = [
+        "coords",
+        "input_proj_weight",
+        "input_norm_weight",
+        "input_norm_bias",
+        "input_running_mean",
+        "input_running_var",
+        "encoder",
+        "query_embed",
+        "decoder",
+        "reverse_proj_weight",
+        "reverse_norm_weight",
+        "reverse_norm_bias",
+        "reverse_running_mean",
+        "reverse_running_var",
+    ]
+    kwargs = dict(zip(names, _functional_args(m)))
+    kwargs["x"] = randn((2, 3, 6, 5))
+    kwargs["num_heads"] = 2
+    kwargs["impl"] = "reference"
+    kwargs.update(change)
+    with torch.no_grad():
+        return token_transformer(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (dict(x=torch.zeros(2, 3, 6)), ValueError, "x must be a 4-d"),
+        (dict(x=torch.zeros(2, 3, 6, 5, dtype=torch.int64)), TypeError, "floating dtype"),
+        (
+            dict(x=torch.zeros(2, 4, 6, 5)),
+            ValueError,
+            r"input_proj_weight must have shape \[4, 6\]",
+        ),
+        (dict(x=torch.zeros(2, 3, 6, 5, dtype=torch.float64)), TypeError, "coords is"),
+        (dict(x=torch.zeros(2, 3, 1, 5), downsample=True), ValueError, "2x2 with downsample"),
+        (dict(coords=torch.zeros(2, 4, 3)), ValueError, "coords must be a square grid"),
+        (dict(num_heads=3), ValueError, "num_heads must be a positive divisor"),
+        (dict(input_running_var=None), ValueError, "all four running statistics"),
+        (dict(query_embed=None), ValueError, "both query_embed and decoder"),
+        (dict(encoder=[]), ValueError, "encoder must hold 8 tensors"),
+        (dict(encoder=torch.zeros(3)), TypeError, "encoder must be a list"),
+        (dict(reverse_norm_bias=torch.zeros(5)), ValueError, r"reverse_norm_bias must have shape"),
+        (dict(token_index=torch.tensor([0.0])), TypeError, "token_index must be a 1-d int64"),
+        (dict(token_index=torch.tensor([0, 4])), ValueError, r"token_index must lie in \[0, 4\)"),
+        (dict(token_index=torch.tensor([2, 1])), ValueError, "strictly increasing"),
+        (dict(momentum=2.0), ValueError, "momentum must be in"),
+        (dict(eps=0.0), ValueError, "eps must be positive"),
+        (dict(dropout=1.0), ValueError, r"dropout must be in \[0, 1\)"),
+        (dict(x=torch.zeros(0, 3, 6, 5)), ValueError, "at least one sample"),
+        (dict(impl="fast"), ValueError, "impl must be one of"),
+        (dict(impl="triton"), RuntimeError, "impl='triton' cannot run this call"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_bad_input(change, error, match):
+    with pytest.raises(error, match=match):
+        _call(**change)
+
+
+def test_unsupported_dtype_is_refused():
+    """float16 on CPU: no fused kernel; auto and native say so instead of failing inside."""
+    m = _module((2, 3, None, 6, 5, 4, 4, 2, False, True), "native", torch.float16)
+    for impl in ("native", "auto"):
+        m.impl = impl
+        with pytest.raises(RuntimeError, match="dtype torch.float16 is not supported"):
+            m(randn((2, 3, 6, 5), dtype=torch.float16))
+
+
+def test_module_bad_arguments():
+    for kwargs, match in [
+        (dict(in_channels=0), "in_channels must be an int >= 1"),
+        (dict(in_channels=3, grid=1), "grid must be an int >= 2"),
+        (dict(in_channels=3, num_tokens=0), "num_tokens must be an int >= 1"),
+        (dict(in_channels=3, num_heads=3), "does not divide"),
+        (dict(in_channels=3, dropout=-0.1), "dropout must be in"),
+        (dict(in_channels=3, impl="cuda"), "impl must be one of"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            DynamicTokenTransformer(**kwargs)
+    m = DynamicTokenTransformer(3, num_tokens=4, grid=4, impl="reference")
+    with pytest.raises(ValueError, match=r"token mask must be a bool tensor of shape \[4\]"):
+        m.set_token_mask([1, 0, 1, 1])
+    with pytest.raises(ValueError, match="x has 4 channels, the module expects 3"):
+        m(torch.zeros(2, 4, 5, 5))
+    with pytest.raises(TypeError, match="the module's parameters are torch.float32"):
+        m(torch.zeros(2, 3, 5, 5, dtype=torch.float64))
+    m.token_mask = torch.ones(3, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"token_mask must be a bool tensor of shape \[4\]"):
+        m(torch.zeros(2, 3, 5, 5))
+
+
+def test_triton_family_shares_the_schema():
+    """The _triton ops (no kernel yet) keep the native schema, so a Triton kernel drops in."""
+    for native, triton in ((ops.fwd, ops.fwd_triton), (ops.bwd, ops.bwd_triton)):
+        assert str(native._schema).replace("(", "_triton(", 1) == str(triton._schema)
