@@ -46,3 +46,11 @@ inline void check_same(const char* op, const char* name, const at::Tensor& t,
 #else
 #define HRNAS_TARGET_CLONES
 #endif
+
+// For helpers called from HRNAS_TARGET_CLONES functions: a helper left out of line is compiled
+// for the baseline ISA only, so its vector code would run as SSE inside the AVX-512 clone.
+#if defined(__GNUC__)
+#define HRNAS_INLINE inline __attribute__((always_inline))
+#else
+#define HRNAS_INLINE inline
+#endif

@@ -1,18 +1,19 @@
 // Multi-resolution fusion on CPU: out = act(sum_j resize(x_j, (H, W))) writing each output once,
 // and an atomic-free, deterministic backward.
 //
-// Forward, both layouts sum every input for a vector of outputs in registers, then activate and
-// store:
-//   NCHW (one plane at a time): rows of each resampled x_j are first resampled along W into a
-//        per-thread buffer (one gather per source row); every output row then blends two buffered
-//        rows per input.
-//   NHWC (one output row at a time): each output pixel blends the four source pixels of each
-//        input, 16 channels per vector, with row pointers set once per row and column offsets
-//        from per-call tables.
-// Backward, per plane (NCHW) or image (NHWC): one pass over the output rows forms
-// gm = grad_out * act'(out), writes it to same-size inputs' gradients and adds it into per-input
-// rows of vertical sums (ascending output row); each input gradient is then gathered along W with
-// transposed tap lists. Every plane/image belongs to one thread: fixed summation order.
+// Forward:
+//   NCHW (one plane at a time): each source row of a resampled input is resampled along W into a
+//        per-thread buffer by a vector row map (permutes within a 32-element window); each
+//        output row is summed in an L1 accumulator row (same-size rows, then two blended buffer
+//        rows per resampled input), then activated and written once.
+//   NHWC (one output row at a time): each resampled input's two source rows are blended into one
+//        buffer row; each output pixel sums, 16 channels per vector in registers, the same-size
+//        pixels and two weighted buffer pixels per resampled input, activates and stores.
+// Backward, per plane (NCHW) or image (NHWC): gm = grad_out * act'(out) is formed once (in a
+// same-size input's gradient when there is one); each resampled input's gradient is then gathered
+// row by row with the transposed taps, vertically then horizontally. Every plane/image belongs to
+// one thread and every sum has a fixed order: no atomics, bitwise independent of the thread
+// count.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -85,6 +86,186 @@ Axis<opmath_t> make_axis(int64_t in_size, int64_t out_size, Mode mode, bool tran
   return a;
 }
 
+// Vector loads/stores of scalar_t data in the math type (converting for fp16/bf16).
+template <typename scalar_t, typename opmath_t>
+HRNAS_INLINE simd::Vec<opmath_t> load_as(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+    return simd::load<opmath_t>(p);
+  } else {
+    simd::Vec<opmath_t> v;
+    for (int64_t l = 0; l < simd::kWidth; ++l) v[l] = static_cast<opmath_t>(p[l]);
+    return v;
+  }
+}
+
+template <typename scalar_t, typename opmath_t>
+HRNAS_INLINE void store_as(scalar_t* p, simd::Vec<opmath_t> v) {
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+    simd::store<opmath_t>(p, v);
+  } else {
+    for (int64_t l = 0; l < simd::kWidth; ++l) p[l] = static_cast<scalar_t>(v[l]);
+  }
+}
+
+// Covers [0, len) with vector-wide pieces, vec(offset), the last piece overlapping its
+// predecessor instead of leaving a scalar tail; scalar(i) per element when len < kWidth. Only
+// for elementwise work that writes a buffer it does not read, so recomputing an element is
+// harmless.
+template <typename VecFn, typename ScalarFn>
+HRNAS_INLINE void sweep(int64_t len, VecFn&& vec, ScalarFn&& scalar) {
+  if (len < simd::kWidth) {
+    for (int64_t i = 0; i < len; ++i) scalar(i);
+    return;
+  }
+  for (int64_t off = 0;; off += simd::kWidth) {
+    if (off + simd::kWidth >= len) {
+      vec(len - simd::kWidth);
+      return;
+    }
+    vec(off);
+  }
+}
+
+// A linear map between rows, dst[d] = sum_t w[d][t] * src[idx[d][t]], each destination padded
+// to K taps with zero weights: the resampling of an NCHW row along W (forward taps) and its
+// transpose (backward). The vector form covers the destination with chunks of up to kWidth
+// lanes whose taps all fall in one window of 2 * kWidth source elements, so a chunk costs two
+// loads and K two-source permutes (vpermt2ps on AVX-512) instead of K * kWidth scalar loads. A
+// map with a destination whose own taps span more than the window keeps the scalar form.
+constexpr int64_t kWindow = 2 * simd::kWidth;
+
+template <typename opmath_t>
+struct RowMap {
+  int64_t src_len = 0, dst_len = 0, K = 0;
+  std::vector<int64_t> idx;  // [dst_len][K]
+  std::vector<opmath_t> w;   // [dst_len][K]
+  std::vector<int64_t> chunk_dst, chunk_base;
+  std::vector<int32_t> lane_idx;  // [chunk][K][kWidth]: offsets into the chunk's window
+  std::vector<opmath_t> lane_w;   // [chunk][K][kWidth]
+};
+
+// Builds the map from per-destination tap lists: taps(d, push) calls push(index, weight) for
+// each tap of destination d, at most K times.
+template <typename opmath_t, typename Taps>
+RowMap<opmath_t> make_row_map(int64_t src_len, int64_t dst_len, int64_t K, Taps&& taps) {
+  RowMap<opmath_t> m;
+  m.src_len = src_len;
+  m.dst_len = dst_len;
+  m.K = K;
+  m.idx.assign(dst_len * K, 0);
+  m.w.assign(dst_len * K, opmath_t(0));
+  std::vector<int64_t> lo(dst_len, src_len), hi(dst_len, -1);
+  for (int64_t d = 0; d < dst_len; ++d) {
+    int64_t t = 0;
+    taps(d, [&](int64_t i, opmath_t w) {
+      m.idx[d * K + t] = i;
+      m.w[d * K + t] = w;
+      lo[d] = std::min(lo[d], i);
+      hi[d] = std::max(hi[d], i);
+      ++t;
+    });
+    for (; t < K; ++t) m.idx[d * K + t] = t > 0 ? m.idx[d * K] : 0;
+    if (hi[d] < 0) lo[d] = hi[d] = m.idx[d * K];
+    if (hi[d] - lo[d] >= kWindow) return m;  // scalar form
+  }
+  for (int64_t d = 0; d < dst_len;) {
+    int64_t a = lo[d], b = hi[d], lanes = 1;
+    while (lanes < simd::kWidth && d + lanes < dst_len &&
+           std::max(b, hi[d + lanes]) - std::min(a, lo[d + lanes]) < kWindow) {
+      a = std::min(a, lo[d + lanes]);
+      b = std::max(b, hi[d + lanes]);
+      ++lanes;
+    }
+    // Slide the window left when it would run past the row: every index stays inside it.
+    const int64_t base = src_len >= kWindow ? std::min(a, src_len - kWindow) : 0;
+    m.chunk_dst.push_back(d);
+    m.chunk_base.push_back(base);
+    for (int64_t t = 0; t < K; ++t) {
+      for (int64_t l = 0; l < simd::kWidth; ++l) {
+        const bool live = l < lanes;
+        m.lane_idx.push_back(live ? static_cast<int32_t>(m.idx[(d + l) * K + t] - base) : 0);
+        m.lane_w.push_back(live ? m.w[(d + l) * K + t] : opmath_t(0));
+      }
+    }
+    d += lanes;
+  }
+  return m;
+}
+
+// The resampling along W of the forward: taps (i0, l0) and, for bilinear, (i1, l1).
+template <typename opmath_t>
+RowMap<opmath_t> forward_row_map(const Axis<opmath_t>& a, int64_t src_len, Mode mode) {
+  const bool bilinear = mode == Mode::kBilinear;
+  return make_row_map<opmath_t>(src_len, static_cast<int64_t>(a.i0.size()), bilinear ? 2 : 1,
+                                [&](int64_t d, auto push) {
+                                  push(a.i0[d], a.l0[d]);
+                                  if (bilinear) push(a.i1[d], a.l1[d]);
+                                });
+}
+
+// Its transpose: input index q gathers the output indices that read it (a.begin / a.o / a.w).
+template <typename opmath_t>
+RowMap<opmath_t> transposed_row_map(const Axis<opmath_t>& a, int64_t out_len) {
+  const int64_t in_len = static_cast<int64_t>(a.begin.size()) - 1;
+  int64_t K = 1;
+  for (int64_t q = 0; q < in_len; ++q) K = std::max(K, a.begin[q + 1] - a.begin[q]);
+  return make_row_map<opmath_t>(out_len, in_len, K, [&](int64_t q, auto push) {
+    for (int64_t k = a.begin[q]; k < a.begin[q + 1]; ++k) push(a.o[k], a.w[k]);
+  });
+}
+
+template <typename src_t, typename dst_t, typename opmath_t>
+HRNAS_INLINE void apply_row_map(const RowMap<opmath_t>& m, const src_t* __restrict src,
+                          dst_t* __restrict dst) {
+  const int64_t K = m.K;
+  if (m.chunk_dst.empty()) {
+    for (int64_t d = 0; d < m.dst_len; ++d) {
+      opmath_t acc = opmath_t(0);
+      for (int64_t t = 0; t < K; ++t) {
+        acc += m.w[d * K + t] * static_cast<opmath_t>(src[m.idx[d * K + t]]);
+      }
+      dst[d] = static_cast<dst_t>(acc);
+    }
+    return;
+  }
+  using V = simd::Vec<opmath_t>;
+  using I = std::conditional_t<sizeof(opmath_t) == 4, int32_t, int64_t>;
+  typedef int32_t I32 __attribute__((vector_size(simd::kWidth * sizeof(int32_t))));
+  typedef I Index __attribute__((vector_size(simd::kWidth * sizeof(I))));
+  V lo = {}, hi = {};
+  const bool padded = m.src_len < kWindow;
+  if (padded) {  // a short row: the one window, zero beyond the row
+    opmath_t window[kWindow];
+    for (int64_t i = 0; i < kWindow; ++i) {
+      window[i] = i < m.src_len ? static_cast<opmath_t>(src[i]) : opmath_t(0);
+    }
+    lo = simd::load<opmath_t>(window);
+    hi = simd::load<opmath_t>(window + simd::kWidth);
+  }
+  const int32_t* li = m.lane_idx.data();
+  const opmath_t* lw = m.lane_w.data();
+  const int64_t chunks = static_cast<int64_t>(m.chunk_dst.size());
+  for (int64_t c = 0; c < chunks; ++c) {
+    if (!padded) {
+      lo = load_as<src_t, opmath_t>(src + m.chunk_base[c]);
+      hi = load_as<src_t, opmath_t>(src + m.chunk_base[c] + simd::kWidth);
+    }
+    V acc = {};
+    for (int64_t t = 0; t < K; ++t, li += simd::kWidth, lw += simd::kWidth) {
+      I32 i32;
+      __builtin_memcpy(&i32, li, sizeof(i32));
+      acc += simd::load<opmath_t>(lw) * __builtin_shuffle(lo, hi, __builtin_convertvector(i32, Index));
+    }
+    // Lanes past the chunk hold zeros; the next chunk overwrites them (chunks ascend).
+    const int64_t d = m.chunk_dst[c];
+    if (d + simd::kWidth <= m.dst_len) {
+      store_as<dst_t, opmath_t>(dst + d, acc);
+    } else {
+      for (int64_t l = 0; l < m.dst_len - d; ++l) dst[d + l] = static_cast<dst_t>(acc[l]);
+    }
+  }
+}
+
 // Everything a kernel needs about the (at most kMaxInputs) inputs, in the output's layout.
 template <typename scalar_t, typename opmath_t>
 struct Plan {
@@ -97,328 +278,291 @@ struct Plan {
   int64_t H[kMaxInputs] = {}, W[kMaxInputs] = {};
   bool identity[kMaxInputs] = {};
   Axis<opmath_t> rows[kMaxInputs], cols[kMaxInputs];
+  RowMap<opmath_t> hmap[kMaxInputs];  // NCHW: the W resampling (forward) or its transpose
 };
 
-// Vector loads/stores of scalar_t data in the math type (converting for fp16/bf16).
+
+// The NCHW forward builds each output row in a per-thread accumulator row of the math type (it
+// stays in L1): the same-size inputs initialise it in one pass, each resampled input adds to it
+// in a tight loop of its own, and a last pass activates and writes the output once. A single
+// loop over a runtime list of inputs per vector spent its time on branches and the scalar tail
+// of short rows (3x slower). Rows the kernel owns (accumulator, buffered source rows) are padded
+// to whole vectors, so the read-modify-write passes need no tails; their padding lanes never
+// reach the output.
+HRNAS_INLINE int64_t whole_vectors(int64_t len) {
+  return (len + simd::kWidth - 1) / simd::kWidth * simd::kWidth;
+}
+
+// acc[0:len] = sum of the same-size rows src[0..count) (zero when count is 0).
 template <typename scalar_t, typename opmath_t>
-inline simd::Vec<opmath_t> load_as(const scalar_t* p) {
-  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-    return simd::load<opmath_t>(p);
+HRNAS_INLINE void init_row(opmath_t* __restrict acc, const scalar_t* const* src, int count,
+                           int64_t len) {
+  sweep(
+      len,
+      [&](int64_t e) {
+        simd::Vec<opmath_t> s = {};
+        for (int k = 0; k < count; ++k) s += load_as<scalar_t, opmath_t>(src[k] + e);
+        simd::store<opmath_t>(acc + e, s);
+      },
+      [&](int64_t e) {
+        opmath_t s = opmath_t(0);
+        for (int k = 0; k < count; ++k) s += static_cast<opmath_t>(src[k][e]);
+        acc[e] = s;
+      });
+}
+
+// acc[0:len] += a0 * s0 + a1 * s1 (a1 unused for nearest), len a multiple of kWidth.
+template <typename opmath_t>
+HRNAS_INLINE void add_blend(opmath_t* __restrict acc, const opmath_t* __restrict s0,
+                            const opmath_t* __restrict s1, opmath_t a0, opmath_t a1,
+                            bool bilinear, int64_t len) {
+  if (bilinear) {
+    for (int64_t e = 0; e < len; e += simd::kWidth) {
+      simd::store<opmath_t>(acc + e, simd::load<opmath_t>(acc + e) +
+                                         a0 * simd::load<opmath_t>(s0 + e) +
+                                         a1 * simd::load<opmath_t>(s1 + e));
+    }
   } else {
-    simd::Vec<opmath_t> v;
-    for (int64_t l = 0; l < simd::kWidth; ++l) v[l] = static_cast<opmath_t>(p[l]);
-    return v;
+    for (int64_t e = 0; e < len; e += simd::kWidth) {
+      simd::store<opmath_t>(acc + e, simd::load<opmath_t>(acc + e) + simd::load<opmath_t>(s0 + e));
+    }
   }
 }
 
+// out[0:len] = act(acc[0:len]).
 template <typename scalar_t, typename opmath_t>
-inline void store_as(scalar_t* p, simd::Vec<opmath_t> v) {
-  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-    simd::store<opmath_t>(p, v);
-  } else {
-    for (int64_t l = 0; l < simd::kWidth; ++l) p[l] = static_cast<scalar_t>(v[l]);
-  }
+HRNAS_INLINE void finish_row(scalar_t* __restrict out, const opmath_t* __restrict acc,
+                             Activation act, int64_t len) {
+  sweep(
+      len,
+      [&](int64_t e) {
+        store_as<scalar_t, opmath_t>(out + e, simd::activate<opmath_t>(simd::load<opmath_t>(acc + e), act));
+      },
+      [&](int64_t e) { out[e] = static_cast<scalar_t>(activate(acc[e], act)); });
 }
 
-// The NCHW forward, one plane at a time. Each resampled input is first resampled along W into a
-// per-thread buffer of its rows (a gather, done once per source row); then every output row is
-// one vector pass that blends two buffered rows per input (or reads the row of a same-size input),
-// sums over inputs in registers, applies the activation and writes the output once.
+// The NCHW forward, one plane at a time: each resampled input's rows are first resampled along
+// W into a per-thread buffer (one row map per source row); each output row is then the
+// same-size rows plus two blended buffer rows per resampled input.
 template <typename scalar_t, typename opmath_t>
 HRNAS_TARGET_CLONES void fwd_nchw_planes(const Plan<scalar_t, opmath_t>& p, scalar_t* out,
                                          int64_t begin, int64_t end) {
-  using V = simd::Vec<opmath_t>;
-  const int64_t Ho = p.Ho, Wo = p.Wo;
+  const int64_t Ho = p.Ho, Wo = p.Wo, Wp = whole_vectors(Wo);
   const bool bilinear = p.mode == Mode::kBilinear;
-  int64_t at[kMaxInputs] = {}, size = 0;  // where input j's resampled rows sit in the buffer
+  int64_t at[kMaxInputs] = {}, size = Wp;  // the accumulator row, then each input's rows
   for (int j = 0; j < p.n; ++j) {
     at[j] = size;
-    if (!p.identity[j]) size += p.H[j] * Wo;
+    if (!p.identity[j]) size += p.H[j] * Wp;
   }
-  opmath_t* rows = scratch<opmath_t>(0, size);
-  const opmath_t* r0[kMaxInputs];
-  const opmath_t* r1[kMaxInputs];
-  const scalar_t* xr[kMaxInputs];
-  opmath_t a0[kMaxInputs], a1[kMaxInputs];
+  opmath_t* buf = scratch<opmath_t>(0, size);
+  std::fill(buf, buf + size, opmath_t(0));  // padding lanes stay finite
+  opmath_t* acc = buf;
+  const scalar_t* same[kMaxInputs];
   for (int64_t plane = begin; plane < end; ++plane) {
+    int n_same = 0;
     for (int j = 0; j < p.n; ++j) {
       if (p.identity[j]) continue;
       const int64_t Hj = p.H[j], Wj = p.W[j];
       const scalar_t* x = p.x[j] + plane * Hj * Wj;
-      const Axis<opmath_t>& c = p.cols[j];
-      for (int64_t r = 0; r < Hj; ++r) {
-        const scalar_t* xrow = x + r * Wj;
-        opmath_t* t = rows + at[j] + r * Wo;
-        if (bilinear) {
-          for (int64_t w = 0; w < Wo; ++w) {
-            t[w] = c.l0[w] * static_cast<opmath_t>(xrow[c.i0[w]]) +
-                   c.l1[w] * static_cast<opmath_t>(xrow[c.i1[w]]);
-          }
-        } else {
-          for (int64_t w = 0; w < Wo; ++w) t[w] = static_cast<opmath_t>(xrow[c.i0[w]]);
-        }
-      }
+      for (int64_t r = 0; r < Hj; ++r) apply_row_map(p.hmap[j], x + r * Wj, buf + at[j] + r * Wp);
     }
-    scalar_t* o = out + plane * Ho * Wo;
     for (int64_t h = 0; h < Ho; ++h) {
+      n_same = 0;
       for (int j = 0; j < p.n; ++j) {
-        if (p.identity[j]) {
-          xr[j] = p.x[j] + (plane * Ho + h) * Wo;
-          continue;
-        }
+        if (p.identity[j]) same[n_same++] = p.x[j] + (plane * Ho + h) * Wo;
+      }
+      init_row(acc, same, n_same, Wo);
+      for (int j = 0; j < p.n; ++j) {
+        if (p.identity[j]) continue;
         const Axis<opmath_t>& r = p.rows[j];
-        r0[j] = rows + at[j] + r.i0[h] * Wo;
-        r1[j] = rows + at[j] + r.i1[h] * Wo;
-        a0[j] = r.l0[h];
-        a1[j] = bilinear ? r.l1[h] : opmath_t(0);
+        add_blend(acc, buf + at[j] + r.i0[h] * Wp, buf + at[j] + r.i1[h] * Wp, r.l0[h], r.l1[h],
+                  bilinear, Wp);
       }
-      scalar_t* orow = o + h * Wo;
-      int64_t w = 0;
-      for (; w + simd::kWidth <= Wo; w += simd::kWidth) {
-        V s = {};
-        for (int j = 0; j < p.n; ++j) {
-          if (p.identity[j]) {
-            s += load_as<scalar_t, opmath_t>(xr[j] + w);
-          } else if (bilinear) {
-            s += a0[j] * simd::load<opmath_t>(r0[j] + w) + a1[j] * simd::load<opmath_t>(r1[j] + w);
-          } else {
-            s += simd::load<opmath_t>(r0[j] + w);
-          }
-        }
-        store_as<scalar_t, opmath_t>(orow + w, simd::activate<opmath_t>(s, p.act));
-      }
-      for (; w < Wo; ++w) {
-        opmath_t s = opmath_t(0);
-        for (int j = 0; j < p.n; ++j) {
-          if (p.identity[j]) {
-            s += static_cast<opmath_t>(xr[j][w]);
-          } else if (bilinear) {
-            s += a0[j] * r0[j][w] + a1[j] * r1[j][w];
-          } else {
-            s += r0[j][w];
-          }
-        }
-        orow[w] = static_cast<scalar_t>(activate(s, p.act));
-      }
+      finish_row(out + (plane * Ho + h) * Wo, acc, p.act, Wo);
     }
   }
 }
 
-// The NHWC forward, one output row at a time. Everything that depends only on the row (source row
-// pointers, vertical weights) is set up once per row; per output pixel each input costs two column
-// offsets and two horizontal weights, read from tables built once per call. The sum over inputs
-// for a block of kChannelBlock channels stays in one vector register, so each output element is
-// written once and never re-read.
-constexpr int64_t kChannelBlock = simd::kWidth;
-
-enum class TapKind { kCopy, kNearest, kBilinear };
-
-// Per input, per output column: element offsets of the two source pixels within a source row,
-// and their weights (built once per call for the NHWC forward).
-template <typename opmath_t>
-struct ColumnTaps {
-  std::vector<int64_t> o0, o1;
-  std::vector<opmath_t> b0, b1;
-};
-
+// The NHWC forward, one output row at a time. Each resampled input is first blended vertically:
+// its two source rows (set by the output row) become one row at the input's width in a
+// per-thread buffer. Each output pixel then sums, 16 channels per vector, the same-size inputs'
+// pixels and two horizontally weighted buffer pixels per resampled input, activates and writes
+// once.
 template <typename scalar_t, typename opmath_t>
-struct RowTaps {
-  TapKind kind[kMaxInputs];
-  const scalar_t* r0[kMaxInputs];  // source rows (r1 only for bilinear)
-  const scalar_t* r1[kMaxInputs];
-  opmath_t a0[kMaxInputs], a1[kMaxInputs];
-  const int64_t* o0[kMaxInputs];
-  const int64_t* o1[kMaxInputs];
-  const opmath_t* b0[kMaxInputs];
-  const opmath_t* b1[kMaxInputs];
-};
-
-// act(sum_j input_j at output column w) over channels [c, c + len): the vector path for a full
-// block, the scalar path (kVector = false) for a tail of len < kChannelBlock channels.
-template <bool kVector, typename scalar_t, typename opmath_t>
-inline void fuse_pixel(const RowTaps<scalar_t, opmath_t>& t, int n, int64_t w, int64_t c,
-                       int64_t len, scalar_t* __restrict out, Activation act) {
-  if constexpr (kVector) {
-    simd::Vec<opmath_t> s = {};
-    for (int j = 0; j < n; ++j) {
-      const int64_t o0 = t.o0[j][w] + c;
-      if (t.kind[j] != TapKind::kBilinear) {
-        s += load_as<scalar_t, opmath_t>(t.r0[j] + o0);
-        continue;
-      }
-      const int64_t o1 = t.o1[j][w] + c;
-      const opmath_t b0 = t.b0[j][w], b1 = t.b1[j][w];
-      s += t.a0[j] * (b0 * load_as<scalar_t, opmath_t>(t.r0[j] + o0) +
-                      b1 * load_as<scalar_t, opmath_t>(t.r0[j] + o1)) +
-           t.a1[j] * (b0 * load_as<scalar_t, opmath_t>(t.r1[j] + o0) +
-                      b1 * load_as<scalar_t, opmath_t>(t.r1[j] + o1));
-    }
-    store_as<scalar_t, opmath_t>(out + c, simd::activate<opmath_t>(s, act));
-  } else {
-    for (int64_t k = c; k < c + len; ++k) {
-      opmath_t s = opmath_t(0);
-      for (int j = 0; j < n; ++j) {
-        const int64_t o0 = t.o0[j][w] + k;
-        if (t.kind[j] != TapKind::kBilinear) {
-          s += static_cast<opmath_t>(t.r0[j][o0]);
-          continue;
-        }
-        const int64_t o1 = t.o1[j][w] + k;
-        const opmath_t b0 = t.b0[j][w], b1 = t.b1[j][w];
-        s += t.a0[j] * (b0 * static_cast<opmath_t>(t.r0[j][o0]) +
-                        b1 * static_cast<opmath_t>(t.r0[j][o1])) +
-             t.a1[j] * (b0 * static_cast<opmath_t>(t.r1[j][o0]) +
-                        b1 * static_cast<opmath_t>(t.r1[j][o1]));
-      }
-      out[k] = static_cast<scalar_t>(activate(s, act));
-    }
-  }
-}
-
-template <typename scalar_t, typename opmath_t>
-HRNAS_TARGET_CLONES void fwd_nhwc_rows(const Plan<scalar_t, opmath_t>& p,
-                                       const ColumnTaps<opmath_t>* cols, scalar_t* out,
+HRNAS_TARGET_CLONES void fwd_nhwc_rows(const Plan<scalar_t, opmath_t>& p, scalar_t* out,
                                        int64_t begin, int64_t end) {
+  using V = simd::Vec<opmath_t>;
   const int64_t C = p.C, Ho = p.Ho, Wo = p.Wo;
-  RowTaps<scalar_t, opmath_t> t;
+  const bool bilinear = p.mode == Mode::kBilinear;
+  int64_t at[kMaxInputs] = {}, size = 0;
   for (int j = 0; j < p.n; ++j) {
-    t.kind[j] = p.identity[j] ? TapKind::kCopy
-                              : (p.mode == Mode::kBilinear ? TapKind::kBilinear : TapKind::kNearest);
-    t.o0[j] = cols[j].o0.data();
-    t.o1[j] = cols[j].o1.data();
-    t.b0[j] = cols[j].b0.data();
-    t.b1[j] = cols[j].b1.data();
+    at[j] = size;
+    if (!p.identity[j]) size += p.W[j] * C;
   }
+  opmath_t* blended = scratch<opmath_t>(0, size);
+  const scalar_t* same[kMaxInputs];  // rows of the same-size inputs
+  const opmath_t* rows[kMaxInputs];  // blended rows of the resampled inputs
+  const Axis<opmath_t>* cols[kMaxInputs];
+  const opmath_t* s0[kMaxInputs];
+  const opmath_t* s1[kMaxInputs];
+  opmath_t b0[kMaxInputs], b1[kMaxInputs];
   for (int64_t nh = begin; nh < end; ++nh) {
     const int64_t n = nh / Ho, h = nh % Ho;
+    int n_same = 0, n_res = 0;
     for (int j = 0; j < p.n; ++j) {
       const int64_t rowlen = p.W[j] * C;
       const scalar_t* x = p.x[j] + n * p.H[j] * rowlen;
-      if (t.kind[j] == TapKind::kCopy) {
-        t.r0[j] = x + h * rowlen;
+      if (p.identity[j]) {
+        same[n_same++] = x + h * rowlen;
         continue;
       }
-      t.r0[j] = x + p.rows[j].i0[h] * rowlen;
-      t.r1[j] = x + p.rows[j].i1[h] * rowlen;
-      t.a0[j] = p.rows[j].l0[h];
-      t.a1[j] = p.rows[j].l1[h];
-    }
-    scalar_t* o = out + nh * Wo * C;
-    for (int64_t w = 0; w < Wo; ++w) {
-      scalar_t* ow = o + w * C;
-      int64_t c0 = 0;
-      for (; c0 + kChannelBlock <= C; c0 += kChannelBlock) {
-        fuse_pixel<true>(t, p.n, w, c0, kChannelBlock, ow, p.act);
+      const Axis<opmath_t>& r = p.rows[j];
+      const scalar_t* x0 = x + r.i0[h] * rowlen;
+      const scalar_t* x1 = x + r.i1[h] * rowlen;
+      const opmath_t a0 = r.l0[h], a1 = r.l1[h];
+      opmath_t* t = blended + at[j];
+      if (bilinear) {
+        sweep(
+            rowlen,
+            [&](int64_t e) {
+              simd::store<opmath_t>(t + e, a0 * load_as<scalar_t, opmath_t>(x0 + e) +
+                                               a1 * load_as<scalar_t, opmath_t>(x1 + e));
+            },
+            [&](int64_t e) {
+              t[e] = a0 * static_cast<opmath_t>(x0[e]) + a1 * static_cast<opmath_t>(x1[e]);
+            });
+      } else {
+        sweep(
+            rowlen,
+            [&](int64_t e) { simd::store<opmath_t>(t + e, load_as<scalar_t, opmath_t>(x0 + e)); },
+            [&](int64_t e) { t[e] = static_cast<opmath_t>(x0[e]); });
       }
-      if (c0 < C) fuse_pixel<false>(t, p.n, w, c0, C - c0, ow, p.act);
+      rows[n_res] = t;
+      cols[n_res++] = &p.cols[j];
+    }
+    scalar_t* orow = out + nh * Wo * C;
+    for (int64_t w = 0; w < Wo; ++w) {
+      for (int k = 0; k < n_res; ++k) {
+        s0[k] = rows[k] + cols[k]->i0[w] * C;
+        s1[k] = rows[k] + cols[k]->i1[w] * C;
+        b0[k] = cols[k]->l0[w];
+        b1[k] = cols[k]->l1[w];
+      }
+      const int64_t px = w * C;
+      scalar_t* o = orow + px;
+      sweep(
+          C,
+          [&](int64_t c) {
+            V s = {};
+            for (int k = 0; k < n_same; ++k) s += load_as<scalar_t, opmath_t>(same[k] + px + c);
+            for (int k = 0; k < n_res; ++k) {
+              s += bilinear ? b0[k] * simd::load<opmath_t>(s0[k] + c) +
+                                  b1[k] * simd::load<opmath_t>(s1[k] + c)
+                            : simd::load<opmath_t>(s0[k] + c);
+            }
+            store_as<scalar_t, opmath_t>(o + c, simd::activate<opmath_t>(s, p.act));
+          },
+          [&](int64_t c) {
+            opmath_t s = opmath_t(0);
+            for (int k = 0; k < n_same; ++k) s += static_cast<opmath_t>(same[k][px + c]);
+            for (int k = 0; k < n_res; ++k) {
+              s += bilinear ? b0[k] * s0[k][c] + b1[k] * s1[k][c] : s0[k][c];
+            }
+            o[c] = static_cast<scalar_t>(activate(s, p.act));
+          });
     }
   }
-}
-
-// Column tables of the NHWC forward: copies read column w, resampled inputs their taps.
-template <typename scalar_t, typename opmath_t>
-std::vector<ColumnTaps<opmath_t>> nhwc_columns(const Plan<scalar_t, opmath_t>& p) {
-  std::vector<ColumnTaps<opmath_t>> cols(p.n);
-  for (int j = 0; j < p.n; ++j) {
-    ColumnTaps<opmath_t>& ct = cols[j];
-    ct.o0.resize(p.Wo);
-    ct.o1.resize(p.Wo);
-    ct.b0.resize(p.Wo);
-    ct.b1.resize(p.Wo);
-    for (int64_t w = 0; w < p.Wo; ++w) {
-      const bool copy = p.identity[j];
-      ct.o0[w] = (copy ? w : p.cols[j].i0[w]) * p.C;
-      ct.o1[w] = (copy ? w : p.cols[j].i1[w]) * p.C;
-      ct.b0[w] = copy ? opmath_t(1) : p.cols[j].l0[w];
-      ct.b1[w] = copy ? opmath_t(0) : p.cols[j].l1[w];
-    }
-  }
-  return cols;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Backward
 //
-// A unit is an NCHW plane (rows of Wo elements) or an NHWC image (rows of Wo * C elements). One
-// pass over the unit's output rows forms gm = grad_out * act'(out) row by row, writes it to the
-// gradients of same-size inputs, and adds it into per-input rows of vertical sums
-// V_j[i] = sum_h wv(h, i) * gm[h] (the only rows that reference input row i, in ascending h: the
-// same order a gather over h would use). Then each input gradient is gathered along W from V_j.
-// Every unit is owned by one thread: no atomics, results independent of the thread count.
-
-// dst[0:len] += w * src[0:len]
-template <typename opmath_t>
-inline void axpy(opmath_t* __restrict dst, const opmath_t* __restrict src, opmath_t w,
-                 int64_t len) {
-  int64_t e = 0;
-  for (; e + simd::kWidth <= len; e += simd::kWidth) {
-    simd::store<opmath_t>(dst + e, simd::load<opmath_t>(dst + e) + w * simd::load<opmath_t>(src + e));
-  }
-  for (; e < len; ++e) dst[e] += w * src[e];
-}
-
+// A unit is an NCHW plane (rows of Wo elements) or an NHWC image (rows of Wo * C elements). The
+// unit's gm = grad_out * act'(out) is formed once, in the gradient of a same-size input when
+// there is one (that gradient IS gm) or in a per-thread buffer. Each resampled input's gradient
+// is then gathered row by row: a vertical pass sums the gm rows that read source row i with their
+// weights (ascending output row), and a horizontal pass gathers that row along W with the
+// transposed taps (a row map for NCHW, per-pixel channel vectors for NHWC). Every unit belongs to
+// one thread and every sum has a fixed order: no atomics, results independent of the thread
+// count.
 template <typename scalar_t, typename opmath_t>
 HRNAS_TARGET_CLONES void bwd_units(const Plan<scalar_t, opmath_t>& p, const scalar_t* g,
                                    const scalar_t* out, int64_t L, int64_t begin, int64_t end) {
-  const int64_t Ho = p.Ho, R = p.Wo * L;
-  int64_t v_size = R;  // the gm row, then every resampled input's rows of vertical sums
-  int64_t v_at[kMaxInputs] = {};
-  for (int j = 0; j < p.n; ++j) {
-    if (p.identity[j]) continue;
-    v_at[j] = v_size;
-    v_size += p.H[j] * R;
+  using V = simd::Vec<opmath_t>;
+  const int64_t R = p.Wo * L, U = p.Ho * R;
+  int holder = -1;  // the same-size input whose gradient holds gm
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+    for (int j = 0; j < p.n && holder < 0; ++j) {
+      if (p.identity[j]) holder = j;
+    }
   }
-  opmath_t* gm = scratch<opmath_t>(0, v_size);
-  const bool bilinear = p.mode == Mode::kBilinear;
+  opmath_t* buf = scratch<opmath_t>(0, (holder < 0 ? U : 0) + R);
+  opmath_t* v = buf + (holder < 0 ? U : 0);  // one vertically gathered row
   for (int64_t u = begin; u < end; ++u) {
-    std::fill(gm + R, gm + v_size, opmath_t(0));
-    const scalar_t* gu = g + u * Ho * R;
-    const scalar_t* ou = out + u * Ho * R;
-    for (int64_t h = 0; h < Ho; ++h) {
-      const scalar_t* gr = gu + h * R;
-      const scalar_t* orow = ou + h * R;
-      int64_t e = 0;
-      for (; e + simd::kWidth <= R; e += simd::kWidth) {
-        simd::store<opmath_t>(gm + e, simd::grad_through<opmath_t>(load_as<scalar_t, opmath_t>(gr + e),
-                                                           load_as<scalar_t, opmath_t>(orow + e), p.act));
-      }
-      for (; e < R; ++e) {
-        const opmath_t o = static_cast<opmath_t>(orow[e]);
-        gm[e] = passes_grad(o, p.act) ? static_cast<opmath_t>(gr[e]) : opmath_t(0);
-      }
-      for (int j = 0; j < p.n; ++j) {
-        if (p.identity[j]) {
-          scalar_t* gx = p.gx[j] + (u * Ho + h) * R;
-          for (int64_t k = 0; k < R; ++k) gx[k] = static_cast<scalar_t>(gm[k]);
-          continue;
-        }
-        const Axis<opmath_t>& r = p.rows[j];
-        axpy(gm + v_at[j] + r.i0[h] * R, gm, r.l0[h], R);
-        if (bilinear) axpy(gm + v_at[j] + r.i1[h] * R, gm, r.l1[h], R);
-      }
+    opmath_t* gm = buf;
+    if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+      if (holder >= 0) gm = p.gx[holder] + u * U;
+    }
+    const scalar_t* gu = g + u * U;
+    const scalar_t* ou = out + u * U;
+    sweep(
+        U,
+        [&](int64_t e) {
+          simd::store<opmath_t>(gm + e, simd::grad_through<opmath_t>(
+                                            load_as<scalar_t, opmath_t>(gu + e),
+                                            load_as<scalar_t, opmath_t>(ou + e), p.act));
+        },
+        [&](int64_t e) {
+          gm[e] = passes_grad(static_cast<opmath_t>(ou[e]), p.act) ? static_cast<opmath_t>(gu[e])
+                                                                   : opmath_t(0);
+        });
+    for (int j = 0; j < p.n; ++j) {
+      if (!p.identity[j] || j == holder) continue;
+      scalar_t* gx = p.gx[j] + u * U;
+      sweep(
+          U, [&](int64_t e) { store_as<scalar_t, opmath_t>(gx + e, simd::load<opmath_t>(gm + e)); },
+          [&](int64_t e) { gx[e] = static_cast<scalar_t>(gm[e]); });
     }
     for (int j = 0; j < p.n; ++j) {
       if (p.identity[j]) continue;
       const int64_t Hj = p.H[j], Wj = p.W[j];
-      const Axis<opmath_t>& c = p.cols[j];
+      const Axis<opmath_t>& rt = p.rows[j];
+      const Axis<opmath_t>& ct = p.cols[j];
       scalar_t* gx = p.gx[j] + u * Hj * Wj * L;
       for (int64_t i = 0; i < Hj; ++i) {
-        const opmath_t* v = gm + v_at[j] + i * R;
+        const int64_t k0 = rt.begin[i], k1 = rt.begin[i + 1];
+        sweep(
+            R,
+            [&](int64_t e) {
+              V acc = {};
+              for (int64_t k = k0; k < k1; ++k) acc += rt.w[k] * simd::load<opmath_t>(gm + rt.o[k] * R + e);
+              simd::store<opmath_t>(v + e, acc);
+            },
+            [&](int64_t e) {
+              opmath_t acc = opmath_t(0);
+              for (int64_t k = k0; k < k1; ++k) acc += rt.w[k] * gm[rt.o[k] * R + e];
+              v[e] = acc;
+            });
+        scalar_t* dst = gx + i * Wj * L;
+        if (L == 1) {
+          apply_row_map(p.hmap[j], v, dst);
+          continue;
+        }
         for (int64_t q = 0; q < Wj; ++q) {
-          scalar_t* dst = gx + (i * Wj + q) * L;
-          int64_t e = 0;
-          for (; e + simd::kWidth <= L; e += simd::kWidth) {
-            simd::Vec<opmath_t> acc = {};
-            for (int64_t k = c.begin[q]; k < c.begin[q + 1]; ++k) {
-              acc += c.w[k] * simd::load<opmath_t>(v + c.o[k] * L + e);
-            }
-            store_as<scalar_t, opmath_t>(dst + e, acc);
-          }
-          for (; e < L; ++e) {
-            opmath_t acc = opmath_t(0);
-            for (int64_t k = c.begin[q]; k < c.begin[q + 1]; ++k) acc += c.w[k] * v[c.o[k] * L + e];
-            dst[e] = static_cast<scalar_t>(acc);
-          }
+          const int64_t c0 = ct.begin[q], c1 = ct.begin[q + 1];
+          scalar_t* d = dst + q * L;
+          sweep(
+              L,
+              [&](int64_t e) {
+                V acc = {};
+                for (int64_t k = c0; k < c1; ++k) acc += ct.w[k] * simd::load<opmath_t>(v + ct.o[k] * L + e);
+                store_as<scalar_t, opmath_t>(d + e, acc);
+              },
+              [&](int64_t e) {
+                opmath_t acc = opmath_t(0);
+                for (int64_t k = c0; k < c1; ++k) acc += ct.w[k] * v[ct.o[k] * L + e];
+                d[e] = static_cast<scalar_t>(acc);
+              });
         }
       }
     }
@@ -467,11 +611,13 @@ at::Tensor fwd_cpu(at::TensorList inputs, c10::SymIntArrayRef sym_size, std::str
     }
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     if (fmt == at::MemoryFormat::ChannelsLast) {
-      const std::vector<ColumnTaps<opmath_t>> cols = nhwc_columns(p);
       at::parallel_for(0, p.N * p.Ho, grain(n * p.Wo * p.C), [&](int64_t b, int64_t e) {
-        fwd_nhwc_rows(p, cols.data(), o, b, e);
+        fwd_nhwc_rows(p, o, b, e);
       });
     } else {
+      for (int j = 0; j < n; ++j) {
+        if (!p.identity[j]) p.hmap[j] = forward_row_map(p.cols[j], p.W[j], mode);
+      }
       at::parallel_for(0, p.N * p.C, grain(n * p.Ho * p.Wo), [&](int64_t b, int64_t e) {
         fwd_nchw_planes(p, o, b, e);
       });
@@ -512,11 +658,14 @@ std::vector<at::Tensor> bwd_cpu(const at::Tensor& grad_out, const at::Tensor& ou
       p.gx[j] = grads[j].mutable_data_ptr<scalar_t>();
       p.identity[j] = p.H[j] == Ho && p.W[j] == Wo;
       if (!p.identity[j]) {
-        p.rows[j] = make_axis<opmath_t>(p.H[j], Ho, mode, false);
+        p.rows[j] = make_axis<opmath_t>(p.H[j], Ho, mode, true);
         p.cols[j] = make_axis<opmath_t>(p.W[j], Wo, mode, true);
       }
     }
     const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
+    for (int j = 0; j < n && !channels_last; ++j) {
+      if (!p.identity[j]) p.hmap[j] = transposed_row_map(p.cols[j], Wo);
+    }
     const int64_t units = channels_last ? N : N * C, L = channels_last ? C : 1;
     at::parallel_for(0, units, grain(n * Ho * Wo * L), [&](int64_t b, int64_t e) {
       bwd_units(p, g.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(), L, b, e);

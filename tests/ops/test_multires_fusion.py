@@ -20,6 +20,9 @@ CASES = [
     ((16, 16), [(16, 16), (8, 8), (4, 4)]),
     ((10, 10), [(10, 10), (3, 7)]),
     ((9, 10), [(9, 10), (1, 3), (2, 2), (5, 5), (9, 10), (18, 20), (4, 13), (11, 9)]),
+    # Rows of 32+ elements take the CPU kernel's vector row maps (windows that slide, several
+    # chunks per row); a 1-pixel input's transposed taps span the whole row (scalar fallback).
+    ((5, 70), [(5, 70), (3, 35), (2, 17), (5, 33), (1, 1), (9, 140), (4, 105)]),
 ]
 MODE_ACT = [("bilinear", "relu"), ("bilinear", "relu6"), ("bilinear", None), ("nearest", "relu")]
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
