@@ -88,8 +88,14 @@ def _classes(dataset) -> int:
 
 def _supernet(config: dict, dataset) -> Supernet:
     task = {"cls": "classification", "seg": "segmentation", "kpt": "keypoints"}[dataset.task]
+    # The space's input size becomes the data's, so MACs everywhere are those of the real input.
+    size = tuple(dataset.batch([0])["image"].shape[-2:])
     net = build_supernet(
-        config["space"], num_classes=_classes(dataset), transformers=False, impl=config["impl"]
+        config["space"],
+        num_classes=_classes(dataset),
+        transformers=False,
+        impl=config["impl"],
+        input_size=size,
     )
     if net.space.task != task:
         raise ValueError(

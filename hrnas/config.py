@@ -27,6 +27,11 @@ def _check(value, reference, key: str):
         return value
     if value is None and key in NULLABLE:
         return value
+    if isinstance(value, str) and (reference is None or type(reference) in (int, float)):
+        try:  # YAML 1.1 reads "1e6" (no dot) as a string: take it as the number it spells
+            value = float(value)
+        except ValueError:
+            pass
     if reference is None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"config: {key} must be a number or null, got {value!r}")

@@ -135,5 +135,5 @@ def train(
         opt.step()
         sched.step()
         if on_step is not None:
-            on_step(step, float(loss))
-    return float(loss)
+            on_step(step, loss.item())
+    return loss.item()
