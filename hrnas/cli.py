@@ -155,6 +155,8 @@ def _retrain_and_eval(config, arch, supernet, train_set, test_set, out: Path) ->
     )
     bar.close()
     seconds = time.perf_counter() - start
+    # BN momentum 0.01 (the authors') leaves short runs with unsettled running statistics.
+    recalibrate_bn(net, _recal_inputs(train_set, config))
     torch.save({"kind": "compact", "arch": arch, "state_dict": net.state_dict()}, out / "model.pt")
     result = evaluate(net, test_set, config["eval"]["batch_size"])
     size = tuple(net.space.input_size)
@@ -167,9 +169,7 @@ def _retrain_and_eval(config, arch, supernet, train_set, test_set, out: Path) ->
 
 
 def cmd_search(args) -> int:
-    config = load_config(args.config, args.set)
-    if config["threads"]:
-        torch.set_num_threads(config["threads"])
+    config = _config(args)
     out = _run_folder(args, config)
     train_set, test_set = _datasets(config)
     torch.manual_seed(config["search"]["seed"])
@@ -231,6 +231,16 @@ def cmd_search(args) -> int:
     return 0
 
 
+def _config(args) -> dict:
+    """The resolved config of ``--config`` and ``--set``; applies its ``threads``."""
+    config = load_config(args.config, args.set)
+    if config["threads"] < 0:
+        raise ValueError(f"config: threads must be >= 0, got {config['threads']}")
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
+    return config
+
+
 def _run_folder(args, config) -> Path:
     out = Path(args.out or config["out"]) / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
@@ -241,7 +251,7 @@ def _run_folder(args, config) -> Path:
 
 
 def cmd_retrain(args) -> int:
-    config = load_config(args.config, args.set)
+    config = _config(args)
     arch = json.loads(Path(args.arch).read_text())
     supernet = _load_net(Path(args.supernet)) if args.supernet else None
     if supernet is not None and not isinstance(supernet, Supernet):
@@ -261,7 +271,7 @@ def cmd_retrain(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    config = load_config(args.config, args.set)
+    config = _config(args)
     net = _load_net(Path(args.checkpoint))
     train_set, test_set = _datasets(config)
     if isinstance(net, Supernet):
