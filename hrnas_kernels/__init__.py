@@ -8,6 +8,7 @@ fails to load is reported by ``available_impls()`` instead of breaking the impor
 from . import _impl
 from .mixed_dwconv_bn_act import ops as _mixed_dwconv_bn_act_ops  # noqa: F401  (schemas before kernels)
 from .multires_fusion import ops as _multires_fusion_ops  # noqa: F401
+from .token_transformer import ops as _token_transformer_ops  # noqa: F401
 
 try:
     from . import _C
@@ -20,6 +21,13 @@ from . import nn  # noqa: E402
 from ._impl import available_impls  # noqa: E402
 from .mixed_dwconv_bn_act import mixed_dwconv_bn_act  # noqa: E402
 from .multires_fusion import multires_fusion  # noqa: E402
+from .token_transformer import token_transformer  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["available_impls", "mixed_dwconv_bn_act", "multires_fusion", "nn"]
+__all__ = [
+    "available_impls",
+    "mixed_dwconv_bn_act",
+    "multires_fusion",
+    "nn",
+    "token_transformer",
+]

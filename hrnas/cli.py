@@ -1,0 +1,367 @@
+"""The ``hrnas`` command line: ``search``, ``retrain``, ``eval``, ``export``.
+
+``hrnas search`` with no arguments runs ``hrnas/configs/default.yaml``: search the scaled
+``hrnas-seg`` space on the embedded segmentation task to half the supernet's MACs, retrain the
+exported architecture, evaluate it, and write ``runs/<timestamp>/`` (``config.yaml``,
+``log.txt``, ``history.json``, ``arch.json``, ``supernet.pt``, ``model.pt``, ``summary.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from . import build_from_arch, export_arch, export_subnet
+from .config import load_config
+from .data import build_dataset
+from .search import SearchConfig, recalibrate_bn, search
+from .space import SpaceSpec
+from .supernet.registry import build_supernet
+from .supernet.supernet import Supernet
+from .train import as_input, evaluate, train
+
+log = logging.getLogger("hrnas")
+
+
+class Progress:
+    """A tqdm bar when tqdm is installed, else a line every tenth of the steps (with ETA)."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.start = total, desc, time.perf_counter()
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self.bar = None
+        else:
+            self.bar = tqdm(total=total, desc=desc, file=sys.stderr)
+
+    def update(self, step: int, **values) -> None:
+        text = " ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()
+        )
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(1)
+            return
+        done = step + 1
+        if done % max(1, self.total // 10) == 0 or done == self.total:
+            elapsed = time.perf_counter() - self.start
+            eta = elapsed / done * (self.total - done)
+            log.info(
+                "%s %d/%d %s elapsed %.0fs eta %.0fs",
+                self.desc,
+                done,
+                self.total,
+                text,
+                elapsed,
+                eta,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _datasets(config: dict):
+    data = config["data"]
+
+    def one(split, count):
+        options = dict(data["options"])
+        if count is not None:
+            options["count"] = count
+        return build_dataset(data["name"], split, **options)
+
+    return one("train", data["train_count"]), one("test", data["test_count"])
+
+
+def _classes(dataset) -> int:
+    return getattr(dataset, "num_classes", None) or dataset.num_keypoints
+
+
+def _supernet(config: dict, dataset) -> Supernet:
+    task = {"cls": "classification", "seg": "segmentation", "kpt": "keypoints"}[dataset.task]
+    # The space's input size becomes the data's, so MACs everywhere are those of the real input.
+    size = tuple(dataset.batch([0])["image"].shape[-2:])
+    net = build_supernet(
+        config["space"],
+        num_classes=_classes(dataset),
+        transformers=False,
+        impl=config["impl"],
+        input_size=size,
+    )
+    if net.space.task != task:
+        raise ValueError(
+            f"space {config['space']!r} is for {net.space.task}, "
+            f"dataset {config['data']['name']!r} for {task}"
+        )
+    return net
+
+
+def _save(obj, path: Path) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _recal_inputs(dataset, config: dict):
+    n, bs = config["eval"]["recalibrate_batches"], config["eval"]["batch_size"]
+    return (
+        as_input(dataset.batch(range(i * bs, min((i + 1) * bs, len(dataset))))["image"])
+        for i in range(n)
+        if i * bs < len(dataset)
+    )
+
+
+def _load_net(path: Path):
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if ckpt.get("kind") == "supernet":
+        net = Supernet(SpaceSpec.from_dict(ckpt["space"]), ckpt["num_classes"])
+    elif ckpt.get("kind") == "compact":
+        net = build_from_arch(ckpt["arch"])
+    else:
+        raise ValueError(f"{path}: not an hrnas checkpoint (no 'kind' supernet/compact)")
+    net.load_state_dict(ckpt["state_dict"])
+    return net
+
+
+def _retrain_and_eval(config, arch, supernet, train_set, test_set, out: Path) -> dict:
+    rc = config["retrain"]
+    if rc["init"] == "inherit":
+        if supernet is None:
+            raise ValueError(
+                "retrain.init=inherit needs --supernet (a supernet.pt of a search run)"
+            )
+        net = export_subnet(supernet)
+    else:
+        torch.manual_seed(rc["seed"])
+        net = build_from_arch(arch)
+    bar = Progress(rc["steps"], "retrain")
+    start = time.perf_counter()
+    train(
+        net,
+        train_set,
+        steps=rc["steps"],
+        batch_size=rc["batch_size"],
+        lr=rc["lr"],
+        weight_decay=rc["weight_decay"],
+        seed=rc["seed"],
+        on_step=lambda s, loss: bar.update(s, loss=loss),
+    )
+    bar.close()
+    seconds = time.perf_counter() - start
+    # BN momentum 0.01 (the authors') leaves short runs with unsettled running statistics.
+    recalibrate_bn(net, _recal_inputs(train_set, config))
+    torch.save({"kind": "compact", "arch": arch, "state_dict": net.state_dict()}, out / "model.pt")
+    result = evaluate(net, test_set, config["eval"]["batch_size"])
+    size = tuple(net.space.input_size)
+    return {
+        **result,
+        "macs": net.macs(size),
+        "params": net.num_parameters(),
+        "retrain_seconds": seconds,
+    }
+
+
+def cmd_search(args) -> int:
+    config = _config(args)
+    out = _run_folder(args, config)
+    train_set, test_set = _datasets(config)
+    torch.manual_seed(config["search"]["seed"])
+    net = _supernet(config, train_set)
+    sc = SearchConfig(**config["search"])
+    bar = Progress(sc.steps, "search")
+    result = search(
+        net,
+        train_set,
+        sc,
+        on_step=lambda s, r: bar.update(s, loss=r["loss"], macs=r["macs"] / 1e6, alive=r["alive"]),
+    )
+    bar.close()
+    log.info(
+        "searched: %.4g MACs (target %s, full %.4g), %d/%d units alive, %.0f s",
+        result.final_macs,
+        result.target_macs,
+        result.full_macs,
+        result.alive_units,
+        result.total_units,
+        result.seconds,
+    )
+    arch = export_arch(net)
+    _save(arch, out / "arch.json")
+    _save(result.history, out / "history.json")
+    state = {
+        "kind": "supernet",
+        "space": net.space.to_dict(),
+        "num_classes": net.num_classes,
+        "state_dict": net.state_dict(),
+    }
+    torch.save(state, out / "supernet.pt")
+    probe = copy.deepcopy(net)
+    recalibrate_bn(probe, _recal_inputs(train_set, config))
+    searched = evaluate(probe, test_set, config["eval"]["batch_size"])
+    log.info("searched supernet (BN recalibrated): %s %.4f", searched["metric"], searched["value"])
+    final = _retrain_and_eval(config, arch, net, train_set, test_set, out)
+    summary = {
+        "metric": final["metric"],
+        "value": final["value"],
+        "macs": final["macs"],
+        "params": final["params"],
+        "supernet_macs": result.full_macs,
+        "target_macs": result.target_macs,
+        "searched_macs": result.final_macs,
+        "searched_supernet_metric": searched["value"],
+        "search_seconds": result.seconds,
+        "retrain_seconds": final["retrain_seconds"],
+    }
+    _save(summary, out / "summary.json")
+    log.info(
+        "retrained: %s %.4f at %.4g MACs, %d params; run folder %s",
+        final["metric"],
+        final["value"],
+        final["macs"],
+        final["params"],
+        out,
+    )
+    return 0
+
+
+def _config(args) -> dict:
+    """The resolved config of ``--config`` and ``--set``; applies its ``threads``."""
+    config = load_config(args.config, args.set)
+    if config["threads"] < 0:
+        raise ValueError(f"config: threads must be >= 0, got {config['threads']}")
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
+    return config
+
+
+def _run_folder(args, config) -> Path:
+    out = Path(args.out or config["out"]) / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    logging.getLogger().addHandler(logging.FileHandler(out / "log.txt"))
+    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    log.info("run folder %s", out)
+    return out
+
+
+def cmd_retrain(args) -> int:
+    config = _config(args)
+    arch = json.loads(Path(args.arch).read_text())
+    supernet = _load_net(Path(args.supernet)) if args.supernet else None
+    if supernet is not None and not isinstance(supernet, Supernet):
+        raise ValueError(f"{args.supernet}: a compact checkpoint, --supernet needs a supernet.pt")
+    out = _run_folder(args, config)
+    train_set, test_set = _datasets(config)
+    final = _retrain_and_eval(config, arch, supernet, train_set, test_set, out)
+    _save(final, out / "summary.json")
+    log.info(
+        "retrained: %s %.4f at %.4g MACs; run folder %s",
+        final["metric"],
+        final["value"],
+        final["macs"],
+        out,
+    )
+    return 0
+
+
+def cmd_eval(args) -> int:
+    config = _config(args)
+    net = _load_net(Path(args.checkpoint))
+    train_set, test_set = _datasets(config)
+    if isinstance(net, Supernet):
+        recalibrate_bn(net, _recal_inputs(train_set, config))
+    result = evaluate(net, test_set, config["eval"]["batch_size"])
+    result["macs"] = net.macs(tuple(net.space.input_size))
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_export(args) -> int:
+    net = _load_net(Path(args.checkpoint))
+    if not isinstance(net, Supernet):
+        raise ValueError(f"{args.checkpoint}: export needs a supernet checkpoint (supernet.pt)")
+    _save(export_arch(net), Path(args.output))
+    log.info("wrote %s (%.4g MACs)", args.output, net.macs(tuple(net.space.input_size)))
+    return 0
+
+
+def _config_flags(p) -> None:
+    p.add_argument(
+        "--config",
+        metavar="YAML",
+        help="a YAML config merged over the default (hrnas/configs/default.yaml)",
+    )
+    p.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override one config key (dotted, value as YAML), e.g. --set search.steps=50; "
+        "repeatable",
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(
+        prog="hrnas", description="HR-NAS: resource-aware search of high-resolution networks"
+    )
+    sub = root.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser(
+        "search", help="search, export, retrain and evaluate (the default job with no arguments)"
+    )
+    _config_flags(p)
+    p.add_argument(
+        "--out", metavar="DIR", help="parent folder of the run folder (default: config key out)"
+    )
+    p.set_defaults(func=cmd_search)
+    p = sub.add_parser("retrain", help="retrain an arch.json and evaluate it")
+    _config_flags(p)
+    p.add_argument(
+        "--arch", required=True, metavar="JSON", help="the architecture (arch.json of a search run)"
+    )
+    p.add_argument(
+        "--supernet",
+        metavar="PT",
+        help="supernet.pt whose weights retrain.init=inherit starts from",
+    )
+    p.add_argument(
+        "--out", metavar="DIR", help="parent folder of the run folder (default: config key out)"
+    )
+    p.set_defaults(func=cmd_retrain)
+    p = sub.add_parser(
+        "eval", help="evaluate a checkpoint (model.pt or supernet.pt) on the config's test split"
+    )
+    _config_flags(p)
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="PT",
+        help="model.pt (retrained) or supernet.pt (searched; BN recalibrated first)",
+    )
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("export", help="write the arch.json of a searched supernet checkpoint")
+    p.add_argument("--checkpoint", required=True, metavar="PT", help="supernet.pt of a search run")
+    p.add_argument(
+        "--output", required=True, metavar="JSON", help="where to write the architecture"
+    )
+    p.set_defaults(func=cmd_export)
+    return root
+
+
+def main(argv=None) -> int:
+    """Entry point of the `hrnas` console script and `python -m hrnas`."""
+    args = parser().parse_args(argv)
+    if args.command is None:
+        args = parser().parse_args(["search", *(argv or [])])
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"hrnas {args.command}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,139 @@
+"""Training, evaluation and the task pieces shared by the search and the retraining.
+
+Tasks, by the dataset's ``task``:
+
+- ``cls``: cross-entropy of ``logits [N, C]`` against ``label [N]``; metric top-1 accuracy.
+- ``seg``: logits ``[N, C, H/4, W/4]`` bilinearly upsampled to the mask size (as the authors'
+  mmseg head), cross-entropy ignoring 255; metric mIoU.
+- ``kpt``: ``0.5 * mean(target_weight * (heatmap_pred - heatmap)^2)`` (the authors'
+  JointsMSELoss); metric PCK@0.5 of the heatmap argmax.
+
+The networks' stem takes 3 channels; one-channel images (the embedded Fashion-MNIST tasks) are
+repeated to 3 channels by ``as_input``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .metrics import PCK, Accuracy, MeanIoU
+
+TASKS = {"cls": "classification", "seg": "segmentation", "kpt": "keypoints"}
+METRICS = {"cls": "top1", "seg": "mIoU", "kpt": "PCK"}
+
+
+def as_input(image: torch.Tensor) -> torch.Tensor:
+    """``[N, 1 or 3, H, W]`` -> ``[N, 3, H, W]``."""
+    if image.dim() != 4 or image.shape[1] not in (1, 3):
+        raise ValueError(f"images must be [N, 1 or 3, H, W], got {list(image.shape)}")
+    return image.expand(-1, 3, -1, -1) if image.shape[1] == 1 else image
+
+
+def to_net(batch: dict, net: nn.Module) -> tuple[torch.Tensor, dict]:
+    """(network input, ``batch`` with its floating tensors in the network's dtype)."""
+    dtype = next(net.parameters()).dtype
+    batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+    return as_input(batch["image"]), batch
+
+
+def task_loss(task: str, out: torch.Tensor, batch: dict) -> torch.Tensor:
+    """The training loss of ``task`` (see the module docstring)."""
+    if task == "cls":
+        return F.cross_entropy(out, batch["label"])
+    if task == "seg":
+        mask = batch["mask"]
+        logits = F.interpolate(out, size=mask.shape[-2:], mode="bilinear", align_corners=False)
+        return F.cross_entropy(logits, mask, ignore_index=255)
+    if task == "kpt":
+        weight = batch["target_weight"][..., None, None]
+        return 0.5 * (weight * (out - batch["heatmap"]) ** 2).mean()
+    raise ValueError(f"unknown task {task!r}; known: {sorted(TASKS)}")
+
+
+def batches(dataset, batch_size: int, seed: int) -> Iterator[dict]:
+    """Endless shuffled batches of ``dataset`` (a ``hrnas.data`` dataset with ``batch``),
+    reshuffled every epoch with a generator seeded by ``seed``."""
+    if not 1 <= batch_size <= len(dataset):
+        raise ValueError(f"batch_size must be in [1, {len(dataset)}], got {batch_size}")
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(dataset), generator=gen)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield dataset.batch(order[start : start + batch_size])
+
+
+def make_optimizer(net: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW (the authors' dense-task optimizer, eps 1e-3) with weight decay on conv and linear
+    weights only (the authors exempt BN parameters and biases)."""
+    decay = [p for p in net.parameters() if p.dim() > 1]
+    rest = [p for p in net.parameters() if p.dim() <= 1]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0}]
+    return torch.optim.AdamW(groups, lr=lr, eps=1e-3)
+
+
+def one_cycle(optimizer, lr: float, steps: int):
+    """The authors' OneCycle schedule (div 25) over ``steps``."""
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 2))
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module, dataset, batch_size: int = 64) -> dict[str, float]:
+    """The task metric of ``net`` (eval mode) over all of ``dataset``: ``{"metric", name}``."""
+    task = dataset.task
+    meters = {
+        "cls": Accuracy,
+        "seg": lambda: MeanIoU(dataset.num_classes),
+        "kpt": lambda: PCK(stride=dataset.heatmap_stride),
+    }
+    meter = meters[task]()
+    was_training = net.training
+    net.eval()
+    for start in range(0, len(dataset), batch_size):
+        x, batch = to_net(dataset.batch(range(start, min(start + batch_size, len(dataset)))), net)
+        out = net(x)
+        if task == "cls":
+            meter.update(out, batch["label"])
+        elif task == "seg":
+            mask = batch["mask"]
+            meter.update(F.interpolate(out, size=mask.shape[-2:], mode="bilinear"), mask)
+        else:
+            meter.update(out, batch["keypoints"], batch["visible"])
+    net.train(was_training)
+    value = meter.compute()[METRICS[task]]
+    return {"metric": METRICS[task], "value": float(value)}
+
+
+def train(
+    net: nn.Module,
+    dataset,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    on_step: Callable[[int, float], None] | None = None,
+) -> float:
+    """Train ``net`` on ``dataset`` for ``steps`` (AdamW, OneCycle); returns the last loss.
+    ``on_step(step, loss)`` is called after every step (progress output)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    opt = make_optimizer(net, lr, weight_decay)
+    sched = one_cycle(opt, lr, steps)
+    data = batches(dataset, batch_size, seed)
+    net.train()
+    loss = torch.zeros(())
+    for step in range(steps):
+        x, batch = to_net(next(data), net)
+        loss = task_loss(dataset.task, net(x), batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if on_step is not None:
+            on_step(step, loss.item())
+    return loss.item()
