@@ -39,7 +39,7 @@ def export_arch(net) -> dict:
                 **block.shape_dict(),
                 "kernel_sizes": [k for k, _ in kept],
                 "channels": [c for _, c in kept],
-                "tokens": 0,
+                "tokens": block.tokens(),
             }
         )
     return {
@@ -76,10 +76,11 @@ def parse_arch(arch: dict) -> tuple[SpaceSpec, int, dict[str, dict]]:
                 f"arch: block {entry['name']!r} keeps kernel sizes {entry['kernel_sizes']}, "
                 f"the space has {list(space.kernel_sizes)}"
             )
-        if entry["tokens"] != 0:
+        tokens = entry["tokens"]
+        if not isinstance(tokens, int) or not 0 <= tokens <= space.transformer.num_tokens:
             raise ValueError(
-                f"arch: block {entry['name']!r} keeps {entry['tokens']} transformer tokens; "
-                "this build has no token transformer"
+                f"arch: block {entry['name']!r} keeps {tokens!r} transformer tokens; the space "
+                f"allows 0 to {space.transformer.num_tokens}"
             )
         entries[entry["name"]] = entry
     return space, arch["num_classes"], entries

@@ -51,6 +51,8 @@ class CompactNet(HRNet):
                 bn_momentum=space.bn_momentum,
                 bn_eps=space.bn_eps,
                 fusion=fusion,
+                transformer=space.transformer,
+                tokens=entry["tokens"],
             )
 
         super().__init__(space, num_classes, make_block, fusion)
@@ -79,11 +81,29 @@ def _gather_bn(dst, weight, bias, mean, var, tracked, index) -> None:
     dst.num_batches_tracked.copy_(tracked)
 
 
+def _copy_transformer(src, dst) -> None:
+    """The alive tokens' rows/columns of a transformer into one built with only them."""
+    index = torch.nonzero(src.token_mask).flatten()
+    state = src.state_dict()
+    token_rows = ("input_proj.weight", "query_embed.weight") + tuple(
+        f"input_norm.{k}" for k in ("weight", "bias", "running_mean", "running_var")
+    )
+    for key, value in dst.state_dict().items():
+        if key in token_rows:
+            value.copy_(state[key].index_select(0, index))
+        elif key == "reverse_proj.weight":
+            value.copy_(state[key].index_select(1, index))
+        else:
+            value.copy_(state[key])
+
+
 @torch.no_grad()
 def _copy_block(src, dst: CompactBlock) -> None:
     """Alive weights of a ``MixedBlock`` into the ``CompactBlock`` built from its arch entry."""
     if dst.shortcut is not None:
         dst.shortcut.weight.copy_(src.shortcut.weight)
+    if dst.transformer is not None:
+        _copy_transformer(src.transformer, dst.transformer)
     if not dst.hidden:
         return
     index = torch.nonzero(src.mask).flatten()

@@ -11,7 +11,16 @@ input, or the branches of the dense head, which the authors concatenate at 1/4 r
 
 ``shortcut(x) = x`` when ``stride == 1`` and the block keeps its (single) input's channels,
 otherwise ``Conv2d(inp -> oup, 1x1, stride, groups=gcd(inp, oup), bias=False)`` (no BN) on the
-concatenated, upsampled inputs. A block with no alive channel is its shortcut.
+concatenated, upsampled inputs. With a token transformer T (HRNAS_SPEC.md section 2) the
+shortcut of a residual block is ``T(x)`` (which adds ``x`` itself), of another block
+``conv(x) + T(x)``. A transformer with no alive token is left out, a block with no alive
+channel is its shortcut.
+
+Transformer MACs per sample with L alive tokens of dimension d (grid²), C in and C_out out
+channels: ``L d (C + 2 + C_out)`` (input and reverse projections) + ``12 L d²`` (q/k/v/out
+projections and the two-layer FFN of the encoder and of the decoder) + ``4 L² d`` (scores and
+weighted values, in both layers). The marginal MACs of one more token at L alive are
+``d (C + 2 + C_out) + 12 d² + 4 d (2L - 1)``: the linear part plus the quadratic attention term.
 
 Expanding each branch at its own resolution and then upsampling is the authors' "upsample,
 concatenate, expand" exactly (bilinear resizing is a per-channel linear map, the 1x1 conv a
@@ -26,7 +35,18 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from hrnas_kernels.nn import DynamicTokenTransformer
+
 Size = tuple[int, int]
+
+
+def transformer_macs(in_channels: int, out_channels: int, tokens: int, dim: int) -> int:
+    """MACs of one token transformer (see the module docstring); 0 without tokens."""
+    return (
+        tokens * dim * (in_channels + 2 + out_channels)
+        + 12 * tokens * dim * dim
+        + (4 * tokens * tokens * dim)
+    )
 
 
 def conv_out(size: Size, stride: int) -> Size:
@@ -67,6 +87,11 @@ class BlockShape(nn.Module):
             )
         )
         self.fusion = fusion
+        self.transformer = None
+
+    def tokens(self) -> int:
+        """Alive transformer tokens (0 without a transformer)."""
+        return 0 if self.transformer is None else self.transformer.alive_tokens
 
     def inputs(self, x) -> list[torch.Tensor]:
         """The block's inputs as a list (one tensor, or the head's branches)."""
@@ -79,14 +104,19 @@ class BlockShape(nn.Module):
         return [x]
 
     def shortcut_path(self, xs: list[torch.Tensor]) -> torch.Tensor:
-        if self.residual:
-            return xs[0]
         if self.multi_input:
             size = xs[0].shape[-2:]
             x = torch.cat([xs[0]] + [self.fusion([x], size, "bilinear", None) for x in xs[1:]], 1)
         else:
             x = xs[0]
-        return self.shortcut(x)
+        transformer = self.transformer if self.tokens() else None
+        if self.residual:
+            return x if transformer is None else transformer(x)
+        out = self.shortcut(x)
+        if transformer is None:
+            return out
+        # the transformer halves with floor, strided convs with ceil: resize odd sizes to match
+        return self.fusion([out, transformer(x)], out.shape[-2:], "bilinear", None)
 
     def out_size(self, in_sizes: Sequence[Size]) -> Size:
         return conv_out(in_sizes[0], self.stride)
@@ -106,8 +136,40 @@ class BlockShape(nn.Module):
         total = sum(count * self.unit_cost(k, in_sizes) for k, count in alive)
         if self.shortcut is not None:
             total += self.shortcut.in_channels // self.shortcut.groups * self.out_channels * h * w
+        if self.tokens():
+            t = self.transformer
+            total += transformer_macs(t.in_channels, t.out_channels, self.tokens(), t.grid**2)
         return total
+
+    def token_cost(self) -> int:
+        """Marginal MACs of one more token at the current alive count (see the docstring)."""
+        t, alive = self.transformer, max(self.tokens(), 1)
+        d = t.grid**2
+        return d * (t.in_channels + 2 + t.out_channels) + 12 * d * d + 4 * d * (2 * alive - 1)
 
     def shape_dict(self) -> dict:
         channels = list(self.in_channels) if self.multi_input else self.in_channels[0]
         return {"in_channels": channels, "out_channels": self.out_channels, "stride": self.stride}
+
+    def transformer_allowed(self, spec) -> bool:
+        """Whether the space (``TransformerSpec``) puts a transformer on this block."""
+        return spec.enabled and (self.residual or spec.downsampling)
+
+    def make_transformer(self, spec, num_tokens: int, impl: str, cls=DynamicTokenTransformer):
+        """This block's transformer (a ``cls``) with ``num_tokens`` tokens (None for 0)."""
+        if not num_tokens:
+            return None
+        if not self.transformer_allowed(spec):
+            raise ValueError(
+                f"a {'residual' if self.residual else 'non-residual'} block has no transformer "
+                f"in this space (transformers enabled={spec.enabled}, "
+                f"downsampling={spec.downsampling}), got {num_tokens} tokens"
+            )
+        return cls(
+            sum(self.in_channels),
+            None if self.residual else self.out_channels,
+            num_tokens=num_tokens,
+            downsample=self.stride == 2,
+            dropout=spec.dropout,
+            impl=impl,
+        )

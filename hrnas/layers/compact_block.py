@@ -17,13 +17,51 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import hrnas_kernels
+from hrnas_kernels.nn import DynamicTokenTransformer
+
 from .block_shape import BlockShape
+
+
+class CompactTokenTransformer(DynamicTokenTransformer):
+    """A transformer whose tokens are all alive by construction: same parameters and math,
+    but no token-mask lookup (a data-dependent ``nonzero`` that ``torch.export`` cannot trace);
+    it calls the public functional op on the eager reference."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm_in, norm_out = self.input_norm, self.reverse_norm
+        return hrnas_kernels.token_transformer(
+            x,
+            self.coords,
+            self.input_proj.weight.flatten(1),
+            norm_in.weight,
+            norm_in.bias,
+            norm_in.running_mean,
+            norm_in.running_var,
+            self.encoder.weights(),
+            self.query_embed.weight,
+            self.decoder.weights(),
+            self.reverse_proj.weight.flatten(1),
+            norm_out.weight,
+            norm_out.bias,
+            norm_out.running_mean,
+            norm_out.running_var,
+            num_heads=self.num_heads,
+            downsample=self.downsample,
+            training=self.training,
+            momentum=self.momentum,
+            eps=self.eps,
+            dropout=self.dropout,
+            impl="reference",
+        )
 
 
 class CompactBlock(BlockShape):
     """Args: ``in_channels``, ``out_channels``, ``stride`` as ``MixedBlock``; ``kernel_sizes`` and
     ``channels``: the kept kernel sizes and the channels kept for each (all positive);
-    ``bn_momentum``, ``bn_eps``; ``fusion``: a ``Fusion("reference")``."""
+    ``bn_momentum``, ``bn_eps``; ``fusion``: a ``Fusion("reference")``; ``transformer``: the
+    space's ``TransformerSpec`` and ``tokens`` the alive tokens of the block's transformer (0:
+    none). The transformer runs on the plain eager reference."""
 
     def __init__(
         self,
@@ -36,8 +74,14 @@ class CompactBlock(BlockShape):
         bn_momentum: float,
         bn_eps: float,
         fusion: nn.Module,
+        transformer=None,
+        tokens: int = 0,
     ):
         super().__init__(in_channels, out_channels, stride, fusion)
+        if tokens:
+            self.transformer = self.make_transformer(
+                transformer, tokens, "reference", CompactTokenTransformer
+            )
         self.kernel_sizes, self.channels = tuple(kernel_sizes), tuple(channels)
         if len(self.kernel_sizes) != len(self.channels) or not all(
             isinstance(c, int) and c > 0 for c in self.channels
@@ -63,6 +107,9 @@ class CompactBlock(BlockShape):
 
     def alive_per_kernel(self) -> list[tuple[int, int]]:
         return list(zip(self.kernel_sizes, self.channels))
+
+    def tokens(self) -> int:
+        return 0 if self.transformer is None else self.transformer.num_tokens
 
     def forward(self, x):
         xs = self.inputs(x)

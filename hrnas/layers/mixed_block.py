@@ -60,6 +60,8 @@ class MixedBlock(BlockShape):
             channels (hidden channels are ordered by kernel size).
         bn_momentum, bn_eps: for every BN of the block.
         fusion: the network's ``Fusion`` module (``impl``-aware), used by the head's block.
+        transformer: the space's ``TransformerSpec`` (a transformer with all its tokens where
+            it places one), or None.
         impl: for the fused depthwise op.
 
     ``forward(x) -> [N, out_channels, H', W']``.
@@ -76,9 +78,12 @@ class MixedBlock(BlockShape):
         bn_momentum: float,
         bn_eps: float,
         fusion: nn.Module,
+        transformer=None,
         impl: str = "auto",
     ):
         super().__init__(in_channels, out_channels, stride, fusion)
+        if transformer is not None and self.transformer_allowed(transformer):
+            self.transformer = self.make_transformer(transformer, transformer.num_tokens, impl)
         total = sum(self.in_channels)
         hidden = round(total * expand_ratio)
         self.kernel_sizes = tuple(kernel_sizes)

@@ -236,7 +236,8 @@ def init_weights(net: nn.Module, scheme: str) -> None:
                 init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
             init.normal_(m.weight, std=0.01)
-            init.zeros_(m.bias)
+            if m.bias is not None:
+                init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d):
             init.ones_(m.weight)
             init.zeros_(m.bias)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..space import ClassificationHead, DenseHead, SpaceSpec, TransformerSpec, scaled
+from ..space import ClassificationHead, DenseHead, SpaceSpec, scaled
 from .supernet import Supernet
 
 IMPLS = ("auto", "native", "triton", "reference")
@@ -88,7 +88,8 @@ def build_supernet(
 
     Args:
         num_classes: default the space's (1000 / 19 / 150 / 17).
-        transformers: ``True`` (on residual blocks), ``"downsampling"`` (on every block), or
+        transformers: ``True`` (64-token transformers on the residual blocks: 44 in the full
+            spaces), ``"downsampling"`` (also on every other block: 61 seg, 67 cls), or
             ``False``.
         impl: ``"auto"``, ``"native"``, ``"triton"`` or ``"reference"`` for every fused op.
         overrides: ``SpaceSpec`` fields, e.g. ``width_mult=0.5``, ``input_size=(64, 64)``,
@@ -103,18 +104,13 @@ def build_supernet(
         raise ValueError(
             f"transformers must be True, False or 'downsampling', got {transformers!r}"
         )
-    if transformers:
-        raise ValueError(
-            "transformers=True needs hrnas_kernels.nn.DynamicTokenTransformer, which this "
-            "build does not have yet; pass transformers=False"
-        )
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     spec = dataclasses.replace(
         spec,
-        transformer=TransformerSpec(
+        transformer=dataclasses.replace(
+            spec.transformer,
             enabled=bool(transformers),
-            num_tokens=spec.transformer.num_tokens,
             downsampling=transformers == "downsampling",
         ),
     )

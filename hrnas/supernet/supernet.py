@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from torch.nn import init
 
 from ..layers.fusion import Fusion
@@ -27,27 +26,29 @@ from .hrnet import HRNet, init_weights
 @dataclass
 class SearchUnit:
     """A group of searchable units: the channels ``[start, stop)`` of one block's hidden layer
-    (one kernel size), or the tokens of one transformer.
+    (``kind="channels"``, one kernel size), or the tokens of one transformer (``"tokens"``).
 
-    ``gamma`` and ``mask`` are views of the owning module's BN weight and bool mask buffer
-    (writes to the mask take effect on the next forward); ``cost`` is the MACs of one unit at
-    the size ``search_units`` was asked for."""
+    ``gamma`` and ``mask`` are views of the owning BN weight (depthwise BN, or the transformer's
+    ``input_norm``) and bool mask buffer (``channel_mask`` / ``token_mask``); writes to the mask
+    take effect on the next forward. ``cost`` is the MACs of one unit at the size
+    ``search_units`` was asked for; for tokens, the marginal cost at the alive count then."""
 
     name: str
     kind: str
     kernel_size: int | None
-    module: nn.Module
+    weight: torch.Tensor
+    mask_buffer: torch.Tensor
     start: int
     stop: int
     cost: float
 
     @property
     def gamma(self) -> torch.Tensor:
-        return self.module.weight[self.start : self.stop]
+        return self.weight[self.start : self.stop]
 
     @property
     def mask(self) -> torch.Tensor:
-        return self.module.channel_mask[self.start : self.stop]
+        return self.mask_buffer[self.start : self.stop]
 
     @property
     def size(self) -> int:
@@ -82,6 +83,7 @@ class Supernet(HRNet):
                 bn_momentum=spec.bn_momentum,
                 bn_eps=spec.bn_eps,
                 fusion=fusion,
+                transformer=spec.transformer,
                 impl=impl,
             )
 
@@ -102,8 +104,9 @@ class Supernet(HRNet):
                 m.impl = impl
 
     def search_units(self, input_size=None) -> list[SearchUnit]:
-        """Every channel group (block x kernel size), with its per-unit MACs at ``input_size``
-        (default: the space's ``profile_size``, 224x224 as the authors profile)."""
+        """Every channel group (block x kernel size) and every transformer's tokens, with the
+        per-unit MACs at ``input_size`` (default: the space's ``profile_size``, 224x224 as the
+        authors profile)."""
         found, _ = self.block_input_sizes(tuple(input_size or self.space.profile_size))
         units = []
         for name, block in self.blocks():
@@ -114,10 +117,25 @@ class Supernet(HRNet):
                         name=name,
                         kind="channels",
                         kernel_size=k,
-                        module=block.dw,
+                        weight=block.dw.weight,
+                        mask_buffer=block.dw.channel_mask,
                         start=g * per,
                         stop=(g + 1) * per,
                         cost=float(block.unit_cost(k, found[block])),
+                    )
+                )
+            t = block.transformer
+            if t is not None:
+                units.append(
+                    SearchUnit(
+                        name=f"{name}.transformer",
+                        kind="tokens",
+                        kernel_size=None,
+                        weight=t.input_norm.weight,
+                        mask_buffer=t.token_mask,
+                        start=0,
+                        stop=t.num_tokens,
+                        cost=float(block.token_cost()),
                     )
                 )
         return units
@@ -135,4 +153,12 @@ class Supernet(HRNet):
             if count:
                 total += count * (sum(block.in_channels) + 4 + block.out_channels)
                 total += sum(c * k * k for k, c in alive) + 2 * block.out_channels
+            tokens = block.tokens()
+            if tokens:
+                t = block.transformer
+                d = t.grid**2
+                # per token: input_proj row, input_norm pair, query; fixed: the two layers'
+                # attention (4 d^2) + FFN (2 d^2) + two LayerNorms (4 d); reverse proj and norm
+                total += tokens * (t.in_channels + 2 + 2 + d) + 2 * (6 * d * d + 4 * d)
+                total += t.out_channels * (tokens + 2)
         return total + sum(p.numel() for p in self.parameters() if id(p) not in inside)

@@ -12,25 +12,37 @@ import hrnas
 SIZES = {name: (48, 40) if name.endswith("-tiny") else (32, 40) for name in hrnas.list_spaces()}
 
 
-def _masked(name, p, seed):
-    net = hrnas.build_supernet(name, num_classes=4, transformers=False).double()
+def _masked(name, p, seed, transformers=False):
+    net = hrnas.build_supernet(name, num_classes=4, transformers=transformers).double()
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 3, *SIZES[name], dtype=torch.float64, generator=gen)
     net.train()
     with torch.no_grad():
         net(x)  # running statistics away from their initial values
-    units = net.search_units()
-    for unit in units:
+    for unit in net.search_units():
         unit.set_mask(torch.rand(unit.size, generator=gen) < p)
-    # some blocks lose everything (they become their shortcut), some one whole kernel size
-    for i in (0, 6, 7, 8, 21, 22, 23):
-        units[i].set_mask(torch.zeros(units[i].size, dtype=torch.bool))
+    # some blocks lose everything (they become their shortcut), one a whole kernel size, one
+    # transformer all its tokens (it is left out)
+    channels = [u for u in net.search_units() if u.kind == "channels"]
+    tokens = [u for u in net.search_units() if u.kind == "tokens"]
+    for unit in [channels[i] for i in (0, 6, 7, 8, 21, 22, 23)] + tokens[1:2]:
+        unit.set_mask(torch.zeros(unit.size, dtype=torch.bool))
     return net.eval(), x
 
 
-@pytest.mark.parametrize("name", hrnas.list_spaces())
-def test_exported_subnet_equals_masked_supernet(name):
-    net, x = _masked(name, 0.3, seed=len(name))
+# every space with transformers on residual blocks, the tiny ones also without and with the
+# downsampling option
+CASES = [(name, True) for name in hrnas.list_spaces()] + [
+    (name, t)
+    for name in hrnas.list_spaces()
+    if name.endswith("-tiny")
+    for t in (False, "downsampling")
+]
+
+
+@pytest.mark.parametrize("name, transformers", CASES)
+def test_exported_subnet_equals_masked_supernet(name, transformers):
+    net, x = _masked(name, 0.3, seed=len(name), transformers=transformers)
     compact = hrnas.export_subnet(net)
     assert not any(isinstance(m, hrnas.Supernet) for m in compact.modules())
     with torch.no_grad():
@@ -43,7 +55,7 @@ def test_exported_subnet_equals_masked_supernet(name):
 
 @pytest.mark.parametrize("name", ["hrnas-seg-tiny", "hrnas-cls-tiny", "hrnas-kpt"])
 def test_analytic_macs_match_the_flop_counter(name):
-    net, x = _masked(name, 0.5, seed=3)
+    net, x = _masked(name, 0.5, seed=3, transformers="downsampling")
     compact = hrnas.export_subnet(net)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         compact(x[:1])
@@ -60,7 +72,7 @@ def test_arch_round_trips_through_json():
     assert model.num_parameters() == net.num_parameters()
     entry = arch["blocks"][0]
     kept = [c for _, c in net.blocks()[0][1].alive_per_kernel() if c]
-    assert entry["channels"] == kept and entry["tokens"] == 0
+    assert entry["channels"] == kept and entry["tokens"] == 0  # no transformers here
     assert all(isinstance(m, torch.nn.Conv2d) for m in model.blocks()[1][1].dw)
 
 
@@ -98,6 +110,8 @@ def _arch():
         (lambda a: a["blocks"].append(dict(a["blocks"][0], name="extra.block")), "not in space"),
         (lambda a: a["blocks"][0].pop("tokens"), "exactly the keys"),
         (lambda a: a["space"].update(task="dance"), "task"),
+        (lambda a: a["blocks"][0].update(tokens=65), "transformer tokens"),
+        (lambda a: a["blocks"][0].update(tokens=3), "no transformer"),
     ],
 )
 def test_bad_arch_raises(edit, message):
@@ -107,11 +121,22 @@ def test_bad_arch_raises(edit, message):
         hrnas.build_from_arch(arch)
 
 
+def test_arch_keeps_alive_tokens():
+    net, _ = _masked("hrnas-cls-tiny", 0.5, seed=4, transformers=True)
+    arch = hrnas.export_arch(net)
+    tokens = {b["name"]: b["tokens"] for b in arch["blocks"]}
+    for name, block in net.blocks():
+        expected = int(block.transformer.token_mask.sum()) if block.transformer else 0
+        assert tokens[name] == expected
+    assert hrnas.export_arch(hrnas.build_from_arch(json.loads(json.dumps(arch)))) == arch
+
+
 def test_compact_network_exports_and_compiles():
-    net, _ = _masked("hrnas-seg-tiny", 0.5, seed=7)
-    compact = hrnas.export_subnet(net.float()).eval()
-    x = torch.randn(1, 3, 64, 64)
+    net, _ = _masked("hrnas-seg-tiny", 0.5, seed=7, transformers=True)
+    compact = hrnas.export_subnet(net).eval()  # float64: traced graphs may reorder float sums
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    expected = compact(x)
     program = torch.export.export(compact, (x,))
-    torch.testing.assert_close(program.module()(x), compact(x))
+    torch.testing.assert_close(program.module()(x), expected, rtol=0, atol=1e-9)
     compiled = torch.compile(compact, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(x), compact(x))
+    torch.testing.assert_close(compiled(x), expected, rtol=0, atol=1e-9)

@@ -141,9 +141,50 @@ def test_bad_spaces_and_overrides_raise(call, message):
         call()
 
 
-def test_transformers_without_the_token_op_say_so():
-    with pytest.raises(ValueError, match="DynamicTokenTransformer"):
-        hrnas.build_supernet("hrnas-seg-tiny")
+@pytest.mark.parametrize(
+    "name, transformers, count",
+    [
+        ("hrnas-cls", True, 44),
+        ("hrnas-seg", True, 44),
+        ("hrnas-seg", "downsampling", 61),
+        ("hrnas-cls", "downsampling", 67),
+        ("hrnas-kpt", False, 0),
+    ],
+)
+def test_transformer_placement(name, transformers, count):
+    net = hrnas.build_supernet(name, transformers=transformers)
+    placed = [b for _, b in net.blocks() if b.transformer is not None]
+    assert len(placed) == count
+    for b in placed:
+        t = b.transformer
+        assert t.num_tokens == 64 and t.in_channels == sum(b.in_channels)
+        assert t.out_channels == b.out_channels and t.downsample == (b.stride == 2)
+        assert b.residual or transformers == "downsampling"
+
+
+# Authors' sizes with transformers (HRNAS_SPEC.md 1.7); their MACs undercount each transformer
+# (decoder attention and the FFNs count 0 in their profiler): ours adds exactly that part.
+AUTHORS_T = {("hrnas-cls", True): 16.07e6, ("hrnas-seg", True): 12.93e6}
+AUTHORS_T[("hrnas-seg", "downsampling")] = 13.98e6
+
+
+@pytest.mark.parametrize("name, transformers", sorted(AUTHORS_T, key=str))
+def test_sizes_with_transformers_match_the_authors(name, transformers):
+    net = hrnas.build_supernet(name, transformers=transformers)
+    plain = _build(name)
+    unused_bns = sum(2 * b.hidden for _, b in net.blocks())
+    assert abs(net.num_parameters() + unused_bns - AUTHORS_T[(name, transformers)]) < 0.005e6
+    extra = net.macs((224, 224)) - plain.macs((224, 224))
+    d, n = 64, 64
+    undercount = 0
+    for _, b in net.blocks():
+        t = b.transformer
+        if t is not None:
+            # what the authors' profiler sees: encoder attention and the two projections
+            authors = 2 * n * n * d + 4 * n * d * d + n * d * (t.in_channels + 2 + t.out_channels)
+            undercount += 4 * n * d * d + 2 * n * n * d + 4 * n * d * d  # decoder MHA + 2 FFNs
+            extra -= authors
+    assert extra == undercount
 
 
 def test_spec_is_frozen_data():

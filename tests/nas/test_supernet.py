@@ -126,10 +126,10 @@ def test_search_units_expose_live_gamma_and_mask_views():
     unit = net.search_units()[4]
     assert unit.gamma.shape == (unit.size,) and unit.mask.dtype == torch.bool
     with torch.no_grad():
-        unit.module.weight[unit.start] = 3.0
+        unit.weight[unit.start] = 3.0
     assert unit.gamma[0] == 3.0
     (unit.gamma.abs().sum()).backward()
-    assert unit.module.weight.grad[unit.start : unit.stop].eq(1).all()
+    assert unit.weight.grad[unit.start : unit.stop].eq(1).all()
     with pytest.raises(ValueError, match="bool tensor"):
         unit.set_mask(torch.ones(unit.size + 1, dtype=torch.bool))
 
@@ -161,3 +161,28 @@ def test_set_impl_switches_every_op():
     net = _net()
     net.set_impl("reference")
     assert {m.impl for m in net.modules() if hasattr(m, "impl")} == {"reference"}
+
+
+def test_token_units_dead_tokens_and_marginal_cost():
+    net = hrnas.build_supernet("hrnas-seg-tiny", num_classes=3, transformers="downsampling")
+    net = net.double()
+    tokens = [u for u in net.search_units() if u.kind == "tokens"]
+    assert len(tokens) == sum(b.transformer is not None for _, b in net.blocks()) > 10
+    unit = tokens[2]
+    alive = torch.rand(unit.size) < 0.5
+    unit.set_mask(alive)
+    tokens[0].set_mask(torch.zeros(tokens[0].size, dtype=torch.bool))  # a transformer left out
+    size = (32, 32)
+    before = net.macs(size)
+    cost = [u for u in net.search_units(size) if u.name == unit.name][0].cost
+    alive[torch.nonzero(alive)[0]] = False
+    unit.set_mask(alive)
+    assert before - net.macs(size) == cost  # linear part + marginal attention term
+    _loss(net, torch.randn(2, 3, 32, 32, dtype=torch.float64)).backward()
+    dead = ~unit.mask
+    t = dict(net.blocks())[unit.name.removesuffix(".transformer")].transformer
+    for grad in (t.input_norm.weight.grad, t.input_proj.weight.grad, t.query_embed.weight.grad):
+        assert torch.count_nonzero(grad[dead]) == 0 and torch.count_nonzero(grad[~dead]) > 0
+    assert torch.count_nonzero(t.reverse_proj.weight.grad[:, dead]) == 0
+    first = dict(net.blocks())[tokens[0].name.removesuffix(".transformer")].transformer
+    assert all(p.grad is None for p in first.parameters())
