@@ -21,12 +21,13 @@
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/matmul.h>
+#include <ATen/ops/_softmax.h>
+#include <ATen/ops/_softmax_backward_data.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/baddbmm.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
-#include <ATen/ops/tensordot.h>
-#include <ATen/ops/upsample_bilinear2d.h>
-#include <ATen/ops/upsample_bilinear2d_backward.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
@@ -46,8 +47,11 @@ constexpr double kLayerNormEps = 1e-5;  // nn.LayerNorm's default, as the author
 
 // ---- fused elementwise passes ----------------------------------------------------------------
 
-// BatchNorm over channels r of z [N, R, d] (+ bias [R, d] when given): statistics over (N, d),
-// or the running ones; writes x_hat to xhat and gamma * x_hat + beta to out.
+// The inner loops run over the d (or L) values of one row: `omp simd` lets the compiler
+// vectorise their sums (a fixed lane order, so results stay independent of the thread count).
+
+// BatchNorm over channels r of z [N, R, d] + bias [R, d]: statistics over (N, d), or the
+// running ones; writes x_hat to xhat and gamma * x_hat + beta to out.
 template <typename T>
 void bn_forward(const T* z, const T* bias, const T* gamma, const T* beta, const T* run_mean,
                 const T* run_var, bool batch_stats, double eps, int64_t N, int64_t R, int64_t d,
@@ -55,23 +59,25 @@ void bn_forward(const T* z, const T* bias, const T* gamma, const T* beta, const 
   using A = at::opmath_type<T>;
   at::parallel_for(0, R, 1, [&](int64_t rb, int64_t re) {
     for (int64_t r = rb; r < re; ++r) {
-      const T* b = bias ? bias + r * d : nullptr;
-      auto value = [&](int64_t n, int64_t j) {
-        const A v = z[(n * R + r) * d + j];
-        return b ? v + A(b[j]) : v;
-      };
+      const T* b = bias + r * d;
       A mean, var;
       if (batch_stats) {
         A s = 0;
-        for (int64_t n = 0; n < N; ++n)
-          for (int64_t j = 0; j < d; ++j) s += value(n, j);
+        for (int64_t n = 0; n < N; ++n) {
+          const T* zr = z + (n * R + r) * d;
+#pragma omp simd reduction(+ : s)
+          for (int64_t j = 0; j < d; ++j) s += A(zr[j]) + A(b[j]);
+        }
         mean = s / A(N * d);
         A ss = 0;
-        for (int64_t n = 0; n < N; ++n)
+        for (int64_t n = 0; n < N; ++n) {
+          const T* zr = z + (n * R + r) * d;
+#pragma omp simd reduction(+ : ss)
           for (int64_t j = 0; j < d; ++j) {
-            const A c = value(n, j) - mean;
+            const A c = A(zr[j]) + A(b[j]) - mean;
             ss += c * c;
           }
+        }
         var = ss / A(N * d);
       } else {
         mean = run_mean[r];
@@ -81,12 +87,15 @@ void bn_forward(const T* z, const T* bias, const T* gamma, const T* beta, const 
       var_out[r] = var;
       const A rstd = A(1) / std::sqrt(var + A(eps));
       const A g = gamma[r], be = beta[r];
-      for (int64_t n = 0; n < N; ++n)
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t o = (n * R + r) * d;
+#pragma omp simd
         for (int64_t j = 0; j < d; ++j) {
-          const A xh = (value(n, j) - mean) * rstd;
-          xhat[(n * R + r) * d + j] = xh;
-          out[(n * R + r) * d + j] = xh * g + be;
+          const A xh = (A(z[o + j]) + A(b[j]) - mean) * rstd;
+          xhat[o + j] = xh;
+          out[o + j] = xh * g + be;
         }
+      }
     }
   });
 }
@@ -100,21 +109,25 @@ void bn_backward(const T* grad, const T* xhat, const T* gamma, const T* var, boo
   at::parallel_for(0, R, 1, [&](int64_t rb, int64_t re) {
     for (int64_t r = rb; r < re; ++r) {
       A sg = 0, sgx = 0;
-      for (int64_t n = 0; n < N; ++n)
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t o = (n * R + r) * d;
+#pragma omp simd reduction(+ : sg, sgx)
         for (int64_t j = 0; j < d; ++j) {
-          const int64_t i = (n * R + r) * d + j;
-          sg += A(grad[i]);
-          sgx += A(grad[i]) * A(xhat[i]);
+          sg += A(grad[o + j]);
+          sgx += A(grad[o + j]) * A(xhat[o + j]);
         }
+      }
       grad_gamma[r] = sgx;
       grad_beta[r] = sg;
       const A scale = A(gamma[r]) / std::sqrt(A(var[r]) + A(eps));
       const A m = batch_stats ? A(1) / A(N * d) : A(0);
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t j = 0; j < d; ++j) {
-          const int64_t i = (n * R + r) * d + j;
-          grad_z[i] = scale * (A(grad[i]) - m * (sg + A(xhat[i]) * sgx));
-        }
+      const A msg = m * sg, msgx = m * sgx;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t o = (n * R + r) * d;
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j)
+          grad_z[o + j] = scale * (A(grad[o + j]) - msg - A(xhat[o + j]) * msgx);
+      }
     }
   });
 }
@@ -125,21 +138,26 @@ void add_layer_norm(const T* a, const T* res, const T* gamma, const T* beta, int
                     int64_t d, T* xhat, T* rstd_out, T* out) {
   using A = at::opmath_type<T>;
   at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
-    std::vector<A> r(d);
     for (int64_t i = b; i < e; ++i) {
+      const T* ai = a + i * d;
+      const T* ri = res + i * d;
+      T* xi = xhat + i * d;
       A s = 0;
-      for (int64_t j = 0; j < d; ++j) {
-        r[j] = A(a[i * d + j]) + A(res[i * d + j]);
-        s += r[j];
-      }
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = 0; j < d; ++j) s += A(ai[j]) + A(ri[j]);
       const A mean = s / A(d);
       A ss = 0;
-      for (int64_t j = 0; j < d; ++j) ss += (r[j] - mean) * (r[j] - mean);
+#pragma omp simd reduction(+ : ss)
+      for (int64_t j = 0; j < d; ++j) {
+        const A c = A(ai[j]) + A(ri[j]) - mean;
+        ss += c * c;
+      }
       const A rstd = A(1) / std::sqrt(ss / A(d) + A(kLayerNormEps));
       rstd_out[i] = rstd;
+#pragma omp simd
       for (int64_t j = 0; j < d; ++j) {
-        const A xh = (r[j] - mean) * rstd;
-        xhat[i * d + j] = xh;
+        const A xh = (A(ai[j]) + A(ri[j]) - mean) * rstd;
+        xi[j] = xh;
         out[i * d + j] = xh * A(gamma[j]) + A(beta[j]);
       }
     }
@@ -153,61 +171,173 @@ void layer_norm_backward(const T* grad, const T* xhat, const T* rstd, const T* g
   using A = at::opmath_type<T>;
   at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
+      const T* gi = grad + i * d;
+      const T* xi = xhat + i * d;
       A s = 0, sx = 0;
+#pragma omp simd reduction(+ : s, sx)
       for (int64_t j = 0; j < d; ++j) {
-        const A gh = A(grad[i * d + j]) * A(gamma[j]);
+        const A gh = A(gi[j]) * A(gamma[j]);
         s += gh;
-        sx += gh * A(xhat[i * d + j]);
+        sx += gh * A(xi[j]);
       }
       s /= A(d);
       sx /= A(d);
-      for (int64_t j = 0; j < d; ++j) {
-        const A gh = A(grad[i * d + j]) * A(gamma[j]);
-        grad_in[i * d + j] = A(rstd[i]) * (gh - s - A(xhat[i * d + j]) * sx);
-      }
+      const A rs = rstd[i];
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j)
+        grad_in[i * d + j] = rs * (A(gi[j]) * A(gamma[j]) - s - A(xi[j]) * sx);
     }
   });
 }
 
-// p = softmax(scale * p) along rows of n values, in place.
+// grad *= (h > 0): the ReLU's backward, its gate read from its output h.
 template <typename T>
-void softmax_rows(T* p, int64_t rows, int64_t n, double scale) {
-  using A = at::opmath_type<T>;
-  at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      T* row = p + i * n;
-      A mx = -INFINITY;
-      for (int64_t j = 0; j < n; ++j) mx = std::max(mx, A(row[j]) * A(scale));
-      A s = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        const A v = std::exp(A(row[j]) * A(scale) - mx);
-        row[j] = v;
-        s += v;
-      }
-      const A inv = A(1) / s;
-      for (int64_t j = 0; j < n; ++j) row[j] = A(row[j]) * inv;
-    }
+void relu_backward(T* grad, const T* h, int64_t count) {
+  at::parallel_for(0, count, 4096, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) grad[i] = h[i] > T(0) ? grad[i] : T(0);
   });
 }
 
-// grad (of p) -> scale * d(softmax input), in place; p the probabilities.
+// ---- resizing ---------------------------------------------------------------------------------
+// Bilinear resizing (align_corners=False) is separable: a plane resizes as R_h X R_w^T with
+// [out, in] matrices of two taps per row, and the backward is R_h^T G R_w. The width direction
+// (the contiguous one) runs as one GEMM over all rows of all planes with the dense R_w; the
+// height direction blends whole rows (two taps, vectorised along the row), which avoids both
+// transposes and batches of tiny GEMMs.
+
+// F.interpolate's source index rule: src = max((i + 0.5) * in / out - 0.5, 0); taps floor(src)
+// and min(floor(src) + 1, in - 1) with weights 1 - frac and frac.
+struct Taps {
+  std::vector<int64_t> i0, i1;
+  std::vector<double> w0, w1;
+};
+
+Taps make_taps(int64_t out, int64_t in) {
+  Taps t;
+  const double scale = double(in) / double(out);
+  for (int64_t i = 0; i < out; ++i) {
+    const double src = std::max((i + 0.5) * scale - 0.5, 0.0);
+    const int64_t i0 = std::min(static_cast<int64_t>(src), in - 1);
+    t.i0.push_back(i0);
+    t.i1.push_back(std::min(i0 + 1, in - 1));
+    t.w1.push_back(src - double(i0));
+    t.w0.push_back(1.0 - (src - double(i0)));
+  }
+  return t;
+}
+
+// The dense [out, in] matrix of the taps, for the width direction's GEMM.
+at::Tensor resize_matrix(int64_t out, int64_t in, const at::TensorOptions& opt) {
+  const Taps t = make_taps(out, in);
+  at::Tensor m = at::zeros({out, in}, opt.dtype(at::kDouble));
+  double* p = m.mutable_data_ptr<double>();
+  for (int64_t i = 0; i < out; ++i) {
+    p[i * in + t.i0[i]] += t.w0[i];
+    p[i * in + t.i1[i]] += t.w1[i];
+  }
+  return m.to(opt.dtype());
+}
+
+// Height direction on [P, rows, B] planes with the taps of a resize from `in` to `out` rows:
+// forward y [P, out, B] = blend of x's rows; adjoint (the backward) y [P, in, B] gathers each
+// output row's gradient back onto its two source rows (per plane, in order: no atomics).
 template <typename T>
-void softmax_rows_backward(T* grad, const T* p, int64_t rows, int64_t n, double scale) {
-  using A = at::opmath_type<T>;
-  at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      A dot = 0;
-      for (int64_t j = 0; j < n; ++j) dot += A(grad[i * n + j]) * A(p[i * n + j]);
-      for (int64_t j = 0; j < n; ++j)
-        grad[i * n + j] = A(scale) * A(p[i * n + j]) * (A(grad[i * n + j]) - dot);
+at::Tensor blend_rows(const at::Tensor& x, const Taps& taps, int64_t in, bool adjoint) {
+  const int64_t P = x.size(0), B = x.size(2), out = static_cast<int64_t>(taps.i0.size());
+  at::Tensor y = adjoint ? at::zeros({P, in, B}, x.options()) : at::empty({P, out, B}, x.options());
+  const T* xp = x.const_data_ptr<T>();
+  T* yp = y.mutable_data_ptr<T>();
+  const int64_t x_rows = adjoint ? out : in, y_rows = adjoint ? in : out;
+  at::parallel_for(0, P, 1, [&](int64_t pb, int64_t pe) {
+    for (int64_t p = pb; p < pe; ++p) {
+      const T* xs = xp + p * x_rows * B;
+      T* ys = yp + p * y_rows * B;
+      for (int64_t i = 0; i < out; ++i) {
+        const T w0 = T(taps.w0[i]), w1 = T(taps.w1[i]);
+        if (adjoint) {
+          const T* g = xs + i * B;
+          T* a = ys + taps.i0[i] * B;
+          T* b = ys + taps.i1[i] * B;
+#pragma omp simd
+          for (int64_t j = 0; j < B; ++j) a[j] += w0 * g[j];
+#pragma omp simd
+          for (int64_t j = 0; j < B; ++j) b[j] += w1 * g[j];
+        } else {
+          const T* a = xs + taps.i0[i] * B;
+          const T* b = xs + taps.i1[i] * B;
+          T* o = ys + i * B;
+#pragma omp simd
+          for (int64_t j = 0; j < B; ++j) o[j] = w0 * a[j] + w1 * b[j];
+        }
+      }
     }
   });
+  return y;
+}
+
+// Width direction: [P, A, B] -> [P, A, b] with the dense r [b, B] (transposed: r is [B, b] and
+// the product is x r), + add when defined, written into out when defined.
+at::Tensor resize_cols(const at::Tensor& x, const at::Tensor& r, const at::Tensor& add,
+                       const at::Tensor& out) {
+  const int64_t P = x.size(0), A = x.size(1), B = x.size(2), b = r.size(1);
+  const at::Tensor x2 = x.reshape({P * A, B});
+  at::Tensor y = out.defined() ? out.view({P * A, b}) : at::empty({P * A, b}, x.options());
+  if (add.defined()) {
+    at::addmm_out(y, add.reshape({P * A, b}), x2, r);
+  } else {
+    at::mm_out(y, x2, r);
+  }
+  return y.view({P, A, b});
+}
+
+// The resizes the op needs. Shrink to the grid: width first (the big input is read by one
+// plain GEMM), then the rows of the small intermediate; growth to the output: rows first on
+// the small input, then the GEMM writes the big output with the residual folded in. Their
+// backwards run the same two steps transposed, in reverse order.
+template <typename T>
+void resize_to_grid(const at::Tensor& x, int64_t g, const at::Tensor& out) {
+  const int64_t P = x.size(0), H = x.size(1), W = x.size(2);
+  const at::Tensor cols = resize_cols(x, resize_matrix(g, W, x.options()).t(), {}, {});
+  out.view({P, g, g}).copy_(blend_rows<T>(cols, make_taps(g, H), H, false));
+}
+
+template <typename T>
+at::Tensor resize_to_grid_backward(const at::Tensor& grad, int64_t H, int64_t W,
+                                   const at::Tensor& add) {
+  const int64_t g = grad.size(1);
+  const at::Tensor rows = blend_rows<T>(grad, make_taps(g, H), H, true);
+  return resize_cols(rows, resize_matrix(g, W, grad.options()), add, {});
+}
+
+template <typename T>
+void resize_from_grid(const at::Tensor& z, int64_t Ho, int64_t Wo, const at::Tensor& add,
+                      const at::Tensor& out) {
+  const int64_t g = z.size(1);
+  const at::Tensor rows = blend_rows<T>(z, make_taps(Ho, g), g, false);
+  resize_cols(rows, resize_matrix(Wo, g, z.options()).t(), add, out);
+}
+
+template <typename T>
+at::Tensor resize_from_grid_backward(const at::Tensor& grad, int64_t g) {
+  const int64_t Ho = grad.size(1), Wo = grad.size(2);
+  const at::Tensor cols = resize_cols(grad, resize_matrix(Wo, g, grad.options()), {}, {});
+  return blend_rows<T>(cols, make_taps(Ho, g), g, true);
+}
+
+// W [R, K] times every sample of v [N, K, d] -> [N, R, d], one batched GEMM (W broadcast).
+at::Tensor left_multiply(const at::Tensor& w, const at::Tensor& v) {
+  return at::bmm(w.unsqueeze(0).expand({v.size(0), w.size(0), w.size(1)}), v);
+}
+
+// sum over samples of a[n] b[n]^T for a [N, R, d], b [N, K, d] -> [R, K].
+at::Tensor sum_outer(const at::Tensor& a, const at::Tensor& b) {
+  return at::sum(at::bmm(a, b.transpose(1, 2)), 0);
 }
 
 // ---- one encoder/decoder layer ----------------------------------------------------------------
 
 struct LayerViews {
-  at::Tensor q, k, v, o, t1hat, h, t2hat, p, rstd1, rstd2;
+  at::Tensor qkv, q, k, v, o, t1hat, h, t2hat, p, rstd1, rstd2;  // q, k, v: column blocks of qkv
 };
 
 LayerViews layer_views(const at::Tensor& tape, const LayerTape& lt, int64_t N, int64_t L,
@@ -217,8 +347,9 @@ LayerViews layer_views(const at::Tensor& tape, const LayerTape& lt, int64_t N, i
     for (int64_t s : sizes) count *= s;
     return tape.narrow(0, off, count).view(sizes);
   };
-  return {blk(lt.q, {N, L, d}),     blk(lt.k, {N, L, d}),     blk(lt.v, {N, L, d}),
-          blk(lt.o, {N, L, d}),     blk(lt.t1hat, {N, L, d}), blk(lt.h, {N, L, d}),
+  const at::Tensor qkv = blk(lt.qkv, {N, L, 3 * d});
+  return {qkv,                      qkv.narrow(2, 0, d),      qkv.narrow(2, d, d),
+          qkv.narrow(2, 2 * d, d),  blk(lt.o, {N, L, d}),     blk(lt.t1hat, {N, L, d}), blk(lt.h, {N, L, d}),
           blk(lt.t2hat, {N, L, d}), blk(lt.p, {heads, N, L, L}), blk(lt.rstd1, {N, L}),
           blk(lt.rstd2, {N, L})};
 }
@@ -234,21 +365,21 @@ at::Tensor layer_forward(const LayerViews& t, const at::Tensor& query, const at:
                          at::TensorList w, int64_t heads) {
   const int64_t N = mem.size(0), L = mem.size(1), d = mem.size(2), hd = d / heads;
   const int64_t rows = N * L;
-  const at::Tensor wq = w[0].narrow(0, 0, d), wk = w[0].narrow(0, d, d), wv = w[0].narrow(0, 2 * d, d);
   const at::Tensor mem2 = mem.reshape({rows, d});
-  if (query.dim() == 2) {
-    t.q.copy_(at::mm(query, wq.t()).unsqueeze(0).expand({N, L, d}));
-  } else {
-    at::Tensor q2 = t.q.view({rows, d});
-    at::mm_out(q2, query.reshape({rows, d}), wq.t());
+  if (query.dim() == 2) {  // shared queries: project once, keys and values per sample
+    t.q.copy_(at::mm(query, w[0].narrow(0, 0, d).t()).unsqueeze(0).expand({N, L, d}));
+    t.qkv.narrow(2, d, 2 * d).copy_(at::mm(mem2, w[0].narrow(0, d, 2 * d).t()).view({N, L, 2 * d}));
+  } else {  // self-attention: query == mem, one GEMM for all three projections
+    at::Tensor qkv2 = t.qkv.view({rows, 3 * d});
+    at::mm_out(qkv2, mem2, w[0].t());
   }
-  at::Tensor k2 = t.k.view({rows, d}), v2 = t.v.view({rows, d});
-  at::mm_out(k2, mem2, wk.t());
-  at::mm_out(v2, mem2, wv.t());
   for (int64_t h = 0; h < heads; ++h) {
     at::Tensor p = t.p.select(0, h);
-    at::bmm_out(p, t.q.narrow(2, h * hd, hd), t.k.narrow(2, h * hd, hd).transpose(1, 2));
-    softmax_rows<T>(p.mutable_data_ptr<T>(), N * L, L, 1.0 / std::sqrt(double(hd)));
+    // scores scaled by 1/sqrt(head dim) inside the GEMM, then ATen's vectorised softmax
+    const at::Tensor scores =
+        at::baddbmm(p, t.q.narrow(2, h * hd, hd), t.k.narrow(2, h * hd, hd).transpose(1, 2),
+                    0.0, 1.0 / std::sqrt(double(hd)));
+    at::_softmax_out(p, scores, -1, false);
     if (heads == 1) {
       at::Tensor o = t.o;
       at::bmm_out(o, p, t.v);
@@ -281,7 +412,6 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> layer_backward(
     int64_t heads, const at::Tensor& grad_out) {
   const int64_t N = mem.size(0), L = mem.size(1), d = mem.size(2), hd = d / heads;
   const int64_t rows = N * L;
-  const at::Tensor wq = w[0].narrow(0, 0, d), wk = w[0].narrow(0, d, d), wv = w[0].narrow(0, 2 * d, d);
   const at::Tensor mem2 = mem.reshape({rows, d});
   const at::Tensor g_out = grad_out.reshape({rows, d});
   const at::Tensor t1hat = t.t1hat.view({rows, d}), t2hat = t.t2hat.view({rows, d});
@@ -295,7 +425,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> layer_backward(
   const at::Tensor t1 = norm_output(t1hat, w[4], w[5]);
   const at::Tensor g_w2 = at::mm(g_r2.t(), h2);
   at::Tensor g_h = at::mm(g_r2, w[3]);
-  g_h.masked_fill_(h2 <= 0, 0);
+  relu_backward<T>(g_h.mutable_data_ptr<T>(), h2.const_data_ptr<T>(), rows * d);
   const at::Tensor g_w1 = at::mm(g_h.t(), t1);
   const at::Tensor g_t1 = g_r2.addmm(g_h, w[2]);
   const at::Tensor g_norm1_w = at::sum(g_t1 * t1hat, 0), g_norm1_b = at::sum(g_t1, 0);
@@ -306,34 +436,37 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> layer_backward(
   const at::Tensor g_wo = at::mm(g_mem.t(), t.o.view({rows, d}));
   const at::Tensor g_o = at::mm(g_mem, w[1]).view({N, L, d});
 
-  at::Tensor g_q = at::empty({N, L, d}, mem.options());
-  at::Tensor g_k = at::empty({N, L, d}, mem.options());
-  at::Tensor g_v = at::empty({N, L, d}, mem.options());
+  at::Tensor g_qkv = at::empty({N, L, 3 * d}, mem.options());
+  const at::Tensor g_q = g_qkv.narrow(2, 0, d), g_k = g_qkv.narrow(2, d, d),
+                   g_v = g_qkv.narrow(2, 2 * d, d);
   const double scale = 1.0 / std::sqrt(double(hd));
   for (int64_t h = 0; h < heads; ++h) {
     const at::Tensor p = t.p.select(0, h);
     const at::Tensor g_oh = g_o.narrow(2, h * hd, hd);
-    at::Tensor g_s = at::bmm(g_oh, t.v.narrow(2, h * hd, hd).transpose(1, 2));
+    const at::Tensor g_p = at::bmm(g_oh, t.v.narrow(2, h * hd, hd).transpose(1, 2));
     g_v.narrow(2, h * hd, hd).copy_(at::bmm(p.transpose(1, 2), g_oh));
-    softmax_rows_backward<T>(g_s.mutable_data_ptr<T>(), p.const_data_ptr<T>(), N * L, L, scale);
-    g_q.narrow(2, h * hd, hd).copy_(at::bmm(g_s, t.k.narrow(2, h * hd, hd)));
-    g_k.narrow(2, h * hd, hd).copy_(at::bmm(g_s.transpose(1, 2), t.q.narrow(2, h * hd, hd)));
+    const at::Tensor g_s = at::_softmax_backward_data(g_p, p, -1, p.scalar_type());
+    // the 1/sqrt(head dim) of the scores, applied inside the GEMMs
+    g_q.narrow(2, h * hd, hd)
+        .copy_(at::baddbmm(g_q.narrow(2, h * hd, hd), g_s, t.k.narrow(2, h * hd, hd), 0.0, scale));
+    g_k.narrow(2, h * hd, hd)
+        .copy_(at::baddbmm(g_k.narrow(2, h * hd, hd), g_s.transpose(1, 2),
+                           t.q.narrow(2, h * hd, hd), 0.0, scale));
   }
-  const at::Tensor g_k2 = g_k.view({rows, d}), g_v2 = g_v.view({rows, d});
-  const at::Tensor g_wk = at::mm(g_k2.t(), mem2), g_wv = at::mm(g_v2.t(), mem2);
-  g_mem.addmm_(g_k2, wk).addmm_(g_v2, wv);
-  at::Tensor g_wq, g_query;
-  if (query.dim() == 2) {
+  const at::Tensor g_qkv2 = g_qkv.view({rows, 3 * d});
+  at::Tensor g_in_w, g_query;
+  if (query.dim() == 2) {  // shared queries: their gradient sums over the samples
+    const at::Tensor g_kv2 = g_qkv2.narrow(1, d, 2 * d);
+    g_mem = at::addmm(g_mem, g_kv2, w[0].narrow(0, d, 2 * d));
     const at::Tensor g_qs = at::sum(g_q, 0);
-    g_wq = at::mm(g_qs.t(), query);
-    g_query = at::mm(g_qs, wq);
+    g_in_w = at::cat({at::mm(g_qs.t(), query), at::mm(g_kv2.t(), mem2)}, 0);
+    g_query = at::mm(g_qs, w[0].narrow(0, 0, d));
   } else {
-    const at::Tensor g_q2 = g_q.view({rows, d});
-    g_wq = at::mm(g_q2.t(), query.reshape({rows, d}));
-    g_mem.addmm_(g_q2, wq);
+    g_mem = at::addmm(g_mem, g_qkv2, w[0]);
+    g_in_w = at::mm(g_qkv2.t(), mem2);
     g_query = at::empty({0}, mem.options());
   }
-  std::vector<at::Tensor> grads = {at::cat({g_wq, g_wk, g_wv}, 0), g_wo, g_w1, g_w2,
+  std::vector<at::Tensor> grads = {g_in_w, g_wo, g_w1, g_w2,
                                    g_norm1_w, g_norm1_b, g_norm2_w, g_norm2_b};
   return {g_mem.view({N, L, d}), g_query, grads};
 }
@@ -417,10 +550,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "token_transformer_fwd", [&] {
     using T = scalar_t;
-    at::Tensor f = tape.narrow(0, layout.f, N * C * d).view({N, C, g, g});
-    at::upsample_bilinear2d_out(f, x, {g, g}, false);
+    at::Tensor f = tape.narrow(0, layout.f, N * C * d).view({N, C, d});
+    resize_to_grid<T>(x.view({N * C, s.H, s.W}), g, f);
     const at::Tensor coord_bias = at::mm(w_in.narrow(1, C, 2), coords.view({2, d}));
-    const at::Tensor u = at::matmul(w_in.narrow(1, 0, C), f.view({N, C, d}));
+    const at::Tensor u = left_multiply(w_in.narrow(1, 0, C), f);
     at::Tensor t0 = at::empty({N, L, d}, x.options());
     const at::Tensor gi = bn_in_w.contiguous(), bi = bn_in_b.contiguous();
     const at::Tensor rmi = batch_stats ? gi : rm_in->contiguous();
@@ -436,17 +569,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       o = layer_forward<T>(layer_views(tape, layout.layer[1], N, L, d, heads),
                            query_in->contiguous(), o, dec, heads);
     }
-    const at::Tensor z = at::matmul(w_out, o);
+    const at::Tensor z = left_multiply(w_out, o);
     at::Tensor y8 = at::empty({N, Co, g, g}, x.options());
     const at::Tensor go = bn_out_w.contiguous(), bo = bn_out_b.contiguous();
     const at::Tensor rmo = batch_stats ? go : rm_out->contiguous();
     const at::Tensor rvo = batch_stats ? go : rv_out->contiguous();
-    bn_forward<T>(z.const_data_ptr<T>(), nullptr, go.const_data_ptr<T>(), bo.const_data_ptr<T>(),
+    const at::Tensor no_bias = at::zeros({Co, d}, x.options());
+    bn_forward<T>(z.const_data_ptr<T>(), no_bias.const_data_ptr<T>(), go.const_data_ptr<T>(),
+                  bo.const_data_ptr<T>(),
                   rmo.const_data_ptr<T>(), rvo.const_data_ptr<T>(), batch_stats, eps, N, Co, d,
                   tape.mutable_data_ptr<T>() + layout.zhat, y8.mutable_data_ptr<T>(),
                   mean_out.mutable_data_ptr<T>(), var_out.mutable_data_ptr<T>());
-    at::upsample_bilinear2d_out(y, y8, {Ho, Wo}, false);
-    if (residual) y.add_(x);
+    resize_from_grid<T>(y8.view({N * Co, g, g}), Ho, Wo,
+                        residual ? x.view({N * C, Ho, Wo}) : at::Tensor(), y);
   });
   return {y, tape, mean_in, var_in, mean_out, var_out};
 }
@@ -492,8 +627,7 @@ bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& tape, const at::Tensor&
   at::Tensor g_w_out, g_bn_out_w = at::empty({Co}, opt), g_bn_out_b = at::empty({Co}, opt);
   AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "token_transformer_bwd", [&] {
     using T = scalar_t;
-    const at::Tensor g8 =
-        at::upsample_bilinear2d_backward(gy, {Ho, Wo}, {N, Co, g, g}, false).contiguous();
+    const at::Tensor g8 = resize_from_grid_backward<T>(gy.view({N * Co, Ho, Wo}), g);
     at::Tensor g_z = at::empty({N, Co, d}, opt);
     bn_backward<T>(g8.const_data_ptr<T>(), tape.const_data_ptr<T>() + layout.zhat,
                    bn_out_w.const_data_ptr<T>(), var_out.const_data_ptr<T>(), use_batch_stats, eps,
@@ -505,8 +639,8 @@ bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& tape, const at::Tensor&
     if (s.layers == 2) {
       o = norm_output(layer_views(tape, layout.layer[1], N, L, d, heads).t2hat, dec[6], dec[7]);
     }
-    g_w_out = at::tensordot(g_z, o, {0, 2}, {0, 2});
-    at::Tensor g_o = at::matmul(w_out.t(), g_z);
+    g_w_out = sum_outer(g_z, o);
+    at::Tensor g_o = left_multiply(w_out.t(), g_z);
     if (s.layers == 2) {
       auto [g_m, g_qe, grads] =
           layer_backward<T>(layer_views(tape, layout.layer[1], N, L, d, heads),
@@ -526,13 +660,11 @@ bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& tape, const at::Tensor&
                    N, L, d, g_u.mutable_data_ptr<T>(), g_bn_in_w.mutable_data_ptr<T>(),
                    g_bn_in_b.mutable_data_ptr<T>());
     const at::Tensor f = tape.narrow(0, layout.f, N * C * d).view({N, C, d});
-    g_w_in = at::cat({at::tensordot(g_u, f, {0, 2}, {0, 2}),
-                      at::mm(at::sum(g_u, 0), coords.view({2, d}).t())},
-                     1);
-    const at::Tensor g_f = at::matmul(w_in.narrow(1, 0, C).t(), g_u);
-    g_x = at::upsample_bilinear2d_backward(g_f.view({N, C, g, g}), {g, g}, {N, C, s.H, s.W},
-                                           false);
-    if (residual) g_x.add_(gy);
+    g_w_in = at::cat({sum_outer(g_u, f), at::mm(at::sum(g_u, 0), coords.view({2, d}).t())}, 1);
+    const at::Tensor g_f = left_multiply(w_in.narrow(1, 0, C).t(), g_u);
+    g_x = resize_to_grid_backward<T>(g_f.view({N * C, g, g}), s.H, s.W,
+                                     residual ? gy.view({N * C, s.H, s.W}) : at::Tensor())
+              .view({N, C, s.H, s.W});
   });
   return {g_x,    g_w_in,  g_bn_in_w, g_bn_in_b,  g_enc,
           g_query, g_dec, g_w_out,   g_bn_out_w, g_bn_out_b};
