@@ -52,6 +52,7 @@ BASELINE = "eager"
 MODES = ("forward", "full")
 THREADS = (1, 2)
 MEMORY_FORMATS = ("nchw",)
+DTYPE = torch.float32
 
 _compiled = h.CompileCache()
 
