@@ -1,12 +1,14 @@
 // Dynamic-token transformer on CPU, forward and backward of the whole block in one op each.
 //
-// The token math is a chain of small GEMMs (M = N * L rows of d = 64 values, or per-sample
-// L x L attention): each one runs as one batched ATen GEMM over the whole batch (MKL/oneDNN
-// underneath, so the 64 x 64 products use the tuned micro-kernels), called from here without
-// autograd or Python in between. Everything between the GEMMs (BatchNorm with batch statistics,
-// residual + LayerNorm, softmax, ReLU and all of their backwards) is one fused pass each, written
-// below and parallel over tokens or rows with at::parallel_for; reductions run inside one task in
-// a fixed order, so results do not depend on the thread count.
+// Three phases each way. The two BatchNorms need statistics over the whole batch, so they split
+// the block: (1) resize x to the grid and project it to tokens (batched GEMMs), BN over tokens
+// (parallel over tokens); (2) the token math, one sample per task of one at::parallel_for over
+// the batch: encoder and decoder layer (backward: decoder then encoder), their L x d x d and
+// L x L x d products in the register-blocked `gemm` below on data that stays in L1/L2, softmax,
+// LayerNorm and ReLU fused around them; (3) project back, BN over channels, resize to the output
+// with the residual folded into the last GEMM. The backward's weight gradients sum over samples,
+// so the per-sample gradients are kept and each weight gradient is one GEMM over all N * L rows
+// after the loop: deterministic, and independent of the thread count.
 //
 // Forward: resize x to the grid (kept on the tape), project to tokens, BN, encoder, decoder,
 // project back, BN, resize to the output, residual. Every value the backward needs is written
@@ -21,10 +23,7 @@
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/_softmax.h>
-#include <ATen/ops/_softmax_backward_data.h>
 #include <ATen/ops/addmm.h>
-#include <ATen/ops/baddbmm.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
@@ -407,34 +406,12 @@ HRNAS_TARGET_CLONES void transpose(int64_t rows, int64_t cols, const T* src, int
     for (int64_t j = 0; j < cols; ++j) dst[j * ldd + i] = src[i * lds + j];
 }
 
-// exp of 16 floats: n = round(x / ln 2), r = x - n ln 2 (two-part ln 2), e^r by its degree-6
-// Taylor polynomial (|r| <= 0.35: relative error about 1e-7, float's own), times 2^n built in
-// the exponent bits. Inputs are clamped to the range where the result is a normal float.
-// Always inlined: each ISA clone of its caller gets its own copy (a call would cross vector ABIs).
-__attribute__((always_inline)) inline simd::Vec<float> exp_vec(simd::Vec<float> x) {
-  using V = simd::Vec<float>;
-  typedef int32_t IV __attribute__((vector_size(simd::kWidth * sizeof(int32_t))));
-  x = x < simd::splat(-87.0f) ? simd::splat(-87.0f) : x;
-  x = x > simd::splat(88.0f) ? simd::splat(88.0f) : x;
-  const V t = x * 1.44269504088896341f;
-  const IV n = __builtin_convertvector(t + (t < V{} ? simd::splat(-0.5f) : simd::splat(0.5f)), IV);
-  const V nf = __builtin_convertvector(n, V);
-  const V r = x - nf * 0.693145751953125f - nf * 1.428606765330187e-06f;
-  V p = simd::splat(1.0f / 720.0f);
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const IV bits = (n + 127) << 23;
-  V scale;
-  __builtin_memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-// p = softmax(scale * p) along each of `rows` rows of n values, in place (float rows run 16
-// lanes at a time through exp_vec; double rows use std::exp).
+// p = softmax(scale * p) along each of `rows` rows of n values, in place. Float rows take the
+// exponential 16 lanes at a time: n = round(x / ln 2), r = x - n ln 2 (two-part ln 2), e^r by
+// its degree-6 Taylor polynomial (|r| <= 0.35: relative error about 1e-7, float's own), times
+// 2^n built in the exponent bits, x clamped to where the result is a normal float (written
+// inline: a helper taking vectors would be compiled for the baseline ISA and change the ABI).
+// Double rows, and the tail of a row, use std::exp.
 template <typename T>
 HRNAS_TARGET_CLONES void softmax_rows(T* p, int64_t rows, int64_t n, T scale) {
   using A = at::opmath_type<T>;
@@ -446,11 +423,30 @@ HRNAS_TARGET_CLONES void softmax_rows(T* p, int64_t rows, int64_t n, T scale) {
     A sum = 0;
     int64_t j = 0;
     if constexpr (std::is_same_v<T, float>) {
-      simd::Vec<float> acc{};
+      using V = simd::Vec<float>;
+      typedef int32_t IV __attribute__((vector_size(W * sizeof(int32_t))));
+      V acc{};
       for (; j + W <= n; j += W) {
-        const simd::Vec<float> e = exp_vec(simd::load(row + j) * scale - mx);
-        simd::store(row + j, e);
-        acc += e;
+        V x = simd::load(row + j) * scale - mx;
+        x = x < simd::splat(-87.0f) ? simd::splat(-87.0f) : x;
+        x = x > simd::splat(88.0f) ? simd::splat(88.0f) : x;
+        const V t = x * 1.44269504088896341f;
+        const IV e = __builtin_convertvector(t + (t < V{} ? simd::splat(-0.5f) : simd::splat(0.5f)), IV);
+        const V ef = __builtin_convertvector(e, V);
+        const V r = x - ef * 0.693145751953125f - ef * 1.428606765330187e-06f;
+        V q = simd::splat(1.0f / 720.0f);
+        q = q * r + 1.0f / 120.0f;
+        q = q * r + 1.0f / 24.0f;
+        q = q * r + 1.0f / 6.0f;
+        q = q * r + 0.5f;
+        q = q * r + 1.0f;
+        q = q * r + 1.0f;
+        const IV bits = (e + 127) << 23;
+        V pow2;
+        __builtin_memcpy(&pow2, &bits, sizeof(pow2));
+        q = q * pow2;
+        simd::store(row + j, q);
+        acc += q;
       }
       sum = simd::sum<float>(acc);
     }
