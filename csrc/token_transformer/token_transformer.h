@@ -19,7 +19,8 @@ constexpr const char* kOp = "token_transformer";
 
 // Offsets (in values, already multiplied by N) of each saved quantity of one layer.
 struct LayerTape {
-  int64_t q, k, v, o, t1hat, h, t2hat;  // [N, L, d] each
+  int64_t qkv;                          // [N, L, 3d] the query, key and value projections
+  int64_t o, t1hat, h, t2hat;           // [N, L, d] each
   int64_t p;                            // [heads, N, L, L] softmax probabilities
   int64_t rstd1, rstd2;                 // [N, L] LayerNorm reciprocal deviations
 };
@@ -45,9 +46,7 @@ inline TapeLayout make_tape_layout(int64_t N, int64_t C, int64_t L, int64_t d, i
   t.uhat = take(L * d);
   for (int64_t i = 0; i < layers; ++i) {
     LayerTape& l = t.layer[i];
-    l.q = take(L * d);
-    l.k = take(L * d);
-    l.v = take(L * d);
+    l.qkv = take(3 * L * d);
     l.o = take(L * d);
     l.t1hat = take(L * d);
     l.h = take(L * d);

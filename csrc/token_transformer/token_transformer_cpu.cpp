@@ -1,12 +1,14 @@
 // Dynamic-token transformer on CPU, forward and backward of the whole block in one op each.
 //
-// The token math is a chain of small GEMMs (M = N * L rows of d = 64 values, or per-sample
-// L x L attention): each one runs as one batched ATen GEMM over the whole batch (MKL/oneDNN
-// underneath, so the 64 x 64 products use the tuned micro-kernels), called from here without
-// autograd or Python in between. Everything between the GEMMs (BatchNorm with batch statistics,
-// residual + LayerNorm, softmax, ReLU and all of their backwards) is one fused pass each, written
-// below and parallel over tokens or rows with at::parallel_for; reductions run inside one task in
-// a fixed order, so results do not depend on the thread count.
+// Three phases each way. The two BatchNorms need statistics over the whole batch, so they split
+// the block: (1) resize x to the grid and project it to tokens (batched GEMMs), BN over tokens
+// (parallel over tokens); (2) the token math, one sample per task of one at::parallel_for over
+// the batch: encoder and decoder layer (backward: decoder then encoder), their L x d x d and
+// L x L x d products in the register-blocked `gemm` below on data that stays in L1/L2, softmax,
+// LayerNorm and ReLU fused around them; (3) project back, BN over channels, resize to the output
+// with the residual folded into the last GEMM. The backward's weight gradients sum over samples,
+// so the per-sample gradients are kept and each weight gradient is one GEMM over all N * L rows
+// after the loop: deterministic, and independent of the thread count.
 //
 // Forward: resize x to the grid (kept on the tape), project to tokens, BN, encoder, decoder,
 // project back, BN, resize to the output, residual. Every value the backward needs is written
@@ -21,21 +23,24 @@
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/matmul.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
-#include <ATen/ops/tensordot.h>
-#include <ATen/ops/upsample_bilinear2d.h>
-#include <ATen/ops/upsample_bilinear2d_backward.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
+#include <type_traits>
 #include <optional>
 #include <tuple>
 #include <vector>
 
 #include "common/checks.h"
+#include "common/scratch.h"
+#include "common/simd.h"
 #include "token_transformer/token_transformer.h"
 
 namespace hrnas {
@@ -46,8 +51,11 @@ constexpr double kLayerNormEps = 1e-5;  // nn.LayerNorm's default, as the author
 
 // ---- fused elementwise passes ----------------------------------------------------------------
 
-// BatchNorm over channels r of z [N, R, d] (+ bias [R, d] when given): statistics over (N, d),
-// or the running ones; writes x_hat to xhat and gamma * x_hat + beta to out.
+// The inner loops run over the d (or L) values of one row: `omp simd` lets the compiler
+// vectorise their sums (a fixed lane order, so results stay independent of the thread count).
+
+// BatchNorm over channels r of z [N, R, d] + bias [R, d]: statistics over (N, d), or the
+// running ones; writes x_hat to xhat and gamma * x_hat + beta to out.
 template <typename T>
 void bn_forward(const T* z, const T* bias, const T* gamma, const T* beta, const T* run_mean,
                 const T* run_var, bool batch_stats, double eps, int64_t N, int64_t R, int64_t d,
@@ -55,23 +63,25 @@ void bn_forward(const T* z, const T* bias, const T* gamma, const T* beta, const 
   using A = at::opmath_type<T>;
   at::parallel_for(0, R, 1, [&](int64_t rb, int64_t re) {
     for (int64_t r = rb; r < re; ++r) {
-      const T* b = bias ? bias + r * d : nullptr;
-      auto value = [&](int64_t n, int64_t j) {
-        const A v = z[(n * R + r) * d + j];
-        return b ? v + A(b[j]) : v;
-      };
+      const T* b = bias + r * d;
       A mean, var;
       if (batch_stats) {
         A s = 0;
-        for (int64_t n = 0; n < N; ++n)
-          for (int64_t j = 0; j < d; ++j) s += value(n, j);
+        for (int64_t n = 0; n < N; ++n) {
+          const T* zr = z + (n * R + r) * d;
+#pragma omp simd reduction(+ : s)
+          for (int64_t j = 0; j < d; ++j) s += A(zr[j]) + A(b[j]);
+        }
         mean = s / A(N * d);
         A ss = 0;
-        for (int64_t n = 0; n < N; ++n)
+        for (int64_t n = 0; n < N; ++n) {
+          const T* zr = z + (n * R + r) * d;
+#pragma omp simd reduction(+ : ss)
           for (int64_t j = 0; j < d; ++j) {
-            const A c = value(n, j) - mean;
+            const A c = A(zr[j]) + A(b[j]) - mean;
             ss += c * c;
           }
+        }
         var = ss / A(N * d);
       } else {
         mean = run_mean[r];
@@ -81,12 +91,15 @@ void bn_forward(const T* z, const T* bias, const T* gamma, const T* beta, const 
       var_out[r] = var;
       const A rstd = A(1) / std::sqrt(var + A(eps));
       const A g = gamma[r], be = beta[r];
-      for (int64_t n = 0; n < N; ++n)
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t o = (n * R + r) * d;
+#pragma omp simd
         for (int64_t j = 0; j < d; ++j) {
-          const A xh = (value(n, j) - mean) * rstd;
-          xhat[(n * R + r) * d + j] = xh;
-          out[(n * R + r) * d + j] = xh * g + be;
+          const A xh = (A(z[o + j]) + A(b[j]) - mean) * rstd;
+          xhat[o + j] = xh;
+          out[o + j] = xh * g + be;
         }
+      }
     }
   });
 }
@@ -100,114 +113,372 @@ void bn_backward(const T* grad, const T* xhat, const T* gamma, const T* var, boo
   at::parallel_for(0, R, 1, [&](int64_t rb, int64_t re) {
     for (int64_t r = rb; r < re; ++r) {
       A sg = 0, sgx = 0;
-      for (int64_t n = 0; n < N; ++n)
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t o = (n * R + r) * d;
+#pragma omp simd reduction(+ : sg, sgx)
         for (int64_t j = 0; j < d; ++j) {
-          const int64_t i = (n * R + r) * d + j;
-          sg += A(grad[i]);
-          sgx += A(grad[i]) * A(xhat[i]);
+          sg += A(grad[o + j]);
+          sgx += A(grad[o + j]) * A(xhat[o + j]);
         }
+      }
       grad_gamma[r] = sgx;
       grad_beta[r] = sg;
       const A scale = A(gamma[r]) / std::sqrt(A(var[r]) + A(eps));
       const A m = batch_stats ? A(1) / A(N * d) : A(0);
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t j = 0; j < d; ++j) {
-          const int64_t i = (n * R + r) * d + j;
-          grad_z[i] = scale * (A(grad[i]) - m * (sg + A(xhat[i]) * sgx));
-        }
+      const A msg = m * sg, msgx = m * sgx;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t o = (n * R + r) * d;
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j)
+          grad_z[o + j] = scale * (A(grad[o + j]) - msg - A(xhat[o + j]) * msgx);
+      }
     }
   });
 }
 
-// out = LayerNorm(a + res) per row of d values; x_hat and 1 / std go to the tape.
+// out = LayerNorm(a + res) per row of d values; x_hat and 1 / std go to the tape. Serial: it
+// runs inside the per-sample loop.
 template <typename T>
-void add_layer_norm(const T* a, const T* res, const T* gamma, const T* beta, int64_t rows,
+HRNAS_TARGET_CLONES void add_layer_norm(const T* a, const T* res, const T* gamma, const T* beta, int64_t rows,
                     int64_t d, T* xhat, T* rstd_out, T* out) {
   using A = at::opmath_type<T>;
-  at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
-    std::vector<A> r(d);
-    for (int64_t i = b; i < e; ++i) {
+  {
+    for (int64_t i = 0; i < rows; ++i) {
+      const T* ai = a + i * d;
+      const T* ri = res + i * d;
+      T* xi = xhat + i * d;
       A s = 0;
-      for (int64_t j = 0; j < d; ++j) {
-        r[j] = A(a[i * d + j]) + A(res[i * d + j]);
-        s += r[j];
-      }
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = 0; j < d; ++j) s += A(ai[j]) + A(ri[j]);
       const A mean = s / A(d);
       A ss = 0;
-      for (int64_t j = 0; j < d; ++j) ss += (r[j] - mean) * (r[j] - mean);
+#pragma omp simd reduction(+ : ss)
+      for (int64_t j = 0; j < d; ++j) {
+        const A c = A(ai[j]) + A(ri[j]) - mean;
+        ss += c * c;
+      }
       const A rstd = A(1) / std::sqrt(ss / A(d) + A(kLayerNormEps));
       rstd_out[i] = rstd;
+#pragma omp simd
       for (int64_t j = 0; j < d; ++j) {
-        const A xh = (r[j] - mean) * rstd;
-        xhat[i * d + j] = xh;
+        const A xh = (A(ai[j]) + A(ri[j]) - mean) * rstd;
+        xi[j] = xh;
         out[i * d + j] = xh * A(gamma[j]) + A(beta[j]);
       }
     }
-  });
+  }
 }
 
 // Backward of the normalisation in add_layer_norm (gamma applied here, affine grads outside).
 template <typename T>
-void layer_norm_backward(const T* grad, const T* xhat, const T* rstd, const T* gamma,
+HRNAS_TARGET_CLONES void layer_norm_backward(const T* grad, const T* xhat, const T* rstd, const T* gamma,
                          int64_t rows, int64_t d, T* grad_in) {
   using A = at::opmath_type<T>;
-  at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
+  {
+    for (int64_t i = 0; i < rows; ++i) {
+      const T* gi = grad + i * d;
+      const T* xi = xhat + i * d;
       A s = 0, sx = 0;
+#pragma omp simd reduction(+ : s, sx)
       for (int64_t j = 0; j < d; ++j) {
-        const A gh = A(grad[i * d + j]) * A(gamma[j]);
+        const A gh = A(gi[j]) * A(gamma[j]);
         s += gh;
-        sx += gh * A(xhat[i * d + j]);
+        sx += gh * A(xi[j]);
       }
       s /= A(d);
       sx /= A(d);
-      for (int64_t j = 0; j < d; ++j) {
-        const A gh = A(grad[i * d + j]) * A(gamma[j]);
-        grad_in[i * d + j] = A(rstd[i]) * (gh - s - A(xhat[i * d + j]) * sx);
+      const A rs = rstd[i];
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j)
+        grad_in[i * d + j] = rs * (A(gi[j]) * A(gamma[j]) - s - A(xi[j]) * sx);
+    }
+  }
+}
+
+
+// ---- resizing ---------------------------------------------------------------------------------
+// Bilinear resizing (align_corners=False) is separable: a plane resizes as R_h X R_w^T with
+// [out, in] matrices of two taps per row, and the backward is R_h^T G R_w. The width direction
+// (the contiguous one) runs as one GEMM over all rows of all planes with the dense R_w; the
+// height direction blends whole rows (two taps, vectorised along the row), which avoids both
+// transposes and batches of tiny GEMMs.
+
+// F.interpolate's source index rule: src = max((i + 0.5) * in / out - 0.5, 0); taps floor(src)
+// and min(floor(src) + 1, in - 1) with weights 1 - frac and frac.
+struct Taps {
+  std::vector<int64_t> i0, i1;
+  std::vector<double> w0, w1;
+};
+
+Taps make_taps(int64_t out, int64_t in) {
+  Taps t;
+  const double scale = double(in) / double(out);
+  for (int64_t i = 0; i < out; ++i) {
+    const double src = std::max((i + 0.5) * scale - 0.5, 0.0);
+    const int64_t i0 = std::min(static_cast<int64_t>(src), in - 1);
+    t.i0.push_back(i0);
+    t.i1.push_back(std::min(i0 + 1, in - 1));
+    t.w1.push_back(src - double(i0));
+    t.w0.push_back(1.0 - (src - double(i0)));
+  }
+  return t;
+}
+
+// The dense [out, in] matrix of the taps, for the width direction's GEMM.
+at::Tensor resize_matrix(int64_t out, int64_t in, const at::TensorOptions& opt) {
+  const Taps t = make_taps(out, in);
+  at::Tensor m = at::zeros({out, in}, opt.dtype(at::kDouble));
+  double* p = m.mutable_data_ptr<double>();
+  for (int64_t i = 0; i < out; ++i) {
+    p[i * in + t.i0[i]] += t.w0[i];
+    p[i * in + t.i1[i]] += t.w1[i];
+  }
+  return m.to(opt.dtype());
+}
+
+// Height direction on [P, rows, B] planes with the taps of a resize from `in` to `out` rows:
+// forward y [P, out, B] = blend of x's rows; adjoint (the backward) y [P, in, B] gathers each
+// output row's gradient back onto its two source rows (per plane, in order: no atomics).
+template <typename T>
+at::Tensor blend_rows(const at::Tensor& x, const Taps& taps, int64_t in, bool adjoint) {
+  const int64_t P = x.size(0), B = x.size(2), out = static_cast<int64_t>(taps.i0.size());
+  at::Tensor y = adjoint ? at::zeros({P, in, B}, x.options()) : at::empty({P, out, B}, x.options());
+  const T* xp = x.const_data_ptr<T>();
+  T* yp = y.mutable_data_ptr<T>();
+  const int64_t x_rows = adjoint ? out : in, y_rows = adjoint ? in : out;
+  at::parallel_for(0, P, 1, [&](int64_t pb, int64_t pe) {
+    for (int64_t p = pb; p < pe; ++p) {
+      const T* xs = xp + p * x_rows * B;
+      T* ys = yp + p * y_rows * B;
+      for (int64_t i = 0; i < out; ++i) {
+        const T w0 = T(taps.w0[i]), w1 = T(taps.w1[i]);
+        if (adjoint) {
+          const T* g = xs + i * B;
+          T* a = ys + taps.i0[i] * B;
+          T* b = ys + taps.i1[i] * B;
+#pragma omp simd
+          for (int64_t j = 0; j < B; ++j) a[j] += w0 * g[j];
+#pragma omp simd
+          for (int64_t j = 0; j < B; ++j) b[j] += w1 * g[j];
+        } else {
+          const T* a = xs + taps.i0[i] * B;
+          const T* b = xs + taps.i1[i] * B;
+          T* o = ys + i * B;
+#pragma omp simd
+          for (int64_t j = 0; j < B; ++j) o[j] = w0 * a[j] + w1 * b[j];
+        }
       }
     }
   });
+  return y;
 }
 
-// p = softmax(scale * p) along rows of n values, in place.
+// Width direction: [P, A, B] -> [P, A, b] with the dense r [b, B] (transposed: r is [B, b] and
+// the product is x r), + add when defined, written into out when defined.
+at::Tensor resize_cols(const at::Tensor& x, const at::Tensor& r, const at::Tensor& add,
+                       const at::Tensor& out) {
+  const int64_t P = x.size(0), A = x.size(1), B = x.size(2), b = r.size(1);
+  const at::Tensor x2 = x.reshape({P * A, B});
+  at::Tensor y = out.defined() ? out.view({P * A, b}) : at::empty({P * A, b}, x.options());
+  if (add.defined()) {
+    at::addmm_out(y, add.reshape({P * A, b}), x2, r);
+  } else {
+    at::mm_out(y, x2, r);
+  }
+  return y.view({P, A, b});
+}
+
+// The resizes the op needs. Shrink to the grid: width first (the big input is read by one
+// plain GEMM), then the rows of the small intermediate; growth to the output: rows first on
+// the small input, then the GEMM writes the big output with the residual folded in. Their
+// backwards run the same two steps transposed, in reverse order.
 template <typename T>
-void softmax_rows(T* p, int64_t rows, int64_t n, double scale) {
-  using A = at::opmath_type<T>;
-  at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      T* row = p + i * n;
-      A mx = -INFINITY;
-      for (int64_t j = 0; j < n; ++j) mx = std::max(mx, A(row[j]) * A(scale));
-      A s = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        const A v = std::exp(A(row[j]) * A(scale) - mx);
-        row[j] = v;
-        s += v;
+void resize_to_grid(const at::Tensor& x, int64_t g, const at::Tensor& out) {
+  const int64_t P = x.size(0), H = x.size(1), W = x.size(2);
+  const at::Tensor cols = resize_cols(x, resize_matrix(g, W, x.options()).t(), {}, {});
+  out.view({P, g, g}).copy_(blend_rows<T>(cols, make_taps(g, H), H, false));
+}
+
+template <typename T>
+at::Tensor resize_to_grid_backward(const at::Tensor& grad, int64_t H, int64_t W,
+                                   const at::Tensor& add) {
+  const int64_t g = grad.size(1);
+  const at::Tensor rows = blend_rows<T>(grad, make_taps(g, H), H, true);
+  return resize_cols(rows, resize_matrix(g, W, grad.options()), add, {});
+}
+
+template <typename T>
+void resize_from_grid(const at::Tensor& z, int64_t Ho, int64_t Wo, const at::Tensor& add,
+                      const at::Tensor& out) {
+  const int64_t g = z.size(1);
+  const at::Tensor rows = blend_rows<T>(z, make_taps(Ho, g), g, false);
+  resize_cols(rows, resize_matrix(Wo, g, z.options()).t(), add, out);
+}
+
+template <typename T>
+at::Tensor resize_from_grid_backward(const at::Tensor& grad, int64_t g) {
+  const int64_t Ho = grad.size(1), Wo = grad.size(2);
+  const at::Tensor cols = resize_cols(grad, resize_matrix(Wo, g, grad.options()), {}, {});
+  return blend_rows<T>(cols, make_taps(Ho, g), g, true);
+}
+
+// W [R, K] times every sample of v [N, K, d] -> [N, R, d], one batched GEMM (W broadcast).
+at::Tensor left_multiply(const at::Tensor& w, const at::Tensor& v) {
+  return at::bmm(w.unsqueeze(0).expand({v.size(0), w.size(0), w.size(1)}), v);
+}
+
+// sum over samples of a[n] b[n]^T for a [N, R, d], b [N, K, d] -> [R, K].
+at::Tensor sum_outer(const at::Tensor& a, const at::Tensor& b) {
+  return at::sum(at::bmm(a, b.transpose(1, 2)), 0);
+}
+
+// ---- small GEMMs ------------------------------------------------------------------------------
+
+// C [M, N] = (accumulate ? C : 0) + A [M, K] B [K, N], all row-major with leading dimensions.
+// Register blocks of 4 rows x 2 vectors (8 accumulators): per k, two vector loads of B's row
+// and four broadcasts of A feed 8 FMAs. The token math is 64 x 64 x 64 products, which a BLAS
+// call would spend on packing and dispatch; these fit in L1 and need neither.
+template <typename T>
+HRNAS_TARGET_CLONES void gemm(int64_t M, int64_t N, int64_t K, const T* __restrict A, int64_t lda,
+                              const T* __restrict B, int64_t ldb, T* __restrict C, int64_t ldc,
+                              bool accumulate) {
+  using V = simd::Vec<T>;
+  constexpr int64_t W = simd::kWidth;
+  int64_t j = 0;
+  for (; j + 2 * W <= N; j += 2 * W) {
+    int64_t i = 0;
+    for (; i + 4 <= M; i += 4) {
+      V c[4][2];
+      for (int r = 0; r < 4; ++r) {
+        T* cr = C + (i + r) * ldc + j;
+        c[r][0] = accumulate ? simd::load(cr) : V{};
+        c[r][1] = accumulate ? simd::load(cr + W) : V{};
       }
-      const A inv = A(1) / s;
-      for (int64_t j = 0; j < n; ++j) row[j] = A(row[j]) * inv;
+      for (int64_t k = 0; k < K; ++k) {
+        const V b0 = simd::load(B + k * ldb + j), b1 = simd::load(B + k * ldb + j + W);
+        for (int r = 0; r < 4; ++r) {
+          const T a = A[(i + r) * lda + k];
+          c[r][0] += a * b0;
+          c[r][1] += a * b1;
+        }
+      }
+      for (int r = 0; r < 4; ++r) {
+        simd::store(C + (i + r) * ldc + j, c[r][0]);
+        simd::store(C + (i + r) * ldc + j + W, c[r][1]);
+      }
     }
-  });
+    for (; i < M; ++i) {
+      T* cr = C + i * ldc + j;
+      V c0 = accumulate ? simd::load(cr) : V{}, c1 = accumulate ? simd::load(cr + W) : V{};
+      for (int64_t k = 0; k < K; ++k) {
+        const T a = A[i * lda + k];
+        c0 += a * simd::load(B + k * ldb + j);
+        c1 += a * simd::load(B + k * ldb + j + W);
+      }
+      simd::store(cr, c0);
+      simd::store(cr + W, c1);
+    }
+  }
+  for (; j + W <= N; j += W) {
+    for (int64_t i = 0; i < M; ++i) {
+      T* cr = C + i * ldc + j;
+      V c0 = accumulate ? simd::load(cr) : V{};
+      for (int64_t k = 0; k < K; ++k) c0 += A[i * lda + k] * simd::load(B + k * ldb + j);
+      simd::store(cr, c0);
+    }
+  }
+  if (j < N) {  // fewer than one vector of columns left
+    for (int64_t i = 0; i < M; ++i) {
+      T* cr = C + i * ldc;
+      for (int64_t jj = j; jj < N; ++jj) {
+        T acc = accumulate ? cr[jj] : T(0);
+        for (int64_t k = 0; k < K; ++k) acc += A[i * lda + k] * B[k * ldb + jj];
+        cr[jj] = acc;
+      }
+    }
+  }
 }
 
-// grad (of p) -> scale * d(softmax input), in place; p the probabilities.
+// dst [cols, rows] = src [rows, cols]^T (leading dimensions lds, ldd).
 template <typename T>
-void softmax_rows_backward(T* grad, const T* p, int64_t rows, int64_t n, double scale) {
-  using A = at::opmath_type<T>;
-  at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      A dot = 0;
-      for (int64_t j = 0; j < n; ++j) dot += A(grad[i * n + j]) * A(p[i * n + j]);
-      for (int64_t j = 0; j < n; ++j)
-        grad[i * n + j] = A(scale) * A(p[i * n + j]) * (A(grad[i * n + j]) - dot);
-    }
-  });
+HRNAS_TARGET_CLONES void transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst, int64_t ldd) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) dst[j * ldd + i] = src[i * lds + j];
 }
 
-// ---- one encoder/decoder layer ----------------------------------------------------------------
+// p = softmax(scale * p) along each of `rows` rows of n values, in place. Float rows take the
+// exponential 16 lanes at a time: n = round(x / ln 2), r = x - n ln 2 (two-part ln 2), e^r by
+// its degree-6 Taylor polynomial (|r| <= 0.35: relative error about 1e-7, float's own), times
+// 2^n built in the exponent bits, x clamped to where the result is a normal float (written
+// inline: a helper taking vectors would be compiled for the baseline ISA and change the ABI).
+// Double rows, and the tail of a row, use std::exp.
+template <typename T>
+HRNAS_TARGET_CLONES void softmax_rows(T* p, int64_t rows, int64_t n, T scale) {
+  using A = at::opmath_type<T>;
+  constexpr int64_t W = simd::kWidth;
+  for (int64_t i = 0; i < rows; ++i) {
+    T* row = p + i * n;
+    A mx = -std::numeric_limits<A>::infinity();
+    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, A(row[j]) * A(scale));
+    A sum = 0;
+    int64_t j = 0;
+    if constexpr (std::is_same_v<T, float>) {
+      using V = simd::Vec<float>;
+      typedef int32_t IV __attribute__((vector_size(W * sizeof(int32_t))));
+      V acc{};
+      for (; j + W <= n; j += W) {
+        V x = simd::load(row + j) * scale - mx;
+        x = x < simd::splat(-87.0f) ? simd::splat(-87.0f) : x;
+        x = x > simd::splat(88.0f) ? simd::splat(88.0f) : x;
+        const V t = x * 1.44269504088896341f;
+        const IV e = __builtin_convertvector(t + (t < V{} ? simd::splat(-0.5f) : simd::splat(0.5f)), IV);
+        const V ef = __builtin_convertvector(e, V);
+        const V r = x - ef * 0.693145751953125f - ef * 1.428606765330187e-06f;
+        V q = simd::splat(1.0f / 720.0f);
+        q = q * r + 1.0f / 120.0f;
+        q = q * r + 1.0f / 24.0f;
+        q = q * r + 1.0f / 6.0f;
+        q = q * r + 0.5f;
+        q = q * r + 1.0f;
+        q = q * r + 1.0f;
+        const IV bits = (e + 127) << 23;
+        V pow2;
+        __builtin_memcpy(&pow2, &bits, sizeof(pow2));
+        q = q * pow2;
+        simd::store(row + j, q);
+        acc += q;
+      }
+      sum = simd::sum<float>(acc);
+    }
+    for (; j < n; ++j) {
+      const A e = std::exp(A(row[j]) * A(scale) - mx);
+      row[j] = e;
+      sum += e;
+    }
+    const A inv = A(1) / sum;
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) row[k] = A(row[k]) * inv;
+  }
+}
+
+// g (of the probabilities p) -> scale * d(scores), in place, per row of n values.
+template <typename T>
+HRNAS_TARGET_CLONES void softmax_rows_backward(T* g, const T* p, int64_t rows, int64_t n, T scale) {
+  using A = at::opmath_type<T>;
+  for (int64_t i = 0; i < rows; ++i) {
+    A dot = 0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = 0; j < n; ++j) dot += A(g[i * n + j]) * A(p[i * n + j]);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j)
+      g[i * n + j] = A(scale) * A(p[i * n + j]) * (A(g[i * n + j]) - dot);
+  }
+}
+
+// ---- one encoder/decoder layer, one sample at a time -------------------------------------------
 
 struct LayerViews {
-  at::Tensor q, k, v, o, t1hat, h, t2hat, p, rstd1, rstd2;
+  at::Tensor qkv, q, k, v, o, t1hat, h, t2hat, p, rstd1, rstd2;  // q, k, v: column blocks of qkv
 };
 
 LayerViews layer_views(const at::Tensor& tape, const LayerTape& lt, int64_t N, int64_t L,
@@ -217,8 +488,9 @@ LayerViews layer_views(const at::Tensor& tape, const LayerTape& lt, int64_t N, i
     for (int64_t s : sizes) count *= s;
     return tape.narrow(0, off, count).view(sizes);
   };
-  return {blk(lt.q, {N, L, d}),     blk(lt.k, {N, L, d}),     blk(lt.v, {N, L, d}),
-          blk(lt.o, {N, L, d}),     blk(lt.t1hat, {N, L, d}), blk(lt.h, {N, L, d}),
+  const at::Tensor qkv = blk(lt.qkv, {N, L, 3 * d});
+  return {qkv,                      qkv.narrow(2, 0, d),      qkv.narrow(2, d, d),
+          qkv.narrow(2, 2 * d, d),  blk(lt.o, {N, L, d}),     blk(lt.t1hat, {N, L, d}), blk(lt.h, {N, L, d}),
           blk(lt.t2hat, {N, L, d}), blk(lt.p, {heads, N, L, L}), blk(lt.rstd1, {N, L}),
           blk(lt.rstd2, {N, L})};
 }
@@ -228,114 +500,185 @@ at::Tensor norm_output(const at::Tensor& xhat, const at::Tensor& gamma, const at
   return at::addcmul(beta, xhat, gamma);
 }
 
-// query: [N, L, d], or [L, d] shared by every sample (the decoder's learned queries).
+
+// A layer's weights as the per-sample code reads them: the originals ([out, in], for the
+// backward's dX = dY W) and their transposes ([in, out], for the forward's Y = X W^T).
 template <typename T>
-at::Tensor layer_forward(const LayerViews& t, const at::Tensor& query, const at::Tensor& mem,
-                         at::TensorList w, int64_t heads) {
-  const int64_t N = mem.size(0), L = mem.size(1), d = mem.size(2), hd = d / heads;
-  const int64_t rows = N * L;
-  const at::Tensor wq = w[0].narrow(0, 0, d), wk = w[0].narrow(0, d, d), wv = w[0].narrow(0, 2 * d, d);
-  const at::Tensor mem2 = mem.reshape({rows, d});
-  if (query.dim() == 2) {
-    t.q.copy_(at::mm(query, wq.t()).unsqueeze(0).expand({N, L, d}));
-  } else {
-    at::Tensor q2 = t.q.view({rows, d});
-    at::mm_out(q2, query.reshape({rows, d}), wq.t());
-  }
-  at::Tensor k2 = t.k.view({rows, d}), v2 = t.v.view({rows, d});
-  at::mm_out(k2, mem2, wk.t());
-  at::mm_out(v2, mem2, wv.t());
-  for (int64_t h = 0; h < heads; ++h) {
-    at::Tensor p = t.p.select(0, h);
-    at::bmm_out(p, t.q.narrow(2, h * hd, hd), t.k.narrow(2, h * hd, hd).transpose(1, 2));
-    softmax_rows<T>(p.mutable_data_ptr<T>(), N * L, L, 1.0 / std::sqrt(double(hd)));
-    if (heads == 1) {
-      at::Tensor o = t.o;
-      at::bmm_out(o, p, t.v);
-    } else {
-      t.o.narrow(2, h * hd, hd).copy_(at::bmm(p, t.v.narrow(2, h * hd, hd)));
-    }
-  }
-  const at::Tensor a = at::mm(t.o.view({rows, d}), w[1].t());
-  at::Tensor t1 = at::empty({rows, d}, mem.options());
-  add_layer_norm<T>(a.const_data_ptr<T>(), mem2.const_data_ptr<T>(), w[4].const_data_ptr<T>(),
-                    w[5].const_data_ptr<T>(), rows, d, t.t1hat.mutable_data_ptr<T>(),
-                    t.rstd1.mutable_data_ptr<T>(), t1.mutable_data_ptr<T>());
-  at::Tensor h2 = t.h.view({rows, d});
-  at::mm_out(h2, t1, w[2].t());
-  h2.relu_();
-  const at::Tensor f2 = at::mm(h2, w[3].t());
-  at::Tensor out = at::empty({N, L, d}, mem.options());
-  add_layer_norm<T>(f2.const_data_ptr<T>(), t1.const_data_ptr<T>(), w[6].const_data_ptr<T>(),
-                    w[7].const_data_ptr<T>(), rows, d, t.t2hat.mutable_data_ptr<T>(),
-                    t.rstd2.mutable_data_ptr<T>(), out.mutable_data_ptr<T>());
-  return out;
+struct LayerW {
+  at::Tensor qkv_t, o_t, w1_t, w2_t;  // kept alive for the pointers below
+  const T *qkv, *o, *w1, *w2, *n1w, *n1b, *n2w, *n2b;
+  const T *qkv_tp, *o_tp, *w1_tp, *w2_tp;
+};
+
+template <typename T>
+LayerW<T> layer_weights(const std::vector<at::Tensor>& w) {
+  LayerW<T> l;
+  l.qkv_t = w[0].t().contiguous();
+  l.o_t = w[1].t().contiguous();
+  l.w1_t = w[2].t().contiguous();
+  l.w2_t = w[3].t().contiguous();
+  l.qkv = w[0].const_data_ptr<T>();
+  l.o = w[1].const_data_ptr<T>();
+  l.w1 = w[2].const_data_ptr<T>();
+  l.w2 = w[3].const_data_ptr<T>();
+  l.n1w = w[4].const_data_ptr<T>();
+  l.n1b = w[5].const_data_ptr<T>();
+  l.n2w = w[6].const_data_ptr<T>();
+  l.n2b = w[7].const_data_ptr<T>();
+  l.qkv_tp = l.qkv_t.template const_data_ptr<T>();
+  l.o_tp = l.o_t.template const_data_ptr<T>();
+  l.w1_tp = l.w1_t.template const_data_ptr<T>();
+  l.w2_tp = l.w2_t.template const_data_ptr<T>();
+  return l;
 }
 
-// Backward of layer_forward: returns (grad of mem, grad of a shared query ([0] otherwise),
-// the 8 weight gradients). With a per-sample query (the encoder, query == mem) its gradient is
-// folded into the gradient of mem.
+// Sample n's slices of one layer's tape.
 template <typename T>
-std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> layer_backward(
-    const LayerViews& t, const at::Tensor& query, const at::Tensor& mem, at::TensorList w,
-    int64_t heads, const at::Tensor& grad_out) {
-  const int64_t N = mem.size(0), L = mem.size(1), d = mem.size(2), hd = d / heads;
-  const int64_t rows = N * L;
-  const at::Tensor wq = w[0].narrow(0, 0, d), wk = w[0].narrow(0, d, d), wv = w[0].narrow(0, 2 * d, d);
-  const at::Tensor mem2 = mem.reshape({rows, d});
-  const at::Tensor g_out = grad_out.reshape({rows, d});
-  const at::Tensor t1hat = t.t1hat.view({rows, d}), t2hat = t.t2hat.view({rows, d});
-  const at::Tensor h2 = t.h.view({rows, d});
+struct LayerSample {
+  T *qkv, *o, *t1hat, *h, *t2hat, *rstd1, *rstd2;
+  T* p;  // head 0; head h is at p + h * p_head_stride
+  int64_t p_head_stride;
+};
 
-  const at::Tensor g_norm2_w = at::sum(g_out * t2hat, 0), g_norm2_b = at::sum(g_out, 0);
-  at::Tensor g_r2 = at::empty({rows, d}, mem.options());
-  layer_norm_backward<T>(g_out.const_data_ptr<T>(), t2hat.const_data_ptr<T>(),
-                         t.rstd2.const_data_ptr<T>(), w[6].const_data_ptr<T>(), rows, d,
-                         g_r2.mutable_data_ptr<T>());
-  const at::Tensor t1 = norm_output(t1hat, w[4], w[5]);
-  const at::Tensor g_w2 = at::mm(g_r2.t(), h2);
-  at::Tensor g_h = at::mm(g_r2, w[3]);
-  g_h.masked_fill_(h2 <= 0, 0);
-  const at::Tensor g_w1 = at::mm(g_h.t(), t1);
-  const at::Tensor g_t1 = g_r2.addmm(g_h, w[2]);
-  const at::Tensor g_norm1_w = at::sum(g_t1 * t1hat, 0), g_norm1_b = at::sum(g_t1, 0);
-  at::Tensor g_mem = at::empty({rows, d}, mem.options());
-  layer_norm_backward<T>(g_t1.const_data_ptr<T>(), t1hat.const_data_ptr<T>(),
-                         t.rstd1.const_data_ptr<T>(), w[4].const_data_ptr<T>(), rows, d,
-                         g_mem.mutable_data_ptr<T>());
-  const at::Tensor g_wo = at::mm(g_mem.t(), t.o.view({rows, d}));
-  const at::Tensor g_o = at::mm(g_mem, w[1]).view({N, L, d});
+template <typename T>
+LayerSample<T> layer_sample(T* tape, const LayerTape& lt, int64_t n, int64_t N, int64_t L,
+                            int64_t d) {
+  const int64_t ld = L * d;
+  return {tape + lt.qkv + n * 3 * ld, tape + lt.o + n * ld,     tape + lt.t1hat + n * ld,
+          tape + lt.h + n * ld,       tape + lt.t2hat + n * ld, tape + lt.rstd1 + n * L,
+          tape + lt.rstd2 + n * L,    tape + lt.p + n * L * L,  N * L * L};
+}
 
-  at::Tensor g_q = at::empty({N, L, d}, mem.options());
-  at::Tensor g_k = at::empty({N, L, d}, mem.options());
-  at::Tensor g_v = at::empty({N, L, d}, mem.options());
-  const double scale = 1.0 / std::sqrt(double(hd));
-  for (int64_t h = 0; h < heads; ++h) {
-    const at::Tensor p = t.p.select(0, h);
-    const at::Tensor g_oh = g_o.narrow(2, h * hd, hd);
-    at::Tensor g_s = at::bmm(g_oh, t.v.narrow(2, h * hd, hd).transpose(1, 2));
-    g_v.narrow(2, h * hd, hd).copy_(at::bmm(p.transpose(1, 2), g_oh));
-    softmax_rows_backward<T>(g_s.mutable_data_ptr<T>(), p.const_data_ptr<T>(), N * L, L, scale);
-    g_q.narrow(2, h * hd, hd).copy_(at::bmm(g_s, t.k.narrow(2, h * hd, hd)));
-    g_k.narrow(2, h * hd, hd).copy_(at::bmm(g_s.transpose(1, 2), t.q.narrow(2, h * hd, hd)));
-  }
-  const at::Tensor g_k2 = g_k.view({rows, d}), g_v2 = g_v.view({rows, d});
-  const at::Tensor g_wk = at::mm(g_k2.t(), mem2), g_wv = at::mm(g_v2.t(), mem2);
-  g_mem.addmm_(g_k2, wk).addmm_(g_v2, wv);
-  at::Tensor g_wq, g_query;
-  if (query.dim() == 2) {
-    const at::Tensor g_qs = at::sum(g_q, 0);
-    g_wq = at::mm(g_qs.t(), query);
-    g_query = at::mm(g_qs, wq);
+// Thread-local scratch for one sample's temporaries ([L, max(L, d)] each).
+template <typename T>
+struct Scratch {
+  T *a, *b, *c;
+};
+
+template <typename T>
+Scratch<T> sample_scratch(int64_t L, int64_t d) {
+  const int64_t size = L * std::max(L, d);
+  return {scratch<T>(0, size), scratch<T>(1, size), scratch<T>(2, size)};
+}
+
+// Forward of one layer for one sample: mem [L, d] -> out [L, d], the tape filled. shared_q:
+// the decoder's queries already projected ([L, d], the same for every sample); null for the
+// encoder, whose queries are mem.
+template <typename T>
+void layer_forward(const LayerW<T>& w, const LayerSample<T>& t, const T* shared_q, const T* mem,
+                   int64_t L, int64_t d, int64_t heads, T* out) {
+  const int64_t hd = d / heads, ld3 = 3 * d;
+  const Scratch<T> s = sample_scratch<T>(L, d);
+  if (shared_q == nullptr) {
+    gemm<T>(L, 3 * d, d, mem, d, w.qkv_tp, 3 * d, t.qkv, ld3, false);
   } else {
-    const at::Tensor g_q2 = g_q.view({rows, d});
-    g_wq = at::mm(g_q2.t(), query.reshape({rows, d}));
-    g_mem.addmm_(g_q2, wq);
+    for (int64_t i = 0; i < L; ++i) std::copy(shared_q + i * d, shared_q + (i + 1) * d, t.qkv + i * ld3);
+    gemm<T>(L, 2 * d, d, mem, d, w.qkv_tp + d, 3 * d, t.qkv + d, ld3, false);
+  }
+  const T scale = T(1.0 / std::sqrt(double(hd)));
+  for (int64_t h = 0; h < heads; ++h) {
+    T* p = t.p + h * t.p_head_stride;
+    transpose<T>(L, hd, t.qkv + d + h * hd, ld3, s.a, L);  // K_h^T [hd, L]
+    gemm<T>(L, L, hd, t.qkv + h * hd, ld3, s.a, L, p, L, false);
+    softmax_rows<T>(p, L, L, scale);
+    gemm<T>(L, hd, L, p, L, t.qkv + 2 * d + h * hd, ld3, t.o + h * hd, d, false);
+  }
+  gemm<T>(L, d, d, t.o, d, w.o_tp, d, s.a, d, false);
+  add_layer_norm<T>(s.a, mem, w.n1w, w.n1b, L, d, t.t1hat, t.rstd1, s.b);  // s.b: t1
+  gemm<T>(L, d, d, s.b, d, w.w1_tp, d, t.h, d, false);
+  for (int64_t i = 0; i < L * d; ++i) t.h[i] = t.h[i] > T(0) ? t.h[i] : T(0);
+  gemm<T>(L, d, d, t.h, d, w.w2_tp, d, s.a, d, false);
+  add_layer_norm<T>(s.a, s.b, w.n2w, w.n2b, L, d, t.t2hat, t.rstd2, out);
+}
+
+// One layer's per-sample gradients, each [N, L, *], kept for the weight gradients that the
+// caller forms afterwards as GEMMs over all N * L rows.
+template <typename T>
+struct LayerGrads {
+  at::Tensor r2, h, t1, gt1, r1, qkv;  // d(LN2 in), d(ReLU out) gated, t1, d(t1), d(LN1 in), d(QKV)
+};
+
+template <typename T>
+LayerGrads<T> layer_grads(int64_t N, int64_t L, int64_t d, const at::TensorOptions& opt) {
+  return {at::empty({N, L, d}, opt), at::empty({N, L, d}, opt), at::empty({N, L, d}, opt),
+          at::empty({N, L, d}, opt), at::empty({N, L, d}, opt), at::empty({N, L, 3 * d}, opt)};
+}
+
+// Backward of layer_forward for sample n: g_out [L, d] -> g_mem [L, d] (for the encoder the
+// queries' gradient included), the per-sample gradients written into G at n.
+template <typename T>
+void layer_backward(const LayerW<T>& w, const LayerSample<T>& t, bool shared_q, const T* g_out,
+                    int64_t n, int64_t L, int64_t d, int64_t heads, const LayerGrads<T>& G,
+                    T* g_mem) {
+  const int64_t hd = d / heads, ld3 = 3 * d, off = n * L * d;
+  const Scratch<T> s = sample_scratch<T>(L, d);
+  T* g_r2 = G.r2.template mutable_data_ptr<T>() + off;
+  T* g_h = G.h.template mutable_data_ptr<T>() + off;
+  T* t1 = G.t1.template mutable_data_ptr<T>() + off;
+  T* g_t1 = G.gt1.template mutable_data_ptr<T>() + off;
+  T* g_r1 = G.r1.template mutable_data_ptr<T>() + off;
+  T* g_qkv = G.qkv.template mutable_data_ptr<T>() + 3 * off;
+  layer_norm_backward<T>(g_out, t.t2hat, t.rstd2, w.n2w, L, d, g_r2);
+  gemm<T>(L, d, d, g_r2, d, w.w2, d, g_h, d, false);
+  for (int64_t i = 0; i < L * d; ++i) g_h[i] = t.h[i] > T(0) ? g_h[i] : T(0);
+  for (int64_t i = 0; i < L; ++i)
+    for (int64_t j = 0; j < d; ++j) t1[i * d + j] = t.t1hat[i * d + j] * w.n1w[j] + w.n1b[j];
+  std::copy(g_r2, g_r2 + L * d, g_t1);
+  gemm<T>(L, d, d, g_h, d, w.w1, d, g_t1, d, true);
+  layer_norm_backward<T>(g_t1, t.t1hat, t.rstd1, w.n1w, L, d, g_r1);
+  std::copy(g_r1, g_r1 + L * d, g_mem);
+  gemm<T>(L, d, d, g_r1, d, w.o, d, s.c, d, false);  // s.c: d(head outputs) [L, d]
+  const T scale = T(1.0 / std::sqrt(double(hd)));
+  for (int64_t h = 0; h < heads; ++h) {
+    const T* p = t.p + h * t.p_head_stride;
+    const T* q = t.qkv + h * hd;
+    const T* k = t.qkv + d + h * hd;
+    const T* v = t.qkv + 2 * d + h * hd;
+    transpose<T>(L, hd, v, ld3, s.a, L);  // V_h^T [hd, L]
+    gemm<T>(L, L, hd, s.c + h * hd, d, s.a, L, s.b, L, false);  // s.b: d(P) [L, L]
+    transpose<T>(L, L, p, L, s.a, L);  // P^T
+    gemm<T>(L, hd, L, s.a, L, s.c + h * hd, d, g_qkv + 2 * d + h * hd, ld3, false);
+    softmax_rows_backward<T>(s.b, p, L, L, scale);  // s.b: d(scores) * scale
+    gemm<T>(L, hd, L, s.b, L, k, ld3, g_qkv + h * hd, ld3, false);
+    transpose<T>(L, L, s.b, L, s.a, L);
+    gemm<T>(L, hd, L, s.a, L, q, ld3, g_qkv + d + h * hd, ld3, false);
+  }
+  if (shared_q) {  // only keys and values come from mem
+    gemm<T>(L, d, 2 * d, g_qkv + d, ld3, w.qkv + d * d, d, g_mem, d, true);
+  } else {
+    gemm<T>(L, d, 3 * d, g_qkv, ld3, w.qkv, d, g_mem, d, true);
+  }
+}
+
+// The layer's weight gradients from the per-sample gradients (GEMMs over all N * L rows), in
+// reference::LAYER_WEIGHTS order, and the shared queries' gradient ([0] for the encoder).
+// g_out: the layer's incoming gradient; mem: its memory input; query: [L, d] or undefined.
+std::pair<std::vector<at::Tensor>, at::Tensor> layer_weight_grads(
+    const LayerViews& t, const at::Tensor& g_out, const at::Tensor& mem, const at::Tensor& query,
+    const at::Tensor& qkv_weight, const at::Tensor& r2, const at::Tensor& gh,
+    const at::Tensor& t1, const at::Tensor& gt1, const at::Tensor& r1, const at::Tensor& gqkv) {
+  const int64_t d = mem.size(2), rows = mem.size(0) * mem.size(1);
+  auto flat = [&](const at::Tensor& x) { return x.reshape({rows, x.size(2)}); };
+  const at::Tensor g_out2 = flat(g_out), t2hat = flat(t.t2hat), t1hat = flat(t.t1hat);
+  const at::Tensor gt12 = flat(gt1), gqkv2 = flat(gqkv);
+  at::Tensor g_in, g_query;
+  if (query.defined()) {
+    const at::Tensor g_qs = at::sum(gqkv.narrow(2, 0, d), 0);
+    g_in = at::cat({at::mm(g_qs.t(), query), at::mm(gqkv2.narrow(1, d, 2 * d).t(), flat(mem))}, 0);
+    g_query = at::mm(g_qs, qkv_weight.narrow(0, 0, d));
+  } else {
+    g_in = at::mm(gqkv2.t(), flat(mem));
     g_query = at::empty({0}, mem.options());
   }
-  std::vector<at::Tensor> grads = {at::cat({g_wq, g_wk, g_wv}, 0), g_wo, g_w1, g_w2,
-                                   g_norm1_w, g_norm1_b, g_norm2_w, g_norm2_b};
-  return {g_mem.view({N, L, d}), g_query, grads};
+  std::vector<at::Tensor> grads = {g_in,
+                                   at::mm(flat(r1).t(), flat(t.o)),
+                                   at::mm(flat(gh).t(), flat(t1)),
+                                   at::mm(flat(r2).t(), flat(t.h)),
+                                   at::sum(gt12 * t1hat, 0),
+                                   at::sum(gt12, 0),
+                                   at::sum(g_out2 * t2hat, 0),
+                                   at::sum(g_out2, 0)};
+  return {grads, g_query};
 }
 
 // ---- the op -----------------------------------------------------------------------------------
@@ -417,10 +760,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "token_transformer_fwd", [&] {
     using T = scalar_t;
-    at::Tensor f = tape.narrow(0, layout.f, N * C * d).view({N, C, g, g});
-    at::upsample_bilinear2d_out(f, x, {g, g}, false);
+    at::Tensor f = tape.narrow(0, layout.f, N * C * d).view({N, C, d});
+    resize_to_grid<T>(x.view({N * C, s.H, s.W}), g, f);
     const at::Tensor coord_bias = at::mm(w_in.narrow(1, C, 2), coords.view({2, d}));
-    const at::Tensor u = at::matmul(w_in.narrow(1, 0, C), f.view({N, C, d}));
+    const at::Tensor u = left_multiply(w_in.narrow(1, 0, C), f);
     at::Tensor t0 = at::empty({N, L, d}, x.options());
     const at::Tensor gi = bn_in_w.contiguous(), bi = bn_in_b.contiguous();
     const at::Tensor rmi = batch_stats ? gi : rm_in->contiguous();
@@ -430,23 +773,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                   batch_stats, eps, N, L, d, tape.mutable_data_ptr<T>() + layout.uhat,
                   t0.mutable_data_ptr<T>(), mean_in.mutable_data_ptr<T>(),
                   var_in.mutable_data_ptr<T>());
-    at::Tensor o = layer_forward<T>(layer_views(tape, layout.layer[0], N, L, d, heads), t0, t0,
-                                    enc, heads);
-    if (s.layers == 2) {
-      o = layer_forward<T>(layer_views(tape, layout.layer[1], N, L, d, heads),
-                           query_in->contiguous(), o, dec, heads);
-    }
-    const at::Tensor z = at::matmul(w_out, o);
+    // the token math, one sample per task: encoder then decoder, all in L1/L2
+    const LayerW<T> we = layer_weights<T>(enc);
+    const bool decoder = s.layers == 2;
+    const LayerW<T> wd = decoder ? layer_weights<T>(dec) : we;
+    const at::Tensor q_shared =
+        decoder ? at::mm(*query_in, dec[0].narrow(0, 0, d).t()).contiguous() : at::Tensor();
+    at::Tensor m = at::empty({N, L, d}, x.options());
+    at::Tensor o = decoder ? at::empty({N, L, d}, x.options()) : m;
+    T* tp = tape.mutable_data_ptr<T>();
+    const T* t0p = t0.const_data_ptr<T>();
+    T* mp = m.mutable_data_ptr<T>();
+    T* op = o.mutable_data_ptr<T>();
+    const T* qp = decoder ? q_shared.const_data_ptr<T>() : nullptr;
+    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) {
+        const int64_t off = n * L * d;
+        layer_forward<T>(we, layer_sample<T>(tp, layout.layer[0], n, N, L, d), nullptr, t0p + off,
+                         L, d, heads, mp + off);
+        if (decoder) {
+          layer_forward<T>(wd, layer_sample<T>(tp, layout.layer[1], n, N, L, d), qp, mp + off, L,
+                           d, heads, op + off);
+        }
+      }
+    });
+    const at::Tensor z = left_multiply(w_out, o);
     at::Tensor y8 = at::empty({N, Co, g, g}, x.options());
     const at::Tensor go = bn_out_w.contiguous(), bo = bn_out_b.contiguous();
     const at::Tensor rmo = batch_stats ? go : rm_out->contiguous();
     const at::Tensor rvo = batch_stats ? go : rv_out->contiguous();
-    bn_forward<T>(z.const_data_ptr<T>(), nullptr, go.const_data_ptr<T>(), bo.const_data_ptr<T>(),
+    const at::Tensor no_bias = at::zeros({Co, d}, x.options());
+    bn_forward<T>(z.const_data_ptr<T>(), no_bias.const_data_ptr<T>(), go.const_data_ptr<T>(),
+                  bo.const_data_ptr<T>(),
                   rmo.const_data_ptr<T>(), rvo.const_data_ptr<T>(), batch_stats, eps, N, Co, d,
                   tape.mutable_data_ptr<T>() + layout.zhat, y8.mutable_data_ptr<T>(),
                   mean_out.mutable_data_ptr<T>(), var_out.mutable_data_ptr<T>());
-    at::upsample_bilinear2d_out(y, y8, {Ho, Wo}, false);
-    if (residual) y.add_(x);
+    resize_from_grid<T>(y8.view({N * Co, g, g}), Ho, Wo,
+                        residual ? x.view({N * C, Ho, Wo}) : at::Tensor(), y);
   });
   return {y, tape, mean_in, var_in, mean_out, var_out};
 }
@@ -492,47 +855,67 @@ bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& tape, const at::Tensor&
   at::Tensor g_w_out, g_bn_out_w = at::empty({Co}, opt), g_bn_out_b = at::empty({Co}, opt);
   AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "token_transformer_bwd", [&] {
     using T = scalar_t;
-    const at::Tensor g8 =
-        at::upsample_bilinear2d_backward(gy, {Ho, Wo}, {N, Co, g, g}, false).contiguous();
+    const at::Tensor g8 = resize_from_grid_backward<T>(gy.view({N * Co, Ho, Wo}), g);
     at::Tensor g_z = at::empty({N, Co, d}, opt);
     bn_backward<T>(g8.const_data_ptr<T>(), tape.const_data_ptr<T>() + layout.zhat,
                    bn_out_w.const_data_ptr<T>(), var_out.const_data_ptr<T>(), use_batch_stats, eps,
                    N, Co, d, g_z.mutable_data_ptr<T>(), g_bn_out_w.mutable_data_ptr<T>(),
                    g_bn_out_b.mutable_data_ptr<T>());
+    const bool decoder = s.layers == 2;
     const LayerViews enc_t = layer_views(tape, layout.layer[0], N, L, d, heads);
     const at::Tensor memory = norm_output(enc_t.t2hat, enc[6], enc[7]);
+    LayerViews dec_t = enc_t;
     at::Tensor o = memory;
-    if (s.layers == 2) {
-      o = norm_output(layer_views(tape, layout.layer[1], N, L, d, heads).t2hat, dec[6], dec[7]);
+    if (decoder) {
+      dec_t = layer_views(tape, layout.layer[1], N, L, d, heads);
+      o = norm_output(dec_t.t2hat, dec[6], dec[7]);
     }
-    g_w_out = at::tensordot(g_z, o, {0, 2}, {0, 2});
-    at::Tensor g_o = at::matmul(w_out.t(), g_z);
-    if (s.layers == 2) {
-      auto [g_m, g_qe, grads] =
-          layer_backward<T>(layer_views(tape, layout.layer[1], N, L, d, heads),
-                            query_in->contiguous(), memory, dec, heads, g_o);
-      g_o = g_m;
-      g_query = g_qe;
-      g_dec = grads;
-    }
+    g_w_out = sum_outer(g_z, o);
+    const at::Tensor g_o = left_multiply(w_out.t(), g_z).contiguous();
     const at::Tensor uhat = tape.narrow(0, layout.uhat, N * L * d).view({N, L, d});
     const at::Tensor t0 = at::addcmul(bn_in_b.view({L, 1}), uhat, bn_in_w.view({L, 1}));
-    auto [g_t0, unused, grads] = layer_backward<T>(enc_t, t0, t0, enc, heads, g_o);
-    g_enc = grads;
+    // the token math backward, one sample per task: decoder then encoder
+    const LayerW<T> we = layer_weights<T>(enc);
+    const LayerW<T> wd = decoder ? layer_weights<T>(dec) : we;
+    const LayerGrads<T> ge = layer_grads<T>(N, L, d, opt);
+    const LayerGrads<T> gd = decoder ? layer_grads<T>(N, L, d, opt) : ge;
+    const at::Tensor g_m = decoder ? at::empty({N, L, d}, opt) : g_o;
+    at::Tensor g_t0 = at::empty({N, L, d}, opt);
+    T* tp = tape.mutable_data_ptr<T>();
+    const T* gop = g_o.const_data_ptr<T>();
+    T* gmp = g_m.mutable_data_ptr<T>();
+    T* gtp = g_t0.mutable_data_ptr<T>();
+    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) {
+        const int64_t off = n * L * d;
+        if (decoder) {
+          layer_backward<T>(wd, layer_sample<T>(tp, layout.layer[1], n, N, L, d), true,
+                            gop + off, n, L, d, heads, gd, gmp + off);
+        }
+        layer_backward<T>(we, layer_sample<T>(tp, layout.layer[0], n, N, L, d), false,
+                          gmp + off, n, L, d, heads, ge, gtp + off);
+      }
+    });
+    if (decoder) {
+      auto [grads, g_qe] = layer_weight_grads(dec_t, g_o, memory, query_in->contiguous(), dec[0],
+                                              gd.r2, gd.h, gd.t1, gd.gt1, gd.r1, gd.qkv);
+      g_dec = grads;
+      g_query = g_qe;
+    }
+    g_enc = layer_weight_grads(enc_t, g_m, t0, at::Tensor(), enc[0], ge.r2, ge.h, ge.t1, ge.gt1,
+                               ge.r1, ge.qkv)
+                .first;
     at::Tensor g_u = at::empty({N, L, d}, opt);
-    const at::Tensor g_t0c = g_t0.contiguous();
-    bn_backward<T>(g_t0c.const_data_ptr<T>(), uhat.const_data_ptr<T>(),
+    bn_backward<T>(g_t0.const_data_ptr<T>(), uhat.const_data_ptr<T>(),
                    bn_in_w.const_data_ptr<T>(), var_in.const_data_ptr<T>(), use_batch_stats, eps,
                    N, L, d, g_u.mutable_data_ptr<T>(), g_bn_in_w.mutable_data_ptr<T>(),
                    g_bn_in_b.mutable_data_ptr<T>());
     const at::Tensor f = tape.narrow(0, layout.f, N * C * d).view({N, C, d});
-    g_w_in = at::cat({at::tensordot(g_u, f, {0, 2}, {0, 2}),
-                      at::mm(at::sum(g_u, 0), coords.view({2, d}).t())},
-                     1);
-    const at::Tensor g_f = at::matmul(w_in.narrow(1, 0, C).t(), g_u);
-    g_x = at::upsample_bilinear2d_backward(g_f.view({N, C, g, g}), {g, g}, {N, C, s.H, s.W},
-                                           false);
-    if (residual) g_x.add_(gy);
+    g_w_in = at::cat({sum_outer(g_u, f), at::mm(at::sum(g_u, 0), coords.view({2, d}).t())}, 1);
+    const at::Tensor g_f = left_multiply(w_in.narrow(1, 0, C).t(), g_u);
+    g_x = resize_to_grid_backward<T>(g_f.view({N * C, g, g}), s.H, s.W,
+                                     residual ? gy.view({N * C, s.H, s.W}) : at::Tensor())
+              .view({N, C, s.H, s.W});
   });
   return {g_x,    g_w_in,  g_bn_in_w, g_bn_in_b,  g_enc,
           g_query, g_dec, g_w_out,   g_bn_out_w, g_bn_out_b};

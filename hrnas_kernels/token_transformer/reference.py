@@ -48,11 +48,12 @@ LAYER_WEIGHTS = (
 
 
 def grid_coordinates(
-    grid: int, *, dtype=torch.float32, device=None, standardised: bool = True
+    grid: int, *, dtype=None, device=None, standardised: bool = True
 ) -> torch.Tensor:
     """The authors' ``get_points_single((grid, grid))``: ``[2, grid, grid]``, channel 0 the column
     (x) index, channel 1 the row (y) index, each standardised to zero mean and unit (population)
-    standard deviation over the grid. Computed in float64, then cast."""
+    standard deviation over the grid. Computed in float64, then cast to ``dtype`` (default: torch's
+    default dtype)."""
     r = torch.arange(grid, dtype=torch.float64)
     ys, xs = torch.meshgrid(r, r, indexing="ij")
     p = torch.stack([xs, ys])
@@ -60,7 +61,7 @@ def grid_coordinates(
         mean = p.mean(dim=(1, 2), keepdim=True)
         std = p.std(dim=(1, 2), keepdim=True, correction=0)
         p = (p - mean) / std
-    return p.to(dtype=dtype, device=device)
+    return p.to(dtype=dtype or torch.get_default_dtype(), device=device)
 
 
 def attention(query, key, value, in_proj_weight, out_proj_weight, num_heads, dropout, training):

@@ -15,6 +15,11 @@ from hrnas_kernels._testing import assert_close_to_reference, randn, runnable
 from hrnas_kernels.nn import DynamicTokenTransformer
 from hrnas_kernels.token_transformer import api, grid_coordinates, ops
 
+# the CPU impls that exist in this build
+CPU_IMPLS = ["reference"] + [
+    name for name in ("native",) if (name, "cpu") in api.SUPPORTED and not runnable(name, "cpu")
+]
+
 
 @pytest.fixture
 def impl_device(impl_device):
@@ -125,6 +130,13 @@ def _alive_copy(authors, alive):
 # -- the reference and the module against the authors' layout ------------------------------------
 
 
+def test_default_dtype_module_runs():
+    """Built without a dtype, every parameter and buffer (coordinates included) is float32."""
+    m = DynamicTokenTransformer(3, num_tokens=4, grid=4, impl=CPU_IMPLS[-1])
+    assert m.coords.dtype == torch.float32
+    assert m(torch.zeros(2, 3, 5, 5)).dtype == torch.float32
+
+
 def test_grid_coordinates_match_authors():
     """get_points_single((3, 3)) standardises 0, 1, 2 to -1.2247, 0, 1.2247, x (columns) first."""
     p = grid_coordinates(3, dtype=torch.float64)
@@ -201,12 +213,6 @@ def test_reference_mask_is_the_alive_transformer(training):
     assert not ours.query_embed.weight.grad[dead].any()
     assert not ours.reverse_proj.weight.grad[:, dead].any()
     assert torch.equal(ours.input_norm.running_mean[dead], theirs.input_norm.running_mean[dead])
-
-
-# the CPU impls that exist in this build
-CPU_IMPLS = ["reference"] + [
-    name for name in ("native",) if (name, "cpu") in api.SUPPORTED and not runnable(name, "cpu")
-]
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
