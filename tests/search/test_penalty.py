@@ -58,10 +58,10 @@ def test_sparsity_penalty_matches_direct_sum_and_skips_dead_units():
     value = pen()
     assert value.item() == pytest.approx(expected, rel=1e-5)
     value.backward()
-    grad = units[0].module.weight.grad
+    grad = units[0].weight.grad
     dead0 = units[0].start + torch.nonzero(~units[0].mask).flatten()
     assert torch.all(grad[dead0] == 0)
-    grad3 = units[3].module.weight.grad
+    grad3 = units[3].weight.grad
     assert torch.all(grad3[units[3].start : units[3].stop] == 0)
     alive0 = units[0].start + torch.nonzero(units[0].mask).flatten()
     assert torch.all(grad[alive0].abs() > 0)
@@ -79,8 +79,9 @@ class _Tokens(nn.Module):
 def test_token_penalty_follows_alive_count():
     n0, macs = 8, 40_000.0
     module = _Tokens(n0)
-    tokens = SearchUnit("t", "tokens", None, module, 0, n0, macs / n0)
-    chans = SearchUnit("c", "channels", 3, _Tokens(4), 0, 4, 900.0)
+    tokens = SearchUnit("t", "tokens", None, module.weight, module.channel_mask, 0, n0, macs / n0)
+    other = _Tokens(4)
+    chans = SearchUnit("c", "channels", 3, other.weight, other.channel_mask, 0, 4, 900.0)
     pen = SparsityPenalty([tokens, chans])
     z = (macs + 4 * 900.0) / (n0 + 4)
     for alive in (8, 5):
