@@ -271,9 +271,13 @@ def measure(prepared: Prepared, device: str, threads: int, min_run_time: float) 
     return _Result(p20, p50, p80, peak, prepared.nbytes)
 
 
-def parse_args(description: str | None = None, argv: Sequence[str] | None = None):
+def parse_args(
+    description: str | None = None,
+    argv: Sequence[str] | None = None,
+    modes: Sequence[str] = MODES,
+):
     """The command line every ``bench_<op>.py`` shares; options left ``None`` take the script's
-    defaults in ``run``."""
+    defaults in ``run``. ``modes`` are the ones measured when ``--modes`` is not given."""
     p = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -292,7 +296,7 @@ def parse_args(description: str | None = None, argv: Sequence[str] | None = None
         choices=("nchw", "channels_last", "both"),
         help="default: every format the script declares",
     )
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(modes))
     p.add_argument("--providers", nargs="+", help="subset of the script's providers")
     p.add_argument(
         "--quick",

@@ -167,9 +167,6 @@ def setup(case, provider, mode, device, dtype, memory_format):
 
 
 def main(argv=None) -> int:
-    args = h.parse_args(__doc__, argv)
-    if "--modes" not in (sys.argv[1:] if argv is None else argv):
-        args.modes = list(MODES)  # forward and forward + backward unless asked otherwise
     return h.run(
         op=OP,
         cases=CASES,
@@ -178,7 +175,7 @@ def main(argv=None) -> int:
         baseline=BASELINE,
         setup=setup,
         label=label,
-        args=args,
+        args=h.parse_args(__doc__, argv, modes=MODES),
         threads=THREADS,
         memory_formats=MEMORY_FORMATS,
     )
