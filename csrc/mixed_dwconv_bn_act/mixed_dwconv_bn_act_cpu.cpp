@@ -306,14 +306,15 @@ HRNAS_TARGET_CLONES void sum_and_square(const A* __restrict v, int64_t len, Vec<
   *q += b;
 }
 
+// out = act((conv - mean) * scale + beta); out may be conv itself.
 template <typename A>
-HRNAS_TARGET_CLONES void batch_norm_act(A* __restrict v, int64_t len, const Vec<A>* coef,
+HRNAS_TARGET_CLONES void batch_norm_act(const A* conv, A* out, int64_t len, const Vec<A>* coef,
                                         Activation act) {
   // coef: mean, scale, beta (passed by pointer: GCC 12 has an internal error on wide vector
   // arguments to multiversioned functions)
   const Vec<A> mean = coef[0], scale = coef[1], beta = coef[2];
   for (int64_t c = 0; c < len; c += kLanes) {
-    simd::store(v + c, simd::activate<A>((simd::load(v + c) - mean) * scale + beta, act));
+    simd::store(out + c, simd::activate<A>((simd::load(conv + c) - mean) * scale + beta, act));
   }
 }
 
@@ -610,14 +611,16 @@ void fwd_task(const Problem<T, A>& pr, const std::vector<Group>& groups, const F
   }
   for (int64_t n = 0; n < pr.N; ++n) {  // BN + activation from the tape, still in cache
     const T* tape = packed_tape(static_cast<const T*>(io.conv), pr, t, n, HWo);
-    if (in_place) {
-      std::copy(tape, tape + len, out);
-    } else if (pr.channels_last) {
-      unpack_tape(tape, HWo, t.lanes, out);
+    const A* conv = out;
+    if constexpr (std::is_same_v<T, A>) {
+      if (in_place) conv = tape;  // normalised straight from the tape
+    }
+    if (pr.channels_last) {
+      if (!in_place) unpack_tape(tape, HWo, t.lanes, out);
     } else {
       gather(io.conv, pr, n, t, g.Ho, g.Wo, out, g.Wo, 0);
     }
-    batch_norm_act(out, len, coef, pr.act);
+    batch_norm_act(conv, out, len, coef, pr.act);
     scatter(out, pr, n, t, HWo, io.y);
   }
 }

@@ -359,7 +359,6 @@ HRNAS_TARGET_CLONES void fwd_nchw_planes(const Plan<scalar_t, opmath_t>& p, scal
   opmath_t* acc = buf;
   const scalar_t* same[kMaxInputs];
   for (int64_t plane = begin; plane < end; ++plane) {
-    int n_same = 0;
     for (int j = 0; j < p.n; ++j) {
       if (p.identity[j]) continue;
       const int64_t Hj = p.H[j], Wj = p.W[j];
@@ -367,7 +366,7 @@ HRNAS_TARGET_CLONES void fwd_nchw_planes(const Plan<scalar_t, opmath_t>& p, scal
       for (int64_t r = 0; r < Hj; ++r) apply_row_map(p.hmap[j], x + r * Wj, buf + at[j] + r * Wp);
     }
     for (int64_t h = 0; h < Ho; ++h) {
-      n_same = 0;
+      int n_same = 0;
       for (int j = 0; j < p.n; ++j) {
         if (p.identity[j]) same[n_same++] = p.x[j] + (plane * Ho + h) * Wo;
       }
