@@ -275,12 +275,16 @@ def parse_args(
     description: str | None = None,
     argv: Sequence[str] | None = None,
     modes: Sequence[str] = MODES,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
 ):
     """The command line every ``bench_<op>.py`` shares; options left ``None`` take the script's
-    defaults in ``run``. ``modes`` are the ones measured when ``--modes`` is not given."""
+    defaults in ``run``. ``modes`` are the ones measured when ``--modes`` is not given;
+    ``extra(parser)`` adds a script's own options."""
     p = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    if extra is not None:
+        extra(p)
     p.add_argument(
         "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
     )

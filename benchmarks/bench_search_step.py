@@ -18,8 +18,8 @@ Peak memory: on CUDA ``max_memory_allocated`` over a step; on CPU the largest to
 tensors autograd keeps for backward during one forward (the activation memory of the step,
 storages counted once), which is what the alive fraction changes.
 
-Run ``python benchmarks/bench_search_step.py [--threads 1 2] [--quick]``; ``--quick`` (or
-``HRNAS_BENCH_QUICK=1`` under pytest) uses the ``-tiny`` spaces at 64x64 inputs.
+Run ``python benchmarks/bench_search_step.py [--threads 1 2] [--spaces hrnas-seg] [--quick]``;
+``--quick`` (or ``HRNAS_BENCH_QUICK=1`` under pytest) uses the ``-tiny`` spaces at 64x64 inputs.
 """
 
 from __future__ import annotations
@@ -113,10 +113,23 @@ class SearchStep:
         return sum(seen.values()) / 2**20
 
 
+def _space_flag(parser) -> None:
+    parser.add_argument(
+        "--spaces",
+        nargs="+",
+        choices=[SEG["space"], CLS["space"]],
+        help="subset of the spaces to step (default: both)",
+    )
+
+
 def main(argv=None) -> int:
-    args = h.parse_args(__doc__, argv)
+    args = h.parse_args(__doc__, argv, extra=_space_flag)
     device = args.device
-    cases = QUICK_CASES if args.quick else CASES
+    cases = [
+        c
+        for c in (QUICK_CASES if args.quick else CASES)
+        if not args.spaces or c["space"].removesuffix("-tiny") in args.spaces
+    ]
     providers = [p for p in PROVIDERS if not args.providers or p in args.providers]
     min_run_time = args.min_run_time or (h.QUICK_MIN_RUN_TIME if args.quick else 1.0)
     threads = args.threads or ([torch.get_num_threads()] if device == "cuda" else [1, 2])
