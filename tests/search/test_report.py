@@ -185,3 +185,18 @@ def test_search_report_writes_events_and_plots(tmp_path):
     assert [e.step for e in events.Scalars(f"channels/{first}")] == [2, 3]
     with pytest.raises(ValueError, match="cost"):
         SearchReport(tmp_path, units, 2, 3, cost="joules")
+
+
+def test_tokens_of_a_transformer_supernet(tmp_path):
+    net = hrnas.build_supernet("hrnas-seg-tiny", num_classes=3, transformers=True)
+    units = net.search_units()
+    tokens = [u for u in units if u.kind == "tokens"]
+    first = alive_snapshot(units)
+    tokens[0].set_mask(torch.arange(tokens[0].size) < 10)
+    second = alive_snapshot(units)
+    name = tokens[0].name.removesuffix(".transformer")
+    assert first["tokens"][name] == (tokens[0].size, tokens[0].size)
+    assert second["tokens"][name] == (10, tokens[0].size)
+    assert len(second["tokens"]) == len(tokens)
+    snaps = [{"step": 1, **first}, {"step": 2, **second}]
+    _is_png(plot_tokens(snaps, tmp_path / "tokens.png"))
