@@ -1,9 +1,10 @@
-"""The ``hrnas`` command line: ``search``, ``retrain``, ``eval``, ``export``.
+"""The ``hrnas`` command line: ``search``, ``retrain``, ``eval``, ``export``, ``bench-latency``.
 
 ``hrnas search`` with no arguments runs ``hrnas/configs/default.yaml``: search the scaled
 ``hrnas-seg`` space on the embedded segmentation task to half the supernet's MACs, retrain the
 exported architecture, evaluate it, and write ``runs/<timestamp>/`` (``config.yaml``,
-``log.txt``, ``history.json``, ``arch.json``, ``supernet.pt``, ``model.pt``, ``summary.json``).
+``log.txt``, ``history.json``, ``alive.json``, ``arch.json``, ``supernet.pt``, ``model.pt``,
+``summary.json``, ``tensorboard/`` events and the PNG plots of ``hrnas.report``).
 """
 
 from __future__ import annotations
@@ -18,10 +19,14 @@ from pathlib import Path
 
 import torch
 import yaml
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 from . import build_from_arch, export_arch, export_subnet
 from .config import load_config
 from .data import build_dataset
+from .latency import load_table, measure_ms, measure_table, predict_ms, save_table
+from .report import SearchReport
 from .search import SearchConfig, recalibrate_bn, search
 from .space import SpaceSpec
 from .supernet.registry import build_supernet
@@ -29,45 +34,27 @@ from .supernet.supernet import Supernet
 from .train import as_input, evaluate, train
 
 log = logging.getLogger("hrnas")
+# The progress bar's name of the search's cost (MACs in millions, or the table's ms).
+COST_KEY = {"macs": "MMACs", "latency": "ms"}
 
 
 class Progress:
-    """A tqdm bar when tqdm is installed, else a line every tenth of the steps (with ETA)."""
+    """A tqdm bar on stderr: steps done, rate, elapsed and ETA, with the live ``values``."""
 
     def __init__(self, total: int, desc: str):
-        self.total, self.desc, self.start = total, desc, time.perf_counter()
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            self.bar = None
-        else:
-            self.bar = tqdm(total=total, desc=desc, file=sys.stderr)
+        self.bar = tqdm(total=total, desc=desc, file=sys.stderr, mininterval=1.0)
 
-    def update(self, step: int, **values) -> None:
-        text = " ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()
+    def update(self, **values) -> None:
+        self.bar.set_postfix_str(
+            " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()
+            ),
+            refresh=False,
         )
-        if self.bar is not None:
-            self.bar.set_postfix_str(text, refresh=False)
-            self.bar.update(1)
-            return
-        done = step + 1
-        if done % max(1, self.total // 10) == 0 or done == self.total:
-            elapsed = time.perf_counter() - self.start
-            eta = elapsed / done * (self.total - done)
-            log.info(
-                "%s %d/%d %s elapsed %.0fs eta %.0fs",
-                self.desc,
-                done,
-                self.total,
-                text,
-                elapsed,
-                eta,
-            )
+        self.bar.update(1)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.bar.close()
 
 
 def _datasets(config: dict):
@@ -130,7 +117,10 @@ def _load_net(path: Path):
     return net
 
 
-def _retrain_and_eval(config, arch, supernet, train_set, test_set, out: Path) -> dict:
+def _retrain_and_eval(config, arch, supernet, train_set, test_set, out: Path, writer) -> dict:
+    """Retrain ``arch`` (``retrain.init``), recalibrate BN, evaluate; the loss goes to
+    ``writer`` (TensorBoard ``retrain/loss``). Also measures the retrained network's latency
+    (batch 1, ``hrnas.latency.measure_ms``)."""
     rc = config["retrain"]
     if rc["init"] == "inherit":
         if supernet is None:
@@ -151,7 +141,10 @@ def _retrain_and_eval(config, arch, supernet, train_set, test_set, out: Path) ->
         lr=rc["lr"],
         weight_decay=rc["weight_decay"],
         seed=rc["seed"],
-        on_step=lambda s, loss: bar.update(s, loss=loss),
+        on_step=lambda s, loss: (
+            bar.update(loss=loss),
+            writer.add_scalar("retrain/loss", loss, s + 1),
+        ),
     )
     bar.close()
     seconds = time.perf_counter() - start
@@ -164,28 +157,66 @@ def _retrain_and_eval(config, arch, supernet, train_set, test_set, out: Path) ->
         **result,
         "macs": net.macs(size),
         "params": net.num_parameters(),
+        "latency_ms": measure_ms(net, size),
         "retrain_seconds": seconds,
     }
 
 
+def _search_config(config: dict, args) -> SearchConfig:
+    """``config["search"]`` with the command line's latency flags (a latency budget replaces
+    the config's MACs budget)."""
+    values = dict(config["search"])
+    if args.latency_table is not None:
+        values.update(cost="latency", latency_table=args.latency_table)
+    if args.target_latency is not None:
+        values.update(cost="latency", target_latency=args.target_latency)
+        values.update(target_macs=None, target_ratio=None)
+    config["search"] = values  # the run folder's config.yaml says what ran
+    return SearchConfig(**values)
+
+
+def _searched_summary(result, sc: SearchConfig, net, size, supernet_macs) -> dict:
+    """What the search reached: MACs always, the table's latency with ``cost: latency``."""
+    out = {
+        "supernet_macs": supernet_macs,
+        "target_macs": result.target_macs,
+        "searched_macs": result.final_macs,
+    }
+    if sc.cost == "latency":  # the result's "MACs" are then the table's milliseconds
+        table = load_table(sc.latency_table)
+        out = {
+            "supernet_macs": supernet_macs,
+            "supernet_latency_ms": result.full_macs,
+            "target_latency_ms": result.target_macs,
+            "searched_latency_ms": predict_ms(table, net.search_units(size), size),
+            "searched_macs": net.macs(size),
+        }
+    return out
+
+
 def cmd_search(args) -> int:
     config = _config(args)
+    sc = _search_config(config, args)
     out = _run_folder(args, config)
     train_set, test_set = _datasets(config)
     torch.manual_seed(config["search"]["seed"])
     net = _supernet(config, train_set)
-    sc = SearchConfig(**config["search"])
+    size = tuple(net.space.input_size)
+    supernet_macs = net.macs(size)
+    report = SearchReport(out, net.search_units(size), sc.interval, sc.steps, sc.cost)
     bar = Progress(sc.steps, "search")
-    result = search(
-        net,
-        train_set,
-        sc,
-        on_step=lambda s, r: bar.update(s, loss=r["loss"], macs=r["macs"] / 1e6, alive=r["alive"]),
-    )
+
+    def on_step(step, record):
+        report.on_step(step, record)
+        cost = record["macs"] / 1e6 if sc.cost == "macs" else record["macs"]
+        bar.update(loss=record["loss"], **{COST_KEY[sc.cost]: cost}, alive=record["alive"])
+
+    result = search(net, train_set, sc, on_step=on_step)
     bar.close()
     log.info(
-        "searched: %.4g MACs (target %s, full %.4g), %d/%d units alive, %.0f s",
+        "searched: %.4g %s (target %s, full %.4g), %d/%d units alive, %.0f s",
         result.final_macs,
+        "MACs" if sc.cost == "macs" else "ms",
         result.target_macs,
         result.full_macs,
         result.alive_units,
@@ -195,6 +226,7 @@ def cmd_search(args) -> int:
     arch = export_arch(net)
     _save(arch, out / "arch.json")
     _save(result.history, out / "history.json")
+    _save(report.snapshots, out / "alive.json")
     state = {
         "kind": "supernet",
         "space": net.space.to_dict(),
@@ -206,26 +238,35 @@ def cmd_search(args) -> int:
     recalibrate_bn(probe, _recal_inputs(train_set, config))
     searched = evaluate(probe, test_set, config["eval"]["batch_size"])
     log.info("searched supernet (BN recalibrated): %s %.4f", searched["metric"], searched["value"])
-    final = _retrain_and_eval(config, arch, net, train_set, test_set, out)
+    final = _retrain_and_eval(config, arch, net, train_set, test_set, out, report.writer)
     summary = {
         "metric": final["metric"],
         "value": final["value"],
         "macs": final["macs"],
         "params": final["params"],
-        "supernet_macs": result.full_macs,
-        "target_macs": result.target_macs,
-        "searched_macs": result.final_macs,
+        "latency_ms": final["latency_ms"],
+        **_searched_summary(result, sc, net, size, supernet_macs),
         "searched_supernet_metric": searched["value"],
         "search_seconds": result.seconds,
         "retrain_seconds": final["retrain_seconds"],
     }
     _save(summary, out / "summary.json")
+    metric = final["metric"]
+    plots = report.finish(
+        arch,
+        {metric: final["value"], f"searched_supernet_{metric}": searched["value"]},
+        result.target_macs,
+        f"retrained {metric} {final['value']:.4f}, searched supernet (BN recalibrated) "
+        f"{searched['value']:.4f}; {final['macs'] / 1e6:.3g} M MACs",
+    )
+    log.info("plots: %s", ", ".join(p.name for p in plots))
     log.info(
-        "retrained: %s %.4f at %.4g MACs, %d params; run folder %s",
+        "retrained: %s %.4f at %.4g MACs, %d params, %.3g ms (batch 1); run folder %s",
         final["metric"],
         final["value"],
         final["macs"],
         final["params"],
+        final["latency_ms"],
         out,
     )
     return 0
@@ -258,7 +299,10 @@ def cmd_retrain(args) -> int:
         raise ValueError(f"{args.supernet}: a compact checkpoint, --supernet needs a supernet.pt")
     out = _run_folder(args, config)
     train_set, test_set = _datasets(config)
-    final = _retrain_and_eval(config, arch, supernet, train_set, test_set, out)
+    writer = SummaryWriter(str(out / "tensorboard"))
+    final = _retrain_and_eval(config, arch, supernet, train_set, test_set, out, writer)
+    writer.add_scalar(f"final/{final['metric']}", final["value"], config["retrain"]["steps"])
+    writer.close()
     _save(final, out / "summary.json")
     log.info(
         "retrained: %s %.4f at %.4g MACs; run folder %s",
@@ -291,6 +335,35 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_bench_latency(args) -> int:
+    config = _config(args)
+    train_set, _ = _datasets(config)
+    torch.manual_seed(config["search"]["seed"])
+    net = _supernet(config, train_set)
+    size = tuple(net.space.input_size)
+    table = measure_table(net, size, args.batch, args.repeats, args.samples)
+    save_table(table, args.output)
+    for f in table["fit"]:
+        log.info(
+            "fit at %.0f%% of the units: measured %.3f ms, predicted %.3f ms",
+            100 * f["keep"],
+            f["measured_ms"],
+            f["predicted_ms"],
+        )
+    log.info(
+        "wrote %s: %s at %s, batch %d, %d thread(s): base %.3f ms, full %.3f ms, fit error %.1f%%",
+        args.output,
+        config["space"],
+        size,
+        args.batch,
+        table["threads"],
+        table["base_ms"],
+        table["full_ms"],
+        100 * table["fit_error"],
+    )
+    return 0
+
+
 def _config_flags(p) -> None:
     p.add_argument(
         "--config",
@@ -318,6 +391,19 @@ def parser() -> argparse.ArgumentParser:
     _config_flags(p)
     p.add_argument(
         "--out", metavar="DIR", help="parent folder of the run folder (default: config key out)"
+    )
+    p.add_argument(
+        "--latency-table",
+        metavar="JSON",
+        help="search with latency costs from this table (hrnas bench-latency); sets "
+        "search.cost=latency and search.latency_table",
+    )
+    p.add_argument(
+        "--target-latency",
+        type=float,
+        metavar="MS",
+        help="latency budget in ms of the table's model (sets search.cost=latency and "
+        "search.target_latency, clears search.target_macs/target_ratio)",
     )
     p.set_defaults(func=cmd_search)
     p = sub.add_parser("retrain", help="retrain an arch.json and evaluate it")
@@ -351,6 +437,20 @@ def parser() -> argparse.ArgumentParser:
         "--output", required=True, metavar="JSON", help="where to write the architecture"
     )
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser(
+        "bench-latency",
+        help="measure the latency table of the config's space on this device (see hrnas.latency)",
+    )
+    _config_flags(p)
+    p.add_argument("--output", required=True, metavar="JSON", help="where to write the table")
+    p.add_argument("--batch", type=int, default=1, help="images per timed forward (default 1)")
+    p.add_argument(
+        "--repeats", type=int, default=10, help="timed calls per measurement, the min kept (10)"
+    )
+    p.add_argument(
+        "--samples", type=int, default=8, help="random masks the per-block fit uses (default 8)"
+    )
+    p.set_defaults(func=cmd_bench_latency)
     return root
 
 

@@ -10,8 +10,16 @@ from pathlib import Path
 import yaml
 
 DEFAULT = Path(__file__).parent / "configs" / "default.yaml"
-# Keys that also take null (no budget of that kind; the dataset's own size).
-NULLABLE = {"search.target_macs", "search.target_ratio", "data.train_count", "data.test_count"}
+# Keys that also take null (no budget of that kind; the dataset's own size; no table).
+NULLABLE = {
+    "search.target_macs",
+    "search.target_ratio",
+    "search.target_latency",
+    "data.train_count",
+    "data.test_count",
+}
+# Keys that take a string or null (a path).
+PATHS = {"search.latency_table"}
 
 
 def default_config() -> dict:
@@ -25,7 +33,11 @@ def _check(value, reference, key: str):
         if not isinstance(value, dict):
             raise ValueError(f"config: {key} must be a mapping, got {value!r}")
         return value
-    if value is None and key in NULLABLE:
+    if value is None and (key in NULLABLE or key in PATHS):
+        return value
+    if key in PATHS:
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"config: {key} must be a path or null, got {value!r}")
         return value
     if isinstance(value, str) and (reference is None or type(reference) in (int, float)):
         try:  # YAML 1.1 reads "1e6" (no dot) as a string: take it as the number it spells
@@ -94,10 +106,11 @@ def load_config(path: str | Path | None = None, overrides=()) -> dict:
     for text in overrides:
         config = merge(config, parse_override(text))
     search = config["search"]
-    if search["target_macs"] is not None and search["target_ratio"] is not None:
+    given = [k for k in ("target_macs", "target_ratio", "target_latency") if search[k] is not None]
+    if len(given) > 1:
         raise ValueError(
-            "config: give search.target_macs or search.target_ratio, not both "
-            "(set the other to null)"
+            f"config: give one of search.target_macs, search.target_ratio, "
+            f"search.target_latency, not {' and '.join(given)} (set the others to null)"
         )
     init = config["retrain"]["init"]
     if init not in ("scratch", "inherit"):

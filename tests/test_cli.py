@@ -33,7 +33,14 @@ def test_search_export_retrain_eval(tmp_path, capsys):
     run = _only_run(out)
     for name in ("config.yaml", "log.txt", "history.json", "arch.json", "supernet.pt", "model.pt"):
         assert (run / name).is_file(), name
+    for name in ("search.png", "channels.png", "arch.png"):  # no transformers: no tokens.png
+        assert (run / name).read_bytes()[:4] == b"\x89PNG", name
+    assert not (run / "tokens.png").exists()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    alive = json.loads((run / "alive.json").read_text())
+    assert [s["step"] for s in alive] == [2, 4]  # the controller's checks
     summary = json.loads((run / "summary.json").read_text())
+    assert summary["latency_ms"] > 0
     assert summary["metric"] == "mIoU" and 0.0 <= summary["value"] <= 1.0
     assert abs(summary["macs"] - summary["target_macs"]) / summary["target_macs"] < 0.02
     assert summary["target_macs"] == pytest.approx(0.5 * summary["supernet_macs"])
@@ -59,7 +66,7 @@ def test_search_export_retrain_eval(tmp_path, capsys):
     assert result["metric"] == "mIoU" and result["value"] == pytest.approx(summary["value"])
 
 
-@pytest.mark.parametrize("command", ["search", "retrain", "eval", "export"])
+@pytest.mark.parametrize("command", ["search", "retrain", "eval", "export", "bench-latency"])
 def test_help_documents_every_flag(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         parser().parse_args([command, "--help"])
@@ -85,7 +92,9 @@ def test_python_dash_m_help():
         (["search.stepz=3"], "unknown key 'search.stepz'"),
         (["search.steps=abc"], "search.steps must be a number"),
         (["search.steps=2.5"], "search.steps must be an integer"),
-        (["search.target_macs=1e6"], "not both"),
+        (["search.target_macs=1e6"], "give one of search.target_macs"),
+        (["search.target_latency=2.0"], "not target_ratio and target_latency"),
+        (["search.latency_table=3"], "search.latency_table must be a path or null"),
         (["retrain.init=warm"], "retrain.init"),
         (["data=3"], "data must be a mapping"),
         (["nokey"], "key.sub=value"),
@@ -105,3 +114,30 @@ def test_cli_reports_bad_values_without_traceback(tmp_path, capsys):
     config.write_text("search:\n  lr: fast\n")
     assert main(["search", "--config", str(config)]) == 2
     assert "search.lr must be a number" in capsys.readouterr().err
+
+
+def test_bench_latency_then_search_to_a_latency_target(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    table_path = tmp_path / "latency.json"
+    bench = ["bench-latency", "--config", str(config), "--output", str(table_path)]
+    assert main([*bench, "--repeats", "1", "--samples", "4"]) == 0
+    table = json.loads(table_path.read_text())
+    assert table["input_size"] == [32, 32] and table["threads"] == 1
+    target = table["base_ms"] + 0.5 * (table["full_ms"] - table["base_ms"])
+    out = tmp_path / "runs"
+    args = ["--config", str(config), "--out", str(out), "--latency-table", str(table_path)]
+    assert main(["search", *args, "--target-latency", str(target)]) == 0
+    run = _only_run(out)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["target_latency_ms"] == pytest.approx(target)
+    assert abs(summary["searched_latency_ms"] - target) / target < 0.02
+    assert summary["searched_macs"] < summary["supernet_macs"]
+    resolved = yaml.safe_load((run / "config.yaml").read_text())["search"]
+    assert resolved["cost"] == "latency" and resolved["target_ratio"] is None
+    assert (
+        main(
+            ["bench-latency", "--config", str(config), "--output", str(table_path), "--batch", "0"]
+        )
+        == 2
+    )

@@ -2,10 +2,14 @@
 
 Alive MACs are linear in the alive units: ``macs = base + sum_alive cost_c`` with ``cost_c`` a
 unit's MACs at the search input size (``Supernet.search_units(input_size)``) and ``base`` the
-stem, shortcuts and classifier. The importance of a unit is ``|gamma|``: the sparsity penalty
-already weighs every gamma by its cost, so ranking by ``|gamma|`` and summing costs up to the
-excess is the authors' FLOPs-target slimming (``cal_mask_network_slimming_by_flops``: sort
-``|gamma|``, cumulative cost, threshold), applied to the live masks.
+stem, shortcuts and classifier. Any other cost linear in the alive units works the same way:
+given ``costs`` (one per unit group) and ``base``, e.g. a latency table's ms per unit and base
+ms (``hrnas.latency.unit_costs``), every "MACs" below is that cost instead.
+
+The importance of a unit is ``|gamma|``: the sparsity penalty already weighs every gamma by its
+cost, so ranking by ``|gamma|`` and summing costs up to the excess is the authors' FLOPs-target
+slimming (``cal_mask_network_slimming_by_flops``: sort ``|gamma|``, cumulative cost,
+threshold), applied to the live masks.
 
 - ``kill_below(threshold, patience)``: a unit whose ``|gamma|`` was under ``threshold`` at
   ``patience`` consecutive checks dies (the authors' ``model_shrink_threshold`` 1e-3), never
@@ -22,15 +26,27 @@ import torch
 
 
 class BudgetController:
-    """Live masks of ``units`` (``SearchUnit``s with costs at the size ``net.macs`` uses)."""
+    """Live masks of ``units`` (``SearchUnit``s with costs at the size ``net.macs`` uses), or
+    with ``costs`` (per unit of each group of ``units``) and ``base`` another linear cost."""
 
-    def __init__(self, net, units, input_size=None):
+    def __init__(self, net, units, input_size=None, costs=None, base: float | None = None):
         self.net, self.units = net, list(units)
         self.input_size = tuple(input_size or net.space.input_size)
+        if (costs is None) != (base is None):
+            raise ValueError("give both costs and base (a linear cost model), or neither")
+        if costs is None:
+            costs = [u.cost for u in self.units]
+        elif len(costs) != len(self.units):
+            raise ValueError(f"need one cost per unit group: {len(costs)} for {len(self.units)}")
         self.cost = torch.cat(
-            [torch.full((u.size,), float(u.cost), dtype=torch.float64) for u in self.units]
+            [
+                torch.full((u.size,), float(c), dtype=torch.float64)
+                for u, c in zip(self.units, costs)
+            ]
         )
-        self.base = net.macs(self.input_size) - float((self.cost * self._mask().double()).sum())
+        if base is None:
+            base = net.macs(self.input_size) - float((self.cost * self._mask().double()).sum())
+        self.base = float(base)
         self.below = torch.zeros(len(self.cost), dtype=torch.long)
 
     @property

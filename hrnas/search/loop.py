@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..latency import load_table, unit_costs
 from ..train import batches, make_optimizer, one_cycle, task_loss, to_net
 from .controller import BudgetController
 from .penalty import RhoSchedule, SparsityPenalty
@@ -40,6 +41,9 @@ class SearchConfig:
     interval: int = 10
     target_macs: float | None = None
     target_ratio: float | None = None
+    cost: str = "macs"
+    latency_table: str | None = None
+    target_latency: float | None = None
     budget_ramp: float = 0.6
     seed: int = 0
 
@@ -51,8 +55,20 @@ class SearchConfig:
         for key in ("lr", "weight_decay", "rho", "threshold"):
             if getattr(self, key) < 0:
                 problems.append(f"{key} must be >= 0, got {getattr(self, key)!r}")
-        if self.target_macs is not None and self.target_ratio is not None:
-            problems.append("give target_macs or target_ratio, not both")
+        targets = ("target_macs", "target_ratio", "target_latency")
+        if sum(getattr(self, key) is not None for key in targets) > 1:
+            problems.append("give one of target_macs, target_ratio, target_latency")
+        if self.cost not in ("macs", "latency"):
+            problems.append(f"cost must be 'macs' or 'latency', got {self.cost!r}")
+        elif self.cost == "latency":
+            if self.latency_table is None:
+                problems.append("cost 'latency' needs latency_table (hrnas bench-latency)")
+            if self.target_macs is not None:
+                problems.append("cost 'latency' takes target_latency or target_ratio")
+        elif self.target_latency is not None:
+            problems.append("target_latency needs cost 'latency'")
+        if self.target_latency is not None and not self.target_latency > 0:
+            problems.append(f"target_latency must be positive, got {self.target_latency!r}")
         if self.target_ratio is not None and not 0 < self.target_ratio <= 1:
             problems.append(f"target_ratio must be in (0, 1], got {self.target_ratio!r}")
         if self.target_macs is not None and not self.target_macs > 0:
@@ -87,17 +103,26 @@ def search(
 ) -> SearchResult:
     """Search ``net`` (a ``Supernet``) on ``dataset`` (a ``hrnas.data`` dataset of the net's
     task); masks are left at the searched architecture. ``on_step(step, record)`` after every
-    step (record: loss, task, rho, macs, alive)."""
+    step (record: loss, task, rho, macs, alive).
+
+    With ``config.cost == "latency"`` the penalties, the controller and the target are in the
+    latency table's milliseconds (``hrnas.latency``): the records' and the result's "macs"
+    are then the table's predicted latency."""
     input_size = tuple(dataset.batch([0])["image"].shape[-2:])
-    penalty = SparsityPenalty(net.search_units())
-    ctrl = BudgetController(net, net.search_units(input_size), input_size)
+    units = net.search_units(input_size)
+    costs = base = None
+    target, unit = config.target_macs, "MACs"
+    if config.cost == "latency":
+        costs, base = unit_costs(load_table(config.latency_table), units, input_size)
+        target, unit = config.target_latency, "ms"
+    penalty = SparsityPenalty(net.search_units() if costs is None else units, costs)
+    ctrl = BudgetController(net, units, input_size, costs, base)
     full = ctrl.full_macs
-    target = config.target_macs
     if config.target_ratio is not None:
         target = config.target_ratio * full
     if target is not None and target < ctrl.min_macs:
         raise ValueError(
-            f"target {target:.4g} MACs is under the floor {ctrl.min_macs:.4g} of this network "
+            f"target {target:.4g} {unit} is under the floor {ctrl.min_macs:.4g} of this network "
             f"(full {full:.4g}); raise the target"
         )
     ramp = max(1, round(config.budget_ramp * config.steps))

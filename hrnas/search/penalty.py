@@ -10,7 +10,9 @@ tokens, F the transformer's profiled MACs, d = 64 values per token):
 
     penalty(c) = [ (F - 2 * n0^2 * d) / n0 + 2 * (c^2 - (c - 1)^2) * d ] / Z
 
-(the linear cost per token plus the marginal cost of the quadratic attention term). The sparsity
+(the linear cost per token plus the marginal cost of the quadratic attention term). With other
+``costs`` than MACs (a latency table's ms per unit), every penalty is ``cost_u / Z`` with ``Z``
+as above over those costs: the table's model is linear in the tokens too. The sparsity
 term of the loss is ``rho(t) * sum_units penalty * |gamma| * alive`` (dead units add nothing and
 get no gradient), with ``rho(t)`` 0 until ``free_steps``, a linear ramp to ``rho`` at
 ``warmup_steps``, then constant (the authors' ``get_rho_scheduler``, stepwise).
@@ -66,18 +68,24 @@ class RhoSchedule:
 class SparsityPenalty:
     """``sum_units penalty * |gamma| * alive`` over ``units`` (``SearchUnit``s whose ``cost`` is
     at the profiling size). Channel penalties are fixed; token penalties follow the alive
-    count at every call."""
+    count at every call. ``costs`` (one per unit group, e.g. ms per unit): fixed penalties
+    ``cost / Z`` for every group instead of the units' MACs."""
 
-    def __init__(self, units):
+    def __init__(self, units, costs=None):
         if not units:
             raise ValueError("no search units")
         self.units = list(units)
-        self.z = normaliser([u.cost for u in self.units], [u.size for u in self.units])
-        self.penalties = [u.cost / self.z for u in self.units]
+        self.linear = costs is not None
+        if costs is None:
+            costs = [u.cost for u in self.units]
+        elif len(costs) != len(self.units):
+            raise ValueError(f"need one cost per unit group: {len(costs)} for {len(self.units)}")
+        self.z = normaliser(list(costs), [u.size for u in self.units])
+        self.penalties = [c / self.z for c in costs]
 
     def unit_penalty(self, i: int) -> float:
         unit = self.units[i]
-        if unit.kind == "tokens":
+        if unit.kind == "tokens" and not self.linear:
             alive = int(unit.mask.sum())
             return token_penalty(unit.cost * unit.size, unit.size, alive, self.z)
         return self.penalties[i]
