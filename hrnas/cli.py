@@ -19,10 +19,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import build_from_arch, export_arch, export_subnet
+from . import __version__, build_from_arch, checkpoint, export_arch, export_subnet
 from .config import load_config
 from .data import build_dataset
+from .distributed import Dist, gather, init_from_env, shutdown
 from .search import SearchConfig, recalibrate_bn, search
+from .search.loop import NonFiniteLoss
 from .space import SpaceSpec
 from .supernet.registry import build_supernet
 from .supernet.supernet import Supernet
@@ -151,6 +153,7 @@ def _retrain_and_eval(config, arch, supernet, train_set, test_set, out: Path) ->
         lr=rc["lr"],
         weight_decay=rc["weight_decay"],
         seed=rc["seed"],
+        ema=rc["ema"],
         on_step=lambda s, loss: bar.update(s, loss=loss),
     )
     bar.close()
@@ -169,20 +172,59 @@ def _retrain_and_eval(config, arch, supernet, train_set, test_set, out: Path) ->
 
 
 def cmd_search(args) -> int:
+    d = init_from_env()
+    try:
+        return _search(args, d)
+    finally:
+        shutdown(d)
+
+
+def _search(args, d: Dist) -> int:
+    if args.resume and (args.config or args.set or args.out):
+        raise ValueError(
+            "--resume continues a run with its own config.yaml and folder; "
+            "drop --config/--set/--out"
+        )
+    if args.resume:
+        out = Path(args.resume)
+        if not (out / "config.yaml").is_file():
+            raise ValueError(f"--resume {out}: not a search run folder (no config.yaml)")
+        args.config = str(out / "config.yaml")
     config = _config(args)
-    out = _run_folder(args, config)
+    if not d.main:
+        logging.getLogger().setLevel(logging.WARNING)
+    if args.resume:
+        if d.main:
+            logging.getLogger().addHandler(logging.FileHandler(out / "log.txt"))
+            log.info("resuming %s", out)
+    else:
+        out = Path(gather(d, str(_run_folder(args, config)) if d.main else None)[0])
     train_set, test_set = _datasets(config)
     torch.manual_seed(config["search"]["seed"])
     net = _supernet(config, train_set)
+    resume = None
+    if args.resume:
+        resume = checkpoint.load(
+            out / "checkpoint.pt", space=net.space.to_dict(), version=__version__
+        )
     sc = SearchConfig(**config["search"])
-    bar = Progress(sc.steps, "search")
+    done = 0 if resume is None else resume["step"]
+    bar = Progress(sc.steps - done, "search") if d.main and done < sc.steps else None
+
+    def on_step(step, record):
+        if bar is not None:
+            bar.update(
+                step - done, loss=record["loss"], macs=record["macs"] / 1e6, alive=record["alive"]
+            )
+
     result = search(
-        net,
-        train_set,
-        sc,
-        on_step=lambda s, r: bar.update(s, loss=r["loss"], macs=r["macs"] / 1e6, alive=r["alive"]),
+        net, train_set, sc, on_step, checkpoint=out / "checkpoint.pt", resume=resume, dist=d
     )
-    bar.close()
+    if bar is not None:
+        bar.close()
+    shutdown(d)  # the rest (export, evaluation, retraining) runs in rank 0 alone
+    if not d.main:
+        return 0
     log.info(
         "searched: %.4g MACs (target %s, full %.4g), %d/%d units alive, %.0f s",
         result.final_macs,
@@ -319,6 +361,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", metavar="DIR", help="parent folder of the run folder (default: config key out)"
     )
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the killed search run in RUN_DIR from its checkpoint.pt (with its "
+        "config.yaml); a finished search re-runs the retraining",
+    )
     p.set_defaults(func=cmd_search)
     p = sub.add_parser("retrain", help="retrain an arch.json and evaluate it")
     _config_flags(p)
@@ -365,3 +413,6 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"hrnas {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as e:
+        print(f"hrnas {args.command}: error: {e}", file=sys.stderr)
+        return 3
