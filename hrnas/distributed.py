@@ -116,10 +116,11 @@ def unused_parameters(net: nn.Module, example: torch.Tensor) -> frozenset[str]:
 
 def wrap(net: nn.Module, d: Dist, ignore: frozenset[str]) -> nn.Module:
     """``net`` in a DDP wrapper that all-reduces every parameter but ``ignore`` (see the module
-    docstring); ``net`` itself when not distributed. Buffers are not broadcast each step: the
-    masks are checked identical instead, and BN statistics stay per rank."""
+    docstring); ``net`` itself when not distributed. Buffers are synced from rank 0 when the
+    wrapper is built, not at every forward: the masks are checked identical instead, and BN
+    running statistics (unused by the training forward) stay per rank in between."""
     if not d.active:
         return net
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(net, sorted(ignore))
     device_ids = [d.device.index] if d.device.type == "cuda" else None
-    return DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False)
+    return DistributedDataParallel(net, device_ids=device_ids, forward_sync_buffers=False)
