@@ -201,7 +201,7 @@ def _search(args, d: Dist) -> int:
         out = Path(gather(d, str(_run_folder(args, config)) if d.main else None)[0])
     train_set, test_set = _datasets(config)
     torch.manual_seed(config["search"]["seed"])
-    net = _supernet(config, train_set)
+    net = _supernet(config, train_set).to(d.device)
     resume = None
     if args.resume:
         resume = checkpoint.load(
@@ -222,9 +222,10 @@ def _search(args, d: Dist) -> int:
     )
     if bar is not None:
         bar.close()
-    shutdown(d)  # the rest (export, evaluation, retraining) runs in rank 0 alone
+    shutdown(d)  # the rest (export, evaluation, retraining) runs in rank 0 alone, on the CPU
     if not d.main:
         return 0
+    net.cpu()
     log.info(
         "searched: %.4g MACs (target %s, full %.4g), %d/%d units alive, %.0f s",
         result.final_macs,

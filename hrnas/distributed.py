@@ -10,7 +10,7 @@ are all dead is replaced by its shortcut: its expand, depthwise and project para
 gradient at all, which DDP's reducer (without ``find_unused_parameters``) reports as an error at
 the next step. Instead of ``find_unused_parameters=True`` (a graph traversal every step) or
 ``static_graph`` (wrong here: the used set changes when a block dies), ``unused_parameters``
-finds the set once per mask change with one probe forward/backward of a single sample, and
+finds the set once per mask change with one probe forward/backward of two samples, and
 ``wrap`` builds a new DDP wrapper ignoring exactly those parameters when the set changed. Units
 only die, so this happens a handful of times per search; an ignored parameter has no gradient
 on any rank and the optimizer skips it, as in a one-process run.
@@ -100,7 +100,8 @@ def check_identical(d: Dist, values: torch.Tensor, what: str) -> None:
 
 
 def unused_parameters(net: nn.Module, example: torch.Tensor) -> frozenset[str]:
-    """Names of the parameters that get no gradient from ``net(example)`` (one sample).
+    """Names of the parameters that get no gradient from ``net(example)`` (a couple of
+    samples: BN in training mode needs more than one value per channel).
 
     The probe leaves no trace: BN running statistics are restored, gradients are taken with
     ``torch.autograd.grad`` (nothing accumulates into ``.grad``)."""

@@ -56,7 +56,10 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclass
 class SearchConfig:
-    """Search hyper-parameters (steps count optimizer steps)."""
+    """Search hyper-parameters (steps count optimizer steps). ``shards``: slices of the global
+    batch with their own BN statistics (the ranks of a distributed run); ``ema``: decay of the
+    weights' moving average (0: off); ``checkpoint_every``: steps between checkpoints (0: only
+    after the last step)."""
 
     steps: int = 200
     batch_size: int = 32
@@ -172,13 +175,16 @@ class _Run:
         self.history: list[dict] = []
         self.step, self.seconds = 0, 0.0
         self.saved = None  # (step, path) of the last checkpoint written
-        self.model, self.ignored = net, None
+        self.model, self.ignored, self.probed_alive = net, None, None
         self.example = to_net(dataset.batch([0, 1]), net)[0] if d.active else None
 
     def rewrap(self) -> None:
-        """(DDP) a new wrapper when the set of parameters without gradient changed."""
-        if not self.d.active:
+        """(DDP) a new wrapper when the set of parameters without gradient changed (probed
+        only when units died since the last probe: units never come back)."""
+        alive = self.ctrl.alive_units()
+        if not self.d.active or alive == self.probed_alive:
             return
+        self.probed_alive = alive
         unused = unused_parameters(self.net, self.example)
         if unused != self.ignored:
             self.ignored, self.model = unused, wrap(self.net, self.d, unused)
@@ -293,7 +299,8 @@ def search(
     rho = RhoSchedule(config.rho, config.rho_free_steps, config.rho_warmup_steps)
     if resume is not None:
         run.restore(resume)
-        run.saved = (run.step, checkpoint)
+        if checkpoint is not None:
+            run.saved = (run.step, checkpoint)
     run.rewrap()
     if resume is not None:
         _set_rng_state(resume["rng"][d.rank])
