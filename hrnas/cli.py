@@ -3,7 +3,10 @@
 ``hrnas search`` with no arguments runs ``hrnas/configs/default.yaml``: search the scaled
 ``hrnas-seg`` space on the embedded segmentation task to half the supernet's MACs, retrain the
 exported architecture, evaluate it, and write ``runs/<timestamp>/`` (``config.yaml``,
-``log.txt``, ``history.json``, ``arch.json``, ``supernet.pt``, ``model.pt``, ``summary.json``).
+``log.txt``, ``history.json``, ``arch.json``, ``supernet.pt``, ``model.pt``, ``summary.json``,
+``checkpoint.pt``). ``hrnas search --resume RUN_DIR`` continues a killed run from its checkpoint;
+under ``torchrun`` the search runs on every rank (``hrnas.distributed``) and rank 0 alone writes
+the folder. Exit status: 2 for bad input, 3 for a non-finite loss during the search.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from hrnas.distributed import Dist, init_from_env, shutdown, unused_parameters
+from hrnas.distributed import Dist, check_identical, init_from_env, shutdown, unused_parameters
 from hrnas.search import search
 from hrnas.train import as_input
 
@@ -41,7 +41,12 @@ def _worker(rank: int, port: int, out: str) -> None:
     )
     d = init_from_env()
     try:
-        torch.save(_run(d), f"{out}/rank{rank}.pt")
+        result = _run(d)
+        try:  # the cross-rank check on a value that differs between the ranks
+            check_identical(d, torch.tensor([1.0, float(rank), 2.0]), "probe")
+        except RuntimeError as e:
+            result = (*result, str(e))
+        torch.save(result, f"{out}/rank{rank}.pt")
     finally:
         shutdown(d)
 
@@ -56,7 +61,9 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     history, masks, params = _run(None)
-    for h, m, p in ranks:
+    for *_, error in ranks:
+        assert error == "probe differ across ranks in 1 of 3 entries"
+    for h, m, p, _ in ranks:
         assert [r["alive"] for r in h] == [r["alive"] for r in history]
         assert [r["macs"] for r in h] == [r["macs"] for r in history]
         for a, b in zip(h, history):
