@@ -86,7 +86,24 @@ def test_resume_from_every_checkpoint_is_bitwise(tmp_path):
             assert torch.equal(a, b), name
         for ua, ub in zip(net.search_units(), fresh.search_units()):
             assert torch.equal(ua.mask, ub.mask)
+    state["world"] = 2
+    with pytest.raises(ckpt.CheckpointError, match="written by 2 ranks, resuming on 1"):
+        search(_tiny.supernet(), data, cfg, resume=state)
     with pytest.raises(ckpt.CheckpointError, match=r"other settings: \['lr'\]"):
         search(
             _tiny.supernet(), data, _tiny.config(checkpoint_every=1, ema=0.9, lr=1.0), resume=state
         )
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ({"shards": 0}, "shards must be a positive int"),
+        ({"shards": 3}, "batch_size 4 is not a multiple of shards 3"),
+        ({"ema": 1.0}, r"ema must be in \[0, 1\)"),
+        ({"checkpoint_every": -1}, "checkpoint_every must be an int >= 0"),
+    ],
+)
+def test_bad_distributed_settings(bad, message):
+    with pytest.raises(ValueError, match=message):
+        _tiny.config(**bad)
