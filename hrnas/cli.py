@@ -4,7 +4,10 @@
 ``hrnas-seg`` space on the embedded segmentation task to half the supernet's MACs, retrain the
 exported architecture, evaluate it, and write ``runs/<timestamp>/`` (``config.yaml``,
 ``log.txt``, ``history.json``, ``alive.json``, ``arch.json``, ``supernet.pt``, ``model.pt``,
-``summary.json``, ``tensorboard/`` events and the PNG plots of ``hrnas.report``).
+``summary.json``, ``checkpoint.pt``, ``tensorboard/`` events and the PNG plots of
+``hrnas.report``). ``hrnas search --resume RUN_DIR`` continues a killed run from its checkpoint;
+under ``torchrun`` the search runs on every rank (``hrnas.distributed``) and rank 0 alone writes
+the folder. Exit status: 2 for bad input, 3 for a non-finite loss during the search.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ import yaml
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from . import build_from_arch, export_arch, export_subnet
+from . import __version__, build_from_arch, checkpoint, export_arch, export_subnet
 from .config import load_config
 from .data import build_dataset
+from .distributed import Dist, gather, init_from_env, shutdown
 from .latency import load_table, measure_ms, measure_table, predict_ms, save_table
 from .report import SearchReport
 from .search import SearchConfig, recalibrate_bn, search
+from .search.loop import NonFiniteLoss
 from .space import SpaceSpec
 from .supernet.registry import build_supernet
 from .supernet.supernet import Supernet
@@ -141,6 +146,7 @@ def _retrain_and_eval(config, arch, supernet, train_set, test_set, out: Path, wr
         lr=rc["lr"],
         weight_decay=rc["weight_decay"],
         seed=rc["seed"],
+        ema=rc["ema"],
         on_step=lambda s, loss: (
             bar.update(loss=loss),
             writer.add_scalar("retrain/loss", loss, s + 1),
@@ -195,24 +201,75 @@ def _searched_summary(result, sc: SearchConfig, net, size, supernet_macs) -> dic
 
 
 def cmd_search(args) -> int:
+    d = init_from_env()
+    try:
+        return _search(args, d)
+    finally:
+        shutdown(d)
+
+
+def _search(args, d: Dist) -> int:
+    if args.resume and (
+        args.config or args.set or args.out or args.latency_table or args.target_latency
+    ):
+        raise ValueError(
+            "--resume continues a run with its own config.yaml and folder; "
+            "drop --config/--set/--out/--latency-table/--target-latency"
+        )
+    if args.resume:
+        out = Path(args.resume)
+        if not (out / "config.yaml").is_file():
+            raise ValueError(f"--resume {out}: not a search run folder (no config.yaml)")
+        args.config = str(out / "config.yaml")
     config = _config(args)
     sc = _search_config(config, args)
-    out = _run_folder(args, config)
+    if not d.main:
+        logging.getLogger().setLevel(logging.WARNING)
+    if args.resume:
+        if d.main:
+            logging.getLogger().addHandler(logging.FileHandler(out / "log.txt"))
+            log.info("resuming %s", out)
+    else:
+        out = Path(gather(d, str(_run_folder(args, config)) if d.main else None)[0])
     train_set, test_set = _datasets(config)
     torch.manual_seed(config["search"]["seed"])
-    net = _supernet(config, train_set)
+    net = _supernet(config, train_set).to(d.device)
     size = tuple(net.space.input_size)
     supernet_macs = net.macs(size)
-    report = SearchReport(out, net.search_units(size), sc.interval, sc.steps, sc.cost)
-    bar = Progress(sc.steps, "search")
+    resume = None
+    if args.resume:
+        resume = checkpoint.load(
+            out / "checkpoint.pt", space=net.space.to_dict(), version=__version__
+        )
+    done = 0 if resume is None else resume["step"]
+    report = bar = None
+    if d.main:
+        report = SearchReport(
+            out,
+            net.search_units(size),
+            sc.interval,
+            sc.steps,
+            sc.cost,
+            resumed=None if resume is None else resume["history"],
+        )
+        bar = Progress(sc.steps - done, "search") if done < sc.steps else None
 
     def on_step(step, record):
-        report.on_step(step, record)
-        cost = record["macs"] / 1e6 if sc.cost == "macs" else record["macs"]
-        bar.update(loss=record["loss"], **{COST_KEY[sc.cost]: cost}, alive=record["alive"])
+        if report is not None:
+            report.on_step(step, record)
+        if bar is not None:
+            cost = record["macs"] / 1e6 if sc.cost == "macs" else record["macs"]
+            bar.update(loss=record["loss"], **{COST_KEY[sc.cost]: cost}, alive=record["alive"])
 
-    result = search(net, train_set, sc, on_step=on_step)
-    bar.close()
+    result = search(
+        net, train_set, sc, on_step, checkpoint=out / "checkpoint.pt", resume=resume, dist=d
+    )
+    if bar is not None:
+        bar.close()
+    shutdown(d)  # the rest (export, evaluation, retraining) runs in rank 0 alone, on the CPU
+    if not d.main:
+        return 0
+    net.cpu()
     log.info(
         "searched: %.4g %s (target %s, full %.4g), %d/%d units alive, %.0f s",
         result.final_macs,
@@ -226,7 +283,6 @@ def cmd_search(args) -> int:
     arch = export_arch(net)
     _save(arch, out / "arch.json")
     _save(result.history, out / "history.json")
-    _save(report.snapshots, out / "alive.json")
     state = {
         "kind": "supernet",
         "space": net.space.to_dict(),
@@ -405,6 +461,12 @@ def parser() -> argparse.ArgumentParser:
         help="latency budget in ms of the table's model (sets search.cost=latency and "
         "search.target_latency, clears search.target_macs/target_ratio)",
     )
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the killed search run in RUN_DIR from its checkpoint.pt (with its "
+        "config.yaml); a finished search re-runs the retraining",
+    )
     p.set_defaults(func=cmd_search)
     p = sub.add_parser("retrain", help="retrain an arch.json and evaluate it")
     _config_flags(p)
@@ -465,3 +527,6 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"hrnas {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as e:
+        print(f"hrnas {args.command}: error: {e}", file=sys.stderr)
+        return 3

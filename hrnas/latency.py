@@ -13,8 +13,10 @@ sizes the network gives it; per block, least squares over the samples fits
 
     t_block = c_block + sum_{g in block} a_g * alive_g          (a_g clamped at >= 0)
 
-and ``base`` is the mean over the samples of the whole network's time minus
-``sum_g a_g * alive_g`` (stem, fusions, head and the blocks' fixed parts). All units alive is
+then one more least-squares fit over the samples of the whole network's time,
+``t_net = base + scale * sum_g a_g * alive_g`` (``base >= 0``: stem, fusions, head and the
+blocks' fixed parts; ``scale``: blocks timed alone vs inside the network), calibrates the
+slopes to the network (``a_g <- scale * a_g``). All units alive is
 not a sample: the blocks then skip their index gathers, a different code path. A time is the
 minimum over ``repeats`` calls (the least disturbed run on a shared machine), in CPU time of
 the calling thread at one torch thread (``clock: "thread"``), wall-clock time otherwise. The
@@ -91,6 +93,17 @@ def _random_masks(units, gen, keep=None) -> None:
 
 
 @torch.no_grad()
+def _calibrate(blocks_ms: torch.Tensor, net_ms: torch.Tensor) -> tuple[float, float]:
+    """(base, scale) of ``net_ms ~ base + scale * blocks_ms`` over the samples, least squares
+    with ``base >= 0`` and ``scale > 0`` (a negative base or scale, which noise in a few
+    samples can give, is not a latency: the fit through the origin replaces it)."""
+    x = torch.stack([torch.ones_like(blocks_ms), blocks_ms], dim=1)
+    base, scale = torch.linalg.lstsq(x, net_ms.unsqueeze(1)).solution.flatten().tolist()
+    if base < 0 or scale <= 0:
+        base, scale = 0.0, float((blocks_ms @ net_ms) / (blocks_ms @ blocks_ms))
+    return base, max(scale, 0.0)
+
+
 def measure_table(
     net, input_size=None, batch: int = 1, repeats: int = 10, samples: int = 8, seed: int = 0
 ) -> dict:
@@ -133,7 +146,9 @@ def measure_table(
                 slopes[id(u)] = max(0.0, a)
         per_unit = torch.tensor([slopes[id(u)] for u in units], dtype=torch.float64)
         alive = torch.tensor(alive_totals, dtype=torch.float64)
-        base = float((torch.tensor(net_ms, dtype=torch.float64) - alive @ per_unit).mean())
+        base, scale = _calibrate(alive @ per_unit, torch.tensor(net_ms, dtype=torch.float64))
+        per_unit *= scale
+        slopes = {k: a * scale for k, a in slopes.items()}
         fit = []
         for keep in FIT_KEEP:
             _random_masks(units, gen, keep)

@@ -26,6 +26,7 @@ that they can be checked on a hand-made history.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -261,16 +262,33 @@ class SearchReport:
     """TensorBoard events (``<folder>/tensorboard``) and plots of one search run.
 
     ``units``: the supernet's ``search_units()`` (live mask views); ``interval`` and ``steps``:
-    the search's, to find the check steps; ``cost``: ``"macs"`` or ``"latency"``."""
+    the search's, to find the check steps; ``cost``: ``"macs"`` or ``"latency"``. The alive
+    snapshots go to ``<folder>/alive.json`` at every check, so a run killed and continued from
+    its checkpoint (``resumed``: the checkpoint's history) keeps them: snapshots and TensorBoard
+    events after the checkpoint's step are dropped and written again by the continued search."""
 
-    def __init__(self, folder, units, interval: int, steps: int, cost: str = "macs"):
+    def __init__(
+        self,
+        folder,
+        units,
+        interval: int,
+        steps: int,
+        cost: str = "macs",
+        resumed: list[dict] | None = None,
+    ):
         if cost not in COST_LABEL:
             raise ValueError(f"cost must be one of {sorted(COST_LABEL)}, got {cost!r}")
         self.folder, self.units = Path(folder), list(units)
         self.interval, self.steps, self.cost = interval, steps, cost
-        self.writer = SummaryWriter(str(self.folder / "tensorboard"))
-        self.history: list[dict] = []
+        self.history: list[dict] = list(resumed or [])
+        done = len(self.history)
         self.snapshots: list[dict] = []
+        if done and (self.folder / "alive.json").is_file():
+            saved = json.loads((self.folder / "alive.json").read_text())
+            self.snapshots = [s for s in saved if s["step"] <= done]
+        self.writer = SummaryWriter(
+            str(self.folder / "tensorboard"), purge_step=done + 1 if done else None
+        )
 
     def on_step(self, step: int, record: dict) -> None:
         """The search's ``on_step`` callback (0-based ``step``, the loop's record)."""
@@ -284,6 +302,7 @@ class SearchReport:
         if n % self.interval == 0 or n == self.steps:
             snap = {"step": n, **alive_snapshot(self.units)}
             self.snapshots.append(snap)
+            (self.folder / "alive.json").write_text(json.dumps(self.snapshots) + "\n")
             for kind in ("channels", "tokens"):
                 for name, (alive, _) in snap[kind].items():
                     w.add_scalar(f"{kind}/{name}", alive, n)

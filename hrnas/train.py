@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ema import EMA
 from .metrics import PCK, Accuracy, MeanIoU
 
 TASKS = {"cls": "classification", "seg": "segmentation", "kpt": "keypoints"}
@@ -34,9 +35,13 @@ def as_input(image: torch.Tensor) -> torch.Tensor:
 
 
 def to_net(batch: dict, net: nn.Module) -> tuple[torch.Tensor, dict]:
-    """(network input, ``batch`` with its floating tensors in the network's dtype)."""
-    dtype = next(net.parameters()).dtype
-    batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+    """(network input, ``batch`` on the network's device, its floating tensors in the
+    network's dtype)."""
+    p = next(net.parameters())
+    batch = {
+        k: v.to(p.device, p.dtype) if v.is_floating_point() else v.to(p.device)
+        for k, v in batch.items()
+    }
     return as_input(batch["image"]), batch
 
 
@@ -54,16 +59,40 @@ def task_loss(task: str, out: torch.Tensor, batch: dict) -> torch.Tensor:
     raise ValueError(f"unknown task {task!r}; known: {sorted(TASKS)}")
 
 
-def batches(dataset, batch_size: int, seed: int) -> Iterator[dict]:
+class BatchStream:
     """Endless shuffled batches of ``dataset`` (a ``hrnas.data`` dataset with ``batch``),
-    reshuffled every epoch with a generator seeded by ``seed``."""
-    if not 1 <= batch_size <= len(dataset):
-        raise ValueError(f"batch_size must be in [1, {len(dataset)}], got {batch_size}")
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(len(dataset), generator=gen)
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield dataset.batch(order[start : start + batch_size])
+    reshuffled every epoch (the last incomplete batch of an epoch dropped) with a generator
+    seeded by ``seed``. ``state_dict`` holds the generator, the epoch's order and the position
+    in it, so a resumed stream yields exactly the batches the original would have."""
+
+    def __init__(self, dataset, batch_size: int, seed: int):
+        if not 1 <= batch_size <= len(dataset):
+            raise ValueError(f"batch_size must be in [1, {len(dataset)}], got {batch_size}")
+        self.dataset, self.batch_size = dataset, batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order = torch.zeros(0, dtype=torch.long)
+        self.pos = 0
+
+    def indices(self) -> torch.Tensor:
+        """The dataset indices of the next batch, ``[batch_size]``."""
+        if self.pos + self.batch_size > len(self.order):
+            self.order = torch.randperm(len(self.dataset), generator=self.gen)
+            self.pos = 0
+        self.pos += self.batch_size
+        return self.order[self.pos - self.batch_size : self.pos]
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        return self.dataset.batch(self.indices())
+
+    def state_dict(self) -> dict:
+        return {"generator": self.gen.get_state(), "order": self.order.clone(), "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["generator"])
+        self.order, self.pos = state["order"].clone(), state["pos"]
 
 
 def make_optimizer(net: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -116,15 +145,18 @@ def train(
     lr: float,
     weight_decay: float,
     seed: int,
+    ema: float = 0.0,
     on_step: Callable[[int, float], None] | None = None,
 ) -> float:
     """Train ``net`` on ``dataset`` for ``steps`` (AdamW, OneCycle); returns the last loss.
+    ``ema`` > 0: ``net`` ends with the moving average of its weights (decay ``ema``).
     ``on_step(step, loss)`` is called after every step (progress output)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    average = EMA(net, ema) if ema else None
     opt = make_optimizer(net, lr, weight_decay)
     sched = one_cycle(opt, lr, steps)
-    data = batches(dataset, batch_size, seed)
+    data = BatchStream(dataset, batch_size, seed)
     net.train()
     loss = torch.zeros(())
     for step in range(steps):
@@ -134,6 +166,10 @@ def train(
         loss.backward()
         opt.step()
         sched.step()
+        if average is not None:
+            average.update()
         if on_step is not None:
             on_step(step, loss.item())
+    if average is not None:
+        average.copy_to()
     return loss.item()
