@@ -26,6 +26,8 @@ batch variance in training), so the caller updates the running averages. ``resid
 
 import torch
 
+from .._impl import TRITON_INTERPRET
+
 N_LAYER_WEIGHTS = 8  # reference.LAYER_WEIGHTS
 
 _FWD_SCHEMA = (
@@ -141,7 +143,22 @@ for _suffix in ("", "_triton"):
     torch.library.register_fake(f"hrnas_kernels::token_transformer_bwd{_suffix}", _bwd_fake)
 
 
-# The _triton family has its schema (so both families stay in step) but no kernel yet.
+def _fwd_triton(*args):
+    from . import triton as kernels
+
+    return kernels.fwd(*args)
+
+
+def _bwd_triton(*args):
+    from . import triton as kernels
+
+    return kernels.bwd(*args)
+
+
+# Under TRITON_INTERPRET=1 the Triton kernels also serve CPU tensors: that is how CI tests them.
+for _device in ("cuda", "cpu") if TRITON_INTERPRET else ("cuda",):
+    torch.library.impl("hrnas_kernels::token_transformer_fwd_triton", _device, _fwd_triton)
+    torch.library.impl("hrnas_kernels::token_transformer_bwd_triton", _device, _bwd_triton)
 
 fwd = torch.ops.hrnas_kernels.token_transformer_fwd.default
 bwd = torch.ops.hrnas_kernels.token_transformer_bwd.default
