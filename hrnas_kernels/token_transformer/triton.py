@@ -61,7 +61,7 @@ BLOCK_C = 16  # channels per tl.dot of the input and output projections
 # the interpreter pays per operation, not per element, so it takes far larger tiles.
 DETOK_CHANNELS = 64 if TRITON_INTERPRET else 4
 DETOK_TILE = 65536 if TRITON_INTERPRET else 1024
-LN_EPS = reference.LAYER_NORM_EPS
+LN_EPS = tl.constexpr(reference.LAYER_NORM_EPS)  # a global a compiled kernel may read
 
 
 def _require(ok: bool, message: str) -> None:
