@@ -4,7 +4,9 @@ only.
 The ops work on *compact* tokens: every per-token tensor is already gathered to the L alive
 tokens (the public API gathers with differentiable ``index_select``, so parameters stay full size
 and dead tokens get exactly zero gradient without the kernels knowing about masks). The whole
-block is one forward and one backward op.
+block is one forward and one backward op, in two families with one schema:
+``token_transformer_{fwd,bwd}`` (the C++ kernels) and ``token_transformer_{fwd,bwd}_triton``
+(``triton.py``: Triton forward, backward composed of torch operations; imported on first call).
 
     fwd(x [N, C, H, W], coords [2, g, g], w_in [L, C + 2], bn_in_w [L], bn_in_b [L],
         rm_in [L]?, rv_in [L]?, encoder: 8 tensors (reference.LAYER_WEIGHTS), query [L, d]?,
