@@ -11,7 +11,11 @@ from . import ops, reference
 _OPS = {"native": (ops.fwd, ops.bwd), "triton": (ops.fwd_triton, ops.bwd_triton)}
 # The kernels this op has: (impl, device type) -> dtypes. Pairs missing here are not written yet,
 # so impl resolution reports them instead of letting the dispatcher fail.
-SUPPORTED = {("native", "cpu"): (torch.float32, torch.float64)}
+SUPPORTED = {
+    ("native", "cpu"): (torch.float32, torch.float64),
+    ("triton", "cuda"): (torch.float32, torch.float16, torch.bfloat16),
+    ("triton", "cpu"): (torch.float32, torch.float64),  # TRITON_INTERPRET=1 only
+}
 _OP = "token_transformer"
 
 

@@ -4,7 +4,9 @@ only.
 The ops work on *compact* tokens: every per-token tensor is already gathered to the L alive
 tokens (the public API gathers with differentiable ``index_select``, so parameters stay full size
 and dead tokens get exactly zero gradient without the kernels knowing about masks). The whole
-block is one forward and one backward op.
+block is one forward and one backward op, in two families with one schema:
+``token_transformer_{fwd,bwd}`` (the C++ kernels) and ``token_transformer_{fwd,bwd}_triton``
+(``triton.py``: Triton forward, backward composed of torch operations; imported on first call).
 
     fwd(x [N, C, H, W], coords [2, g, g], w_in [L, C + 2], bn_in_w [L], bn_in_b [L],
         rm_in [L]?, rv_in [L]?, encoder: 8 tensors (reference.LAYER_WEIGHTS), query [L, d]?,
@@ -25,6 +27,8 @@ batch variance in training), so the caller updates the running averages. ``resid
 """
 
 import torch
+
+from .._impl import TRITON_INTERPRET
 
 N_LAYER_WEIGHTS = 8  # reference.LAYER_WEIGHTS
 
@@ -141,7 +145,22 @@ for _suffix in ("", "_triton"):
     torch.library.register_fake(f"hrnas_kernels::token_transformer_bwd{_suffix}", _bwd_fake)
 
 
-# The _triton family has its schema (so both families stay in step) but no kernel yet.
+def _fwd_triton(*args):
+    from . import triton as kernels
+
+    return kernels.fwd(*args)
+
+
+def _bwd_triton(*args):
+    from . import triton as kernels
+
+    return kernels.bwd(*args)
+
+
+# Under TRITON_INTERPRET=1 the Triton kernels also serve CPU tensors: that is how CI tests them.
+for _device in ("cuda", "cpu") if TRITON_INTERPRET else ("cuda",):
+    torch.library.impl("hrnas_kernels::token_transformer_fwd_triton", _device, _fwd_triton)
+    torch.library.impl("hrnas_kernels::token_transformer_bwd_triton", _device, _bwd_triton)
 
 fwd = torch.ops.hrnas_kernels.token_transformer_fwd.default
 bwd = torch.ops.hrnas_kernels.token_transformer_bwd.default

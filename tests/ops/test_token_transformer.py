@@ -26,6 +26,11 @@ def impl_device(impl_device):
     """The shared (impl, device) pairs, less those this op has no kernel for yet."""
     if impl_device not in api.SUPPORTED:
         pytest.skip(f"token_transformer has no {impl_device[0]} kernel for {impl_device[1]} yet")
+    if impl_device == ("triton", "cpu"):
+        pytest.skip(
+            "the Triton interpreter takes ~1 s per call: test_token_transformer_gpu.py runs "
+            "a subset of this suite on the Triton kernels on CPU"
+        )
     return impl_device
 
 
@@ -647,6 +652,6 @@ def test_module_bad_arguments():
 
 
 def test_triton_family_shares_the_schema():
-    """The _triton ops (no kernel yet) keep the native schema, so a Triton kernel drops in."""
+    """The _triton ops keep the native schema, so both families stay in step."""
     for native, triton in ((ops.fwd, ops.fwd_triton), (ops.bwd, ops.bwd_triton)):
         assert str(native._schema).replace("(", "_triton(", 1) == str(triton._schema)
