@@ -754,6 +754,566 @@ void bwd_task(const Problem<T, A>& pr, const std::vector<Group>& groups, const B
 }
 
 // ------------------------------------------------------------------------------------------------
+// channels_last: a task is a band of kBand output rows of one image over all channels. Its input
+// rows (with the halo the largest kernel needs) are copied into a zero-bordered tile whose pixels
+// are contiguous runs of channels, so every load streams along C and no per-channel gathers or
+// repacking are needed; the tape is conv in y's own layout. Each group's channels are padded to
+// a multiple of 8 in the tile and processed in blocks of 16 (one AVX-512 vector) or 8 lanes, so
+// compact inputs of few channels per group cost in proportion. BatchNorm sums and weight
+// gradients are per-band partials reduced in band order afterwards: deterministic, independent
+// of the thread count.
+
+constexpr int64_t kBand = 8;
+
+template <typename T, int V>
+struct VecOfWidth {
+  typedef T type __attribute__((vector_size(V * sizeof(T))));
+};
+template <typename T, int V>
+using VecW = typename VecOfWidth<T, V>::type;
+
+template <int V, typename T>
+HRNAS_INLINE VecW<T, V> loadw(const T* p) {
+  VecW<T, V> v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <int V, typename T>
+HRNAS_INLINE void storew(T* p, VecW<T, V> v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+
+// Channels [c0, c0 + lanes) of group g sit at tile lanes [off, off + width), width 16 or 8.
+struct Block {
+  int64_t c0, lanes, off, width, g;
+};
+
+// Tile pixels hold Cp >= C lanes: every group's channels, each group padded to a multiple of 8
+// with lanes that stay zero. P is the largest padding k / 2; dense means Cp == C (no padding),
+// when tile pixels and tensor pixels have the same layout.
+struct Layout {
+  int64_t C, Cp, P;
+  bool dense;
+  std::vector<Block> blocks;
+  std::vector<int64_t> group_off;
+};
+
+Layout make_layout(const std::vector<Group>& groups) {
+  Layout lay{0, 0, 0, true, {}, {}};
+  for (size_t g = 0; g < groups.size(); ++g) {
+    const Group& grp = groups[g];
+    lay.group_off.push_back(lay.Cp);
+    for (int64_t c = 0; c < grp.count; c += 16) {
+      const int64_t width = grp.count - c > 8 ? 16 : 8;
+      lay.blocks.push_back({grp.begin + c, std::min(width, grp.count - c), lay.Cp + c, width,
+                            static_cast<int64_t>(g)});
+    }
+    if (grp.count > 0) lay.P = std::max(lay.P, grp.k / 2);
+    lay.Cp += (grp.count + 7) / 8 * 8;
+    lay.C += grp.count;
+  }
+  lay.dense = lay.Cp == lay.C;
+  return lay;
+}
+
+// npix tensor pixels (C channels each) -> tile pixels (Cp lanes each), and back.
+template <typename T>
+void place(const T* src, int64_t npix, const Layout& lay, const std::vector<Group>& groups,
+           T* dst) {
+  if (lay.dense) {
+    std::copy(src, src + npix * lay.C, dst);
+    return;
+  }
+  for (int64_t i = 0; i < npix; ++i) {
+    for (size_t g = 0; g < groups.size(); ++g) {
+      const T* s = src + i * lay.C + groups[g].begin;
+      std::copy(s, s + groups[g].count, dst + i * lay.Cp + lay.group_off[g]);
+    }
+  }
+}
+
+template <typename T>
+void unplace(const T* src, int64_t npix, const Layout& lay, const std::vector<Group>& groups,
+             T* dst) {
+  if (lay.dense) {
+    std::copy(src, src + npix * lay.C, dst);
+    return;
+  }
+  for (int64_t i = 0; i < npix; ++i) {
+    for (size_t g = 0; g < groups.size(); ++g) {
+      const T* s = src + i * lay.Cp + lay.group_off[g];
+      std::copy(s, s + groups[g].count, dst + i * lay.C + groups[g].begin);
+    }
+  }
+}
+
+struct Band {
+  int64_t n, ho0, ho1;  // image, output rows [ho0, ho1)
+};
+
+std::vector<Band> make_bands(int64_t N, int64_t Ho) {
+  std::vector<Band> bands;
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t h = 0; h < Ho; h += kBand) bands.push_back({n, h, std::min(Ho, h + kBand)});
+  }
+  return bands;
+}
+
+// Calls f(std::integral_constant<int, V>) with the block's width.
+template <typename F>
+void with_width(const Block& b, F&& f) {
+  if (b.width == 16) {
+    f(std::integral_constant<int, 16>{});
+  } else {
+    f(std::integral_constant<int, 8>{});
+  }
+}
+
+// A block's kernel rows, [k*k][width] (zero in unused lanes), optionally flipped.
+template <typename T>
+const T* block_weights(const Block& b, const Group& grp, const T* w, bool flip, T* wt) {
+  const int64_t kk = grp.k * grp.k;
+  std::fill(wt, wt + kk * b.width, T(0));
+  for (int64_t l = 0; l < b.lanes; ++l) {
+    const T* row = w + (b.c0 - grp.begin + l) * kk;
+    for (int64_t i = 0; i < kk; ++i) wt[i * b.width + l] = row[flip ? kk - 1 - i : i];
+  }
+  return wt;
+}
+
+// Image rows [h0, h1) (zero outside [0, H)) into a tile [h1 - h0][W + 2P][Cp] with a zero border
+// of P columns on each side.
+template <typename T>
+void fill_tile(const T* img, int64_t H, int64_t W, int64_t h0, int64_t h1, const Layout& lay,
+               const std::vector<Group>& groups, T* tile) {
+  const int64_t row = (W + 2 * lay.P) * lay.Cp;
+  std::fill(tile, tile + (h1 - h0) * row, T(0));
+  for (int64_t h = std::max<int64_t>(h0, 0); h < std::min(h1, H); ++h) {
+    place(img + h * W * lay.C, W, lay, groups, tile + (h - h0) * row + lay.P * lay.Cp);
+  }
+}
+
+// out[r][wo][:V] = sum_{kh,kw} wt[kh][kw][:] * in[r*S + kh][wo*S + kw][:]  for r < R, wo < Wo.
+// Pixels are `pitch` elements apart in `in` and `out`, rows in_row and Wo * pitch apart. kPix
+// neighbouring outputs are computed together from one window of input pixels per kernel row,
+// so each loaded input pixel serves up to k taps.
+template <int K, int S, int V, typename T>
+HRNAS_TARGET_CLONES void correlate_nhwc(const T* __restrict in, int64_t in_row,
+                                        const T* __restrict wt, int64_t k_rt, int64_t R,
+                                        int64_t Wo, int64_t pitch, T* __restrict out) {
+  using W = VecW<T, V>;
+  const int64_t k = K > 0 ? K : k_rt;
+  for (int64_t r = 0; r < R; ++r) {
+    T* o = out + r * Wo * pitch;
+    int64_t wo = 0;
+    if constexpr (K > 0) {
+      constexpr int kWin = S * (kPix - 1) + K;
+      for (; wo + kPix <= Wo; wo += kPix) {
+        W acc[kPix] = {};
+        for (int64_t kh = 0; kh < K; ++kh) {
+          const T* xr = in + (r * S + kh) * in_row + wo * S * pitch;
+          W win[kWin];
+          for (int i = 0; i < kWin; ++i) win[i] = loadw<V>(xr + i * pitch);
+          for (int kw = 0; kw < K; ++kw) {
+            const W wv = loadw<V>(wt + (kh * K + kw) * V);
+            for (int q = 0; q < kPix; ++q) acc[q] += wv * win[q * S + kw];
+          }
+        }
+        for (int q = 0; q < kPix; ++q) storew<V>(o + (wo + q) * pitch, acc[q]);
+      }
+    }
+    for (; wo < Wo; ++wo) {
+      W acc = {};
+      for (int64_t kh = 0; kh < k; ++kh) {
+        const T* xr = in + (r * S + kh) * in_row + wo * S * pitch;
+        for (int64_t kw = 0; kw < k; ++kw) {
+          acc += loadw<V>(wt + (kh * k + kw) * V) * loadw<V>(xr + kw * pitch);
+        }
+      }
+      storew<V>(o + wo * pitch, acc);
+    }
+  }
+}
+
+// dw[kh][kw][:V] += sum_{r<R, wo<Wo} d[r][wo][:] * in[r*S + kh][wo*S + kw][:]
+// (pixels `pitch` apart in both, rows d_row and in_row apart). Sums of one band run in T.
+template <int K, int S, int V, typename T>
+HRNAS_TARGET_CLONES void wgrad_nhwc(const T* __restrict d, int64_t d_row, const T* __restrict in,
+                                    int64_t in_row, int64_t k_rt, int64_t R, int64_t Wo,
+                                    int64_t pitch, double* __restrict dw) {
+  using W = VecW<T, V>;
+  constexpr int kAcc = K > 0 ? K : 1;
+  const int64_t k = K > 0 ? K : k_rt;
+  for (int64_t kh = 0; kh < k; ++kh) {
+    for (int64_t kw0 = 0; kw0 < k; kw0 += kAcc) {  // K > 0: one pass over all kw
+      W acc[kAcc] = {};
+      for (int64_t r = 0; r < R; ++r) {
+        const T* dr = d + r * d_row;
+        const T* xr = in + (r * S + kh) * in_row + kw0 * pitch;
+        int64_t wo = 0;
+        if constexpr (K > 0) {
+          constexpr int kWin = S * (kPix - 1) + K;
+          for (; wo + kPix <= Wo; wo += kPix) {
+            W dv[kPix], win[kWin];
+            for (int q = 0; q < kPix; ++q) dv[q] = loadw<V>(dr + (wo + q) * pitch);
+            for (int i = 0; i < kWin; ++i) win[i] = loadw<V>(xr + (wo * S + i) * pitch);
+            for (int kw = 0; kw < K; ++kw) {
+              for (int q = 0; q < kPix; ++q) acc[kw] += dv[q] * win[q * S + kw];
+            }
+          }
+        }
+        for (; wo < Wo; ++wo) {
+          const W dv = loadw<V>(dr + wo * pitch);
+          for (int kw = 0; kw < kAcc; ++kw) acc[kw] += dv * loadw<V>(xr + (wo * S + kw) * pitch);
+        }
+      }
+      for (int kw = 0; kw < kAcc; ++kw) {
+        for (int l = 0; l < V; ++l) dw[(kh * k + kw0 + kw) * V + l] += acc[kw][l];
+      }
+    }
+  }
+}
+
+// Stride-2 input gradient of one block: dx[h - h0][w + P][:] += wt[kh][kw][:] * d[ho][wo][:] for
+// h = 2*ho + kh - p in [h0, h1), w = 2*wo + kw - p (dx has a border of P >= p columns). d holds
+// output rows [d0, d1), pixels `pitch` apart, rows d_row apart; dx rows are dx_row apart.
+template <int V, typename T>
+HRNAS_TARGET_CLONES void scatter_stride2_nhwc(const T* __restrict d, int64_t d_row, int64_t d0,
+                                              int64_t d1, const T* __restrict wt, int64_t k,
+                                              int64_t Wo, int64_t pitch, int64_t h0, int64_t h1,
+                                              int64_t P, int64_t dx_row, T* __restrict dx) {
+  using W = VecW<T, V>;
+  const int64_t p = k / 2;
+  for (int64_t ho = d0; ho < d1; ++ho) {
+    for (int64_t kh = 0; kh < k; ++kh) {
+      const int64_t h = 2 * ho + kh - p;
+      if (h < h0 || h >= h1) continue;
+      const T* dr = d + (ho - d0) * d_row;
+      T* xr = dx + (h - h0) * dx_row + (P - p) * pitch;
+      for (int64_t wo = 0; wo < Wo; ++wo) {
+        const W dv = loadw<V>(dr + wo * pitch);
+        T* xp = xr + 2 * wo * pitch;
+        for (int64_t kw = 0; kw < k; ++kw) {
+          storew<V>(xp + kw * pitch,
+                    loadw<V>(xp + kw * pitch) + loadw<V>(wt + (kh * k + kw) * V) * dv);
+        }
+      }
+    }
+  }
+}
+
+// Per-block statistics of a band's conv (tile pixels): s[c] = sum, q[c] = sum of squares.
+template <int V, typename T>
+HRNAS_TARGET_CLONES void block_sums(const T* __restrict v, int64_t npix, int64_t pitch,
+                                    int64_t lanes, T* __restrict s, T* __restrict q) {
+  using W = VecW<T, V>;
+  W a = {}, b = {};
+  for (int64_t i = 0; i < npix; ++i) {
+    const W x = loadw<V>(v + i * pitch);
+    a += x;
+    b += x * x;
+  }
+  for (int64_t l = 0; l < lanes; ++l) {
+    s[l] = a[l];
+    q[l] = b[l];
+  }
+}
+
+// Element-wise passes over tensor pixels of C channels. Per-channel coefficients are repeated
+// over kLanes pixels (a period of kLanes * C elements, a whole number of vectors), so one vector
+// loop serves any C; only the last, partial vector of a run is scalar.
+
+// y = act((conv - mean) * scale + beta)
+template <typename T>
+HRNAS_TARGET_CLONES void bn_act_nhwc(const T* __restrict conv, int64_t len,
+                                     const T* __restrict coef, int64_t period, Activation act,
+                                     T* __restrict y) {
+  const T *mean = coef, *scale = coef + period, *beta = coef + 2 * period;
+  for (int64_t i0 = 0; i0 < len; i0 += period) {
+    const int64_t n = std::min(period, len - i0);
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      const Vec<T> v = (simd::load(conv + i0 + j) - simd::load(mean + j)) * simd::load(scale + j) +
+                       simd::load(beta + j);
+      simd::store(y + i0 + j, simd::activate<T>(v, act));
+    }
+    for (; j < n; ++j) y[i0 + j] = activate((conv[i0 + j] - mean[j]) * scale[j] + beta[j], act);
+  }
+}
+
+// s[j] += dz, q[j] += dz * (conv - mean) at period position j (dz: grad_y through the activation)
+template <typename T>
+HRNAS_TARGET_CLONES void grad_sums_nhwc(const T* __restrict gy, const T* __restrict y,
+                                        const T* __restrict conv, int64_t len,
+                                        const T* __restrict mean, int64_t period, Activation act,
+                                        T* __restrict s, T* __restrict q) {
+  for (int64_t i0 = 0; i0 < len; i0 += period) {
+    const int64_t n = std::min(period, len - i0);
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      const Vec<T> dz =
+          simd::grad_through<T>(simd::load(gy + i0 + j), simd::load(y + i0 + j), act);
+      simd::store(s + j, simd::load(s + j) + dz);
+      simd::store(q + j, simd::load(q + j) + dz * (simd::load(conv + i0 + j) - simd::load(mean + j)));
+    }
+    for (; j < n; ++j) {
+      const T dz = passes_grad(y[i0 + j], act) ? gy[i0 + j] : T(0);
+      s[j] += dz;
+      q[j] += dz * (conv[i0 + j] - mean[j]);
+    }
+  }
+}
+
+// d(conv) = k_dz * dz + k_conv * (conv - mean) + k_const
+template <typename T>
+HRNAS_TARGET_CLONES void conv_grad_nhwc(const T* __restrict gy, const T* __restrict y,
+                                        const T* __restrict conv, int64_t len,
+                                        const T* __restrict coef, int64_t period, Activation act,
+                                        T* __restrict out) {
+  const T *k_dz = coef, *k_conv = coef + period, *mean = coef + 2 * period,
+          *k_const = coef + 3 * period;
+  for (int64_t i0 = 0; i0 < len; i0 += period) {
+    const int64_t n = std::min(period, len - i0);
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      const Vec<T> dz =
+          simd::grad_through<T>(simd::load(gy + i0 + j), simd::load(y + i0 + j), act);
+      simd::store(out + i0 + j,
+                  simd::load(k_dz + j) * dz +
+                      simd::load(k_conv + j) * (simd::load(conv + i0 + j) - simd::load(mean + j)) +
+                      simd::load(k_const + j));
+    }
+    for (; j < n; ++j) {
+      const T dz = passes_grad(y[i0 + j], act) ? gy[i0 + j] : T(0);
+      out[i0 + j] = k_dz[j] * dz + k_conv[j] * (conv[i0 + j] - mean[j]) + k_const[j];
+    }
+  }
+}
+
+// Per-channel values -> `count` coefficient arrays of one period each.
+template <typename T>
+std::vector<T> periodic(const std::vector<std::vector<double>>& values, int64_t C) {
+  const int64_t period = kLanes * C;
+  std::vector<T> out(values.size() * period);
+  for (size_t a = 0; a < values.size(); ++a) {
+    for (int64_t j = 0; j < period; ++j) out[a * period + j] = static_cast<T>(values[a][j % C]);
+  }
+  return out;
+}
+
+struct NhwcShape {
+  int64_t N, C, H, W, stride, Ho, Wo;
+};
+
+template <typename T>
+void fwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const FwdIO<T, T>& io,
+              bool batch_stats, double eps, Activation act) {
+  const Layout lay = make_layout(groups);
+  const std::vector<Band> bands = make_bands(sh.N, sh.Ho);
+  const int64_t nb = static_cast<int64_t>(bands.size()), C = sh.C, S = sh.stride;
+  const int64_t x_row = (sh.W + 2 * lay.P) * lay.Cp;
+  std::vector<T> part(nb * 2 * C);  // per band: sums, sums of squares
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      const Band& b = bands[bi];
+      const int64_t R = b.ho1 - b.ho0, npix = R * sh.Wo;
+      const int64_t h0 = b.ho0 * S - lay.P, h1 = (b.ho1 - 1) * S + lay.P + 1;
+      T* tile = scratch<T>(0, (h1 - h0) * x_row);
+      fill_tile(io.x + b.n * sh.H * sh.W * C, sh.H, sh.W, h0, h1, lay, groups, tile);
+      T* conv = io.conv + (b.n * sh.Ho + b.ho0) * sh.Wo * C;
+      T* out = lay.dense ? conv : scratch<T>(1, npix * lay.Cp);
+      for (const Block& blk : lay.blocks) {
+        const Group& grp = groups[blk.g];
+        const int64_t p = grp.k / 2;
+        const T* wt = block_weights(blk, grp, io.w[blk.g], false, scratch<T>(2, grp.k * grp.k * 16));
+        const T* in = tile + (lay.P - p) * x_row + (lay.P - p) * lay.Cp + blk.off;
+        with_kernel(grp.k, S, [&](auto K, auto Sc) {
+          with_width(blk, [&](auto V) {
+            constexpr int kK = decltype(K)::value, kS = decltype(Sc)::value, kV = decltype(V)::value;
+            correlate_nhwc<kK, kS, kV>(in, x_row, wt, grp.k, R, sh.Wo, lay.Cp, out + blk.off);
+            block_sums<kV>(out + blk.off, npix, lay.Cp, blk.lanes, &part[bi * 2 * C + blk.c0],
+                           &part[(bi * 2 + 1) * C + blk.c0]);
+          });
+        });
+      }
+      if (!lay.dense) unplace(out, npix, lay, groups, conv);
+    }
+  });
+  const double count = static_cast<double>(sh.N * sh.Ho * sh.Wo);
+  std::vector<std::vector<double>> coef(3, std::vector<double>(C));  // mean, scale, beta
+  for (int64_t c = 0; c < C; ++c) {
+    double m, v;
+    if (batch_stats) {
+      double s = 0.0, q = 0.0;
+      for (int64_t bi = 0; bi < nb; ++bi) {
+        s += part[bi * 2 * C + c];
+        q += part[(bi * 2 + 1) * C + c];
+      }
+      m = s / count;
+      v = std::max(0.0, q / count - m * m);
+    } else {
+      m = io.rmean[c];
+      v = io.rvar[c];
+    }
+    io.mean[c] = static_cast<T>(m);
+    io.var[c] = static_cast<T>(v);
+    coef[0][c] = static_cast<T>(m);
+    coef[1][c] = static_cast<T>(io.gamma[c]) / std::sqrt(static_cast<T>(v) + static_cast<T>(eps));
+    coef[2][c] = io.beta[c];
+  }
+  const std::vector<T> pc = periodic<T>(coef, C);
+  const int64_t period = kLanes * C;
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      const Band& b = bands[bi];
+      const int64_t o = (b.n * sh.Ho + b.ho0) * sh.Wo * C;
+      bn_act_nhwc(io.conv + o, (b.ho1 - b.ho0) * sh.Wo * C, pc.data(), period, act, io.y + o);
+    }
+  });
+}
+
+template <typename T>
+void bwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const BwdIO<T, T>& io,
+              bool batch_stats, double eps, Activation act) {
+  const Layout lay = make_layout(groups);
+  const std::vector<Band> bands = make_bands(sh.N, sh.Ho);
+  const int64_t nb = static_cast<int64_t>(bands.size()), C = sh.C, S = sh.stride, P = lay.P;
+  const int64_t period = kLanes * C;
+  // Pass A: per band, per channel sums of dz and dz * (conv - mean).
+  std::vector<double> mean(io.mean, io.mean + C);
+  const std::vector<T> pmean = periodic<T>({mean}, C);
+  std::vector<T> part(nb * 2 * C);
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      const Band& b = bands[bi];
+      const int64_t o = (b.n * sh.Ho + b.ho0) * sh.Wo * C;
+      T* s = scratch<T>(0, 2 * period);
+      T* q = s + period;
+      std::fill(s, s + 2 * period, T(0));
+      grad_sums_nhwc(io.gy + o, io.y + o, io.conv + o, (b.ho1 - b.ho0) * sh.Wo * C, pmean.data(),
+                     period, act, s, q);
+      for (int64_t c = 0; c < C; ++c) {
+        T a = T(0), bq = T(0);
+        for (int64_t i = 0; i < kLanes; ++i) {
+          a += s[i * C + c];
+          bq += q[i * C + c];
+        }
+        part[bi * 2 * C + c] = a;
+        part[(bi * 2 + 1) * C + c] = bq;
+      }
+    }
+  });
+  const double count = static_cast<double>(sh.N * sh.Ho * sh.Wo);
+  std::vector<std::vector<double>> coef(4, std::vector<double>(C, 0.0));  // k_dz, k_conv, mean, k_const
+  coef[2] = mean;
+  for (int64_t c = 0; c < C; ++c) {
+    double sdz = 0.0, sdzx = 0.0;
+    for (int64_t bi = 0; bi < nb; ++bi) {
+      sdz += part[bi * 2 * C + c];
+      sdzx += part[(bi * 2 + 1) * C + c];
+    }
+    const double rstd = 1.0 / std::sqrt(static_cast<double>(io.var[c]) + eps);
+    const double gamma = static_cast<double>(io.gamma[c]);
+    io.gbeta[c] = static_cast<T>(sdz);
+    io.ggamma[c] = static_cast<T>(sdzx * rstd);
+    coef[0][c] = gamma * rstd;
+    if (batch_stats) {
+      coef[1][c] = -gamma * rstd * rstd * rstd * sdzx / count;
+      coef[3][c] = -gamma * rstd * sdz / count;
+    }
+  }
+  const std::vector<T> pc = periodic<T>(coef, C);
+  // Pass B: per band, d(conv) on the band's rows and a halo of P rows (zero-bordered tile),
+  // then the weight gradient (band rows only) and the input gradient of the band's input rows.
+  std::vector<int64_t> w_off;  // per block, its part of a band's weight-gradient partial
+  int64_t wlen = 0;
+  for (const Block& blk : lay.blocks) {
+    w_off.push_back(wlen);
+    wlen += groups[blk.g].k * groups[blk.g].k * blk.width;
+  }
+  std::vector<double> wpart(nb * wlen, 0.0);
+  const int64_t x_row = (sh.W + 2 * P) * lay.Cp, d_row = (sh.Wo + 2 * P) * lay.Cp;
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      const Band& b = bands[bi];
+      const int64_t R = b.ho1 - b.ho0;
+      // d(conv) tile: output rows [ho0 - P, ho1 + P), columns [-P, Wo + P)
+      T* dt = scratch<T>(0, (R + 2 * P) * d_row);
+      std::fill(dt, dt + (R + 2 * P) * d_row, T(0));
+      T* row = scratch<T>(1, sh.Wo * C);
+      const int64_t d0 = std::max<int64_t>(0, b.ho0 - P), d1 = std::min(sh.Ho, b.ho1 + P);
+      for (int64_t ho = d0; ho < d1; ++ho) {
+        const int64_t o = (b.n * sh.Ho + ho) * sh.Wo * C;
+        T* dst = dt + (ho - b.ho0 + P) * d_row + P * lay.Cp;
+        conv_grad_nhwc(io.gy + o, io.y + o, io.conv + o, sh.Wo * C, pc.data(), period, act,
+                       lay.dense ? dst : row);
+        if (!lay.dense) place(row, sh.Wo, lay, groups, dst);
+      }
+      const int64_t h0 = b.ho0 * S - P, h1 = (b.ho1 - 1) * S + P + 1;
+      T* xt = scratch<T>(2, (h1 - h0) * x_row);
+      fill_tile(io.x + b.n * sh.H * sh.W * C, sh.H, sh.W, h0, h1, lay, groups, xt);
+      // input rows [hx0, hx1) of this band's input gradient
+      const int64_t hx0 = b.ho0 * S, hx1 = std::min(sh.H, b.ho1 * S);
+      T* gx = io.gx + (b.n * sh.H + hx0) * sh.W * C;
+      T* dx = nullptr;
+      if (S == 2) {
+        dx = scratch<T>(3, (hx1 - hx0) * x_row);
+        std::fill(dx, dx + (hx1 - hx0) * x_row, T(0));
+      } else {
+        dx = lay.dense ? gx : scratch<T>(3, R * sh.W * lay.Cp);
+      }
+      for (size_t i = 0; i < lay.blocks.size(); ++i) {
+        const Block& blk = lay.blocks[i];
+        const Group& grp = groups[blk.g];
+        const int64_t p = grp.k / 2;
+        const T* w = io.w[blk.g];
+        T* wt = scratch<T>(4, grp.k * grp.k * 16);
+        const T* d = dt + P * d_row + P * lay.Cp + blk.off;
+        const T* in = xt + (P - p) * x_row + (P - p) * lay.Cp + blk.off;
+        with_kernel(grp.k, S, [&](auto K, auto Sc) {
+          with_width(blk, [&](auto V) {
+            constexpr int kK = decltype(K)::value, kS = decltype(Sc)::value, kV = decltype(V)::value;
+            wgrad_nhwc<kK, kS, kV>(d, d_row, in, x_row, grp.k, R, sh.Wo, lay.Cp,
+                                   &wpart[bi * wlen + w_off[i]]);
+            if constexpr (kS == 1) {
+              block_weights(blk, grp, w, true, wt);
+              const T* dd = dt + (P - p) * d_row + (P - p) * lay.Cp + blk.off;
+              correlate_nhwc<kK, 1, kV>(dd, d_row, wt, grp.k, R, sh.W, lay.Cp, dx + blk.off);
+            } else {
+              block_weights(blk, grp, w, false, wt);
+              scatter_stride2_nhwc<kV>(dt + (d0 - b.ho0 + P) * d_row + P * lay.Cp + blk.off,
+                                       d_row, d0, d1, wt, grp.k, sh.Wo, lay.Cp, hx0, hx1, P,
+                                       x_row, dx + blk.off);
+            }
+          });
+        });
+      }
+      if (S == 2) {
+        for (int64_t h = hx0; h < hx1; ++h) {
+          unplace(dx + (h - hx0) * x_row + P * lay.Cp, sh.W, lay, groups,
+                  gx + (h - hx0) * sh.W * C);
+        }
+      } else if (!lay.dense) {
+        unplace(dx, R * sh.W, lay, groups, gx);
+      }
+    }
+  });
+  for (size_t i = 0; i < lay.blocks.size(); ++i) {
+    const Block& blk = lay.blocks[i];
+    const int64_t kk = groups[blk.g].k * groups[blk.g].k;
+    for (int64_t l = 0; l < blk.lanes; ++l) {
+      T* gw = io.gw[blk.g] + (blk.c0 - groups[blk.g].begin + l) * kk;
+      for (int64_t j = 0; j < kk; ++j) {
+        double total = 0.0;
+        for (int64_t bi = 0; bi < nb; ++bi) total += wpart[bi * wlen + w_off[i] + j * blk.width + l];
+        gw[j] = static_cast<T>(total);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
 // Op entry points.
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
@@ -796,8 +1356,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
                                 use_batch_stats ? nullptr : rv.const_data_ptr<scalar_t>(),
                                 y.mutable_data_ptr<scalar_t>(), conv.mutable_data_ptr<scalar_t>(),
                                 mean.mutable_data_ptr<A>(), var.mutable_data_ptr<A>()};
-    run_tasks(make_tasks(groups, pr.channels_last), groups,
-              [&](const Task& t) { fwd_task(pr, groups, io, t); });
+    if (pr.channels_last) {
+      fwd_nhwc<scalar_t>({N, C, H, W, stride, Ho, Wo}, groups, io, use_batch_stats, eps, act);
+    } else {
+      run_tasks(make_tasks(groups, false), groups,
+                [&](const Task& t) { fwd_task(pr, groups, io, t); });
+    }
   });
   return {y, conv, mean, var};
 }
@@ -850,8 +1414,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> bwd_cpu(
                                 gx.mutable_data_ptr<scalar_t>(), gwp.data(),
                                 ggamma.mutable_data_ptr<scalar_t>(),
                                 gbeta.mutable_data_ptr<scalar_t>()};
-    run_tasks(make_tasks(groups, pr.channels_last), groups,
-              [&](const Task& t) { bwd_task(pr, groups, io, t); });
+    if (pr.channels_last) {
+      const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
+      bwd_nhwc<scalar_t>({N, C, H, W, stride, Ho, Wo}, groups, io, use_batch_stats, eps, act);
+    } else {
+      run_tasks(make_tasks(groups, false), groups,
+                [&](const Task& t) { bwd_task(pr, groups, io, t); });
+    }
   });
   return {gx, gw, ggamma, gbeta};
 }
