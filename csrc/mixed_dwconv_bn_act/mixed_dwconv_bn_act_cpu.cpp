@@ -26,7 +26,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -528,14 +527,14 @@ void bwd_task(const Problem<T, A>& pr, const std::vector<Group>& groups, const B
 
 // ------------------------------------------------------------------------------------------------
 // channels_last: a task is a range of output rows of one image over all channels, worked in
-// bands of kBand rows. A band's input rows (with the halo the largest kernel needs) sit in a
+// bands of kBand rows. The task's input rows (with the halo the largest kernel needs) sit in a
 // zero-bordered tile whose pixels are contiguous runs of channels, so every load streams along C
-// and no per-channel gathers or repacking are needed; the tape is conv in y's own layout. The
-// tile slides down the task's rows: the halo rows the next band shares stay in it. Each group's
-// channels are padded to a multiple of 8 in the tile and processed in blocks of 16 (one AVX-512
-// vector) or 8 lanes, so compact inputs of few channels per group cost in proportion. BatchNorm
-// sums and weight gradients are per-task partials reduced in task order afterwards:
-// deterministic, independent of the thread count.
+// and no per-channel gathers or repacking are needed; the tape is conv in y's own layout. Tile
+// rows are made once, as bands need them, so the halo rows bands share are not made twice.
+// Each group's channels are padded to a multiple of 8 in the tile and processed in blocks of
+// 16 (one AVX-512 vector) or 8 lanes, so compact inputs of few channels per group cost in
+// proportion. BatchNorm sums and weight gradients are per-task partials reduced in task order
+// afterwards: deterministic, independent of the thread count.
 
 constexpr int64_t kBand = 8;
 
@@ -625,34 +624,31 @@ std::vector<Band> make_tasks_nhwc(int64_t N, int64_t Ho) {
   return tasks;
 }
 
-// A zero-bordered tile of rows [h0, h1) of a range [0, limit) (zero rows outside it) that slides
-// down: rows it holds already move up, only new rows are made, by make(h, first interior
-// element). Row borders and padding lanes are never written, so they stay zero.
+// A zero-bordered tile of a task's rows [t0, t1) of a range [0, limit) (zero rows outside it),
+// made on demand, band by band: each row is made once, by make(h, first interior element), and
+// the rows a band shares with the next stay where they are. Padding lanes (the tile is not
+// dense) are zeroed with the row; border columns always.
 template <typename T>
-struct SlidingTile {
+struct RowTile {
   T* data;
-  int64_t row, interior, limit, h0, h1;
+  int64_t row, interior, limit, t0, made;
+  bool dense;
 
-  SlidingTile(T* d, int64_t rows, int64_t row_, int64_t interior_, int64_t limit_)
-      : data(d), row(row_), interior(interior_), limit(limit_), h0(0), h1(0) {
-    std::fill(data, data + rows * row, T(0));
-  }
-
+  // Makes rows up to n1 and returns the tile's origin for row n0.
   template <typename F>
-  void slide(int64_t n0, int64_t n1, F&& make) {
-    const int64_t k0 = std::max(h0, n0), k1 = std::max(k0, std::min(h1, n1));
-    std::memmove(data + (k0 - n0) * row, data + (k0 - h0) * row, (k1 - k0) * row * sizeof(T));
-    for (int64_t h = n0; h < n1; ++h) {
-      if (h >= k0 && h < k1) continue;
-      T* r = data + (h - n0) * row;
-      if (h >= 0 && h < limit) {
-        make(h, r + interior);
-      } else {
-        std::fill(r, r + row, T(0));
+  const T* rows(int64_t n0, int64_t n1, F&& make) {
+    for (; made < n1; ++made) {
+      T* r = data + (made - t0) * row;
+      if (made < 0 || made >= limit || !dense) std::fill(r, r + row, T(0));
+      if (made >= 0 && made < limit) {
+        if (dense) {
+          std::fill(r, r + interior, T(0));
+          std::fill(r + row - interior, r + row, T(0));
+        }
+        make(made, r + interior);
       }
     }
-    h0 = n0;
-    h1 = n1;
+    return data + (n0 - t0) * row;
   }
 };
 
@@ -897,19 +893,22 @@ void fwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const FwdIO
   const Layout lay = make_layout(groups);
   const std::vector<Band> bands = make_tasks_nhwc(sh.N, sh.Ho);
   const int64_t nb = static_cast<int64_t>(bands.size()), C = sh.C, S = sh.stride;
-  const int64_t x_row = (sh.W + 2 * lay.P) * lay.Cp, x_rows = (kBand - 1) * S + 2 * lay.P + 1;
+  const int64_t x_row = (sh.W + 2 * lay.P) * lay.Cp;
   std::vector<double> part(nb * 2 * C, 0.0);  // per task: sums, sums of squares
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t bi = b0; bi < b1; ++bi) {
       const Band& task = bands[bi];
       const T* img = io.x + task.n * sh.H * sh.W * C;
-      SlidingTile<T> tile(scratch<T>(0, x_rows * x_row), x_rows, x_row, lay.P * lay.Cp, sh.H);
+      const int64_t t0 = task.ho0 * S - lay.P, t1 = (task.ho1 - 1) * S + lay.P + 1;
+      RowTile<T> tile{scratch<T>(0, (t1 - t0) * x_row), x_row, lay.P * lay.Cp, sh.H, t0, t0,
+                      lay.dense};
       for (int64_t ho0 = task.ho0; ho0 < task.ho1; ho0 += kBand) {
         const Band b{task.n, ho0, std::min(task.ho1, ho0 + kBand)};
         const int64_t R = b.ho1 - b.ho0, npix = R * sh.Wo;
-        tile.slide(b.ho0 * S - lay.P, (b.ho1 - 1) * S + lay.P + 1, [&](int64_t h, T* dst) {
-          relayout<true>(img + h * sh.W * C, sh.W, lay, groups, dst);
-        });
+        const T* xt = tile.rows(b.ho0 * S - lay.P, (b.ho1 - 1) * S + lay.P + 1,
+                                [&](int64_t h, T* dst) {
+                                  relayout<true>(img + h * sh.W * C, sh.W, lay, groups, dst);
+                                });
         T* conv = io.conv + (b.n * sh.Ho + b.ho0) * sh.Wo * C;
         T* out = lay.dense ? conv : scratch<T>(1, npix * lay.Cp);
         for (const Block& blk : lay.blocks) {
@@ -917,7 +916,7 @@ void fwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const FwdIO
           const int64_t p = grp.k / 2;
           const T* wt =
               block_weights(blk, grp, io.w[blk.g], false, scratch<T>(2, grp.k * grp.k * 16));
-          const T* in = tile.data + (lay.P - p) * x_row + (lay.P - p) * lay.Cp + blk.off;
+          const T* in = xt + (lay.P - p) * x_row + (lay.P - p) * lay.Cp + blk.off;
           with_kernel(grp.k, S, [&](auto K, auto Sc) {
             with_width(blk, [&](auto V) {
               constexpr int kK = decltype(K)::value, kS = decltype(Sc)::value;
@@ -1027,29 +1026,30 @@ void bwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const BwdIO
   }
   std::vector<double> wpart(nb * wlen, 0.0);
   const int64_t x_row = (sh.W + 2 * P) * lay.Cp, d_row = (sh.Wo + 2 * P) * lay.Cp;
-  const int64_t x_rows = (kBand - 1) * S + 2 * P + 1, d_rows = kBand + 2 * P;
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t bi = b0; bi < b1; ++bi) {
       const Band& task = bands[bi];
       const T* img = io.x + task.n * sh.H * sh.W * C;
       // d(conv) tile: output rows [ho0 - P, ho1 + P), columns [-P, Wo + P); x tile as forward
-      SlidingTile<T> dtile(scratch<T>(0, d_rows * d_row), d_rows, d_row, P * lay.Cp, sh.Ho);
-      SlidingTile<T> xtile(scratch<T>(2, x_rows * x_row), x_rows, x_row, P * lay.Cp, sh.H);
+      const int64_t dt0 = task.ho0 - P, dt1 = task.ho1 + P;
+      const int64_t x0 = task.ho0 * S - P, x1 = (task.ho1 - 1) * S + P + 1;
+      RowTile<T> dtile{scratch<T>(0, (dt1 - dt0) * d_row), d_row, P * lay.Cp, sh.Ho, dt0, dt0,
+                       lay.dense};
+      RowTile<T> xtile{scratch<T>(2, (x1 - x0) * x_row), x_row, P * lay.Cp, sh.H, x0, x0,
+                       lay.dense};
       T* row = scratch<T>(1, sh.Wo * C);
       for (int64_t ho0 = task.ho0; ho0 < task.ho1; ho0 += kBand) {
         const Band b{task.n, ho0, std::min(task.ho1, ho0 + kBand)};
         const int64_t R = b.ho1 - b.ho0;
-        dtile.slide(b.ho0 - P, b.ho1 + P, [&](int64_t ho, T* dst) {
+        const T* dt = dtile.rows(b.ho0 - P, b.ho1 + P, [&](int64_t ho, T* dst) {
           const int64_t o = (b.n * sh.Ho + ho) * sh.Wo * C;
           conv_grad_nhwc(io.gy + o, io.y + o, io.conv + o, sh.Wo * C, pc.data(), period, act,
                          lay.dense ? dst : row);
           if (!lay.dense) relayout<true>(row, sh.Wo, lay, groups, dst);
         });
-        xtile.slide(b.ho0 * S - P, (b.ho1 - 1) * S + P + 1, [&](int64_t h, T* dst) {
+        const T* xt = xtile.rows(b.ho0 * S - P, (b.ho1 - 1) * S + P + 1, [&](int64_t h, T* dst) {
           relayout<true>(img + h * sh.W * C, sh.W, lay, groups, dst);
         });
-        const T* dt = dtile.data;
-        const T* xt = xtile.data;
         const int64_t d0 = std::max<int64_t>(0, b.ho0 - P), d1 = std::min(sh.Ho, b.ho1 + P);
         // input rows [hx0, hx1) of this band's input gradient
         const int64_t hx0 = b.ho0 * S, hx1 = std::min(sh.H, b.ho1 * S);
