@@ -5,13 +5,12 @@
 // atomics, results independent of the thread count.
 //   NCHW: a task is one channel. Every image's plane is copied into a zero-bordered tile (so the
 //         inner loops have no bounds checks) and convolved with loops vectorised along W.
-//   NHWC: a task is a block of up to kLanes channels of one kernel-size group. Every image's
-//         block is copied into a zero-bordered tile [Hp][Wp][kLanes] (each pixel's channels are
-//         one contiguous, cache-line sized run in NHWC) and convolved with loops vectorised
-//         along the channels; a few neighbouring output pixels share each weight load.
-// Forward: conv -> tape (the pre-BN output, kept for backward: on CPU storing beats recomputing
-// a k x k conv; in NHWC packed per task, see packed_tape) + per-channel sums; then BN +
-// activation from the tape while it is still in cache.
+//   NHWC: a task is a range of output rows of one image over all channels (see "channels_last"
+//         below); BatchNorm sums and weight gradients are per-task partials, reduced in task
+//         order afterwards, so the results are independent of the thread count here too.
+// Forward: conv -> tape (the pre-BN output in the output's layout, kept for backward: on CPU
+// storing beats recomputing a k x k conv) + per-channel sums; then BN + activation from the tape
+// (NCHW: while the task's planes are still in cache).
 // Backward: one pass reduces sum(dz) and sum(dz * x_hat) per channel (dz = grad_y masked by the
 // activation, taken from y); a second pass forms d(conv) per image and runs the weight gradient
 // (correlate x with d(conv)) and the input gradient (correlate d(conv) with the flipped kernel for
@@ -40,8 +39,8 @@ namespace mixed_dwconv {
 namespace {
 
 using simd::Vec;
-constexpr int64_t kLanes = simd::kWidth;  // channels per NHWC task, outputs per NCHW vector
-constexpr int64_t kPix = 4;               // NHWC output pixels sharing each weight load
+constexpr int64_t kLanes = simd::kWidth;  // outputs per NCHW vector
+constexpr int64_t kPix = 4;               // NHWC output pixels computed together
 
 // One conv's geometry: input H x W, kernel k, stride s, output Ho x Wo, and the zero-bordered tile
 // Hp x Wp (p = k / 2 on every side) that covers every tap of every output.
@@ -172,97 +171,17 @@ HRNAS_TARGET_CLONES void wgrad_plane(const A* __restrict d, int64_t ld, const A*
   }
 }
 
-// ------------------------------------------------------------------------------------------------
-// NHWC block kernels: kLanes channels per pixel, vectors along C. Tiles are [rows][cols][kLanes].
-
-// out[ho][wo][:] = sum_{kh,kw} wt[kh][kw][:] * tile[ho*S + kh][wo*S + kw][:]
-template <int K, int S, typename A>
-HRNAS_TARGET_CLONES void correlate_block(const A* __restrict tile, const A* __restrict wt,
-                                         const Geom g, A* __restrict out) {
-  const int64_t k = K > 0 ? K : g.k;
-  for (int64_t ho = 0; ho < g.Ho; ++ho) {
-    int64_t wo = 0;
-    for (; wo + kPix <= g.Wo; wo += kPix) {
-      Vec<A> acc[kPix] = {};
-      for (int64_t kh = 0; kh < k; ++kh) {
-        const A* r = tile + ((ho * S + kh) * g.Wp + wo * S) * kLanes;
-        for (int64_t kw = 0; kw < k; ++kw) {
-          const Vec<A> wv = simd::load(wt + (kh * k + kw) * kLanes);
-          for (int64_t q = 0; q < kPix; ++q) acc[q] += wv * simd::load(r + (q * S + kw) * kLanes);
-        }
-      }
-      for (int64_t q = 0; q < kPix; ++q) simd::store(out + (ho * g.Wo + wo + q) * kLanes, acc[q]);
-    }
-    for (; wo < g.Wo; ++wo) {
-      Vec<A> acc = {};
-      for (int64_t kh = 0; kh < k; ++kh) {
-        const A* r = tile + ((ho * S + kh) * g.Wp + wo * S) * kLanes;
-        for (int64_t kw = 0; kw < k; ++kw) {
-          acc += simd::load(wt + (kh * k + kw) * kLanes) * simd::load(r + kw * kLanes);
-        }
-      }
-      simd::store(out + (ho * g.Wo + wo) * kLanes, acc);
-    }
-  }
-}
-
-// dw[kh][kw][:] += sum_{ho,wo} d[ho][wo][:] * tile[ho*S + kh][wo*S + kw][:]   (d rows ld pixels apart)
-template <int K, int S, typename A>
-HRNAS_TARGET_CLONES void wgrad_block(const A* __restrict d, int64_t ld, const A* __restrict tile,
-                                     const Geom g, double* __restrict dw) {
-  constexpr int64_t kMaxK = K > 0 ? K : 1;
-  const int64_t k = K > 0 ? K : g.k;
-  if (K == 0) {
-    for (int64_t kh = 0; kh < k; ++kh) {
-      for (int64_t kw = 0; kw < k; ++kw) {
-        Vec<A> acc = {};
-        for (int64_t ho = 0; ho < g.Ho; ++ho) {
-          for (int64_t wo = 0; wo < g.Wo; ++wo) {
-            acc += simd::load(d + (ho * ld + wo) * kLanes) *
-                   simd::load(tile + ((ho * S + kh) * g.Wp + wo * S + kw) * kLanes);
-          }
-        }
-        for (int64_t l = 0; l < kLanes; ++l) dw[(kh * k + kw) * kLanes + l] += acc[l];
-      }
-    }
-    return;
-  }
-  for (int64_t kh = 0; kh < k; ++kh) {
-    Vec<A> acc[kMaxK] = {};
-    for (int64_t ho = 0; ho < g.Ho; ++ho) {
-      const A* r = tile + (ho * S + kh) * g.Wp * kLanes;
-      for (int64_t wo = 0; wo < g.Wo; ++wo) {
-        const Vec<A> dv = simd::load(d + (ho * ld + wo) * kLanes);
-        const A* xr = r + wo * S * kLanes;
-        for (int64_t kw = 0; kw < kMaxK; ++kw) acc[kw] += dv * simd::load(xr + kw * kLanes);
-      }
-    }
-    for (int64_t kw = 0; kw < kMaxK; ++kw) {
-      for (int64_t l = 0; l < kLanes; ++l) dw[(kh * k + kw) * kLanes + l] += acc[kw][l];
-    }
-  }
-}
-
 // Stride-2 input gradient by scattering into a zero-bordered tile of the input's size:
-// tile[ho*2 + kh][wo*2 + kw][:] += wt[kh][kw][:] * d[ho][wo][:] (lanes: 1 in NCHW, kLanes in NHWC).
+// tile[ho*2 + kh][wo*2 + kw] += wt[kh][kw] * d[ho][wo].
 template <typename A>
 HRNAS_TARGET_CLONES void scatter_stride2(const A* __restrict d, const A* __restrict wt,
-                                         const Geom g, int64_t lanes, A* __restrict tile) {
+                                         const Geom g, A* __restrict tile) {
   for (int64_t ho = 0; ho < g.Ho; ++ho) {
     for (int64_t wo = 0; wo < g.Wo; ++wo) {
+      const A dv = d[ho * g.Wo + wo];
       for (int64_t kh = 0; kh < g.k; ++kh) {
-        A* t = tile + ((ho * 2 + kh) * g.Wp + wo * 2) * lanes;
-        const A* w = wt + kh * g.k * lanes;
-        if (lanes == kLanes) {
-          const Vec<A> dv = simd::load(d + (ho * g.Wo + wo) * kLanes);
-          for (int64_t kw = 0; kw < g.k; ++kw) {
-            simd::store(t + kw * kLanes,
-                        simd::load(t + kw * kLanes) + simd::load(w + kw * kLanes) * dv);
-          }
-        } else {
-          const A dv = d[ho * g.Wo + wo];
-          for (int64_t kw = 0; kw < g.k; ++kw) t[kw] += w[kw] * dv;
-        }
+        A* t = tile + (ho * 2 + kh) * g.Wp + wo * 2;
+        for (int64_t kw = 0; kw < g.k; ++kw) t[kw] += wt[kh * g.k + kw] * dv;
       }
     }
   }
@@ -288,10 +207,8 @@ void with_kernel(int64_t k, int64_t s, F&& f) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Flat passes. A task holds an image's data in flat buffers [pixels][L] with L = 1 (NCHW) or
-// kLanes (NHWC), padded with zeros to a multiple of kLanes. Element e belongs to slot e % kLanes
-// of its vector; per-channel coefficients are vectors with one value per slot (all equal in NCHW,
-// one channel per slot in NHWC), so one vector loop serves both layouts.
+// NCHW flat passes. A task holds an image's plane in a flat buffer padded with zeros to a multiple
+// of kLanes; per-channel coefficients are vectors of equal slots.
 
 template <typename A>
 HRNAS_TARGET_CLONES void sum_and_square(const A* __restrict v, int64_t len, Vec<A>* s,
@@ -336,8 +253,8 @@ HRNAS_TARGET_CLONES void masked_grad_sums(const A* __restrict gy, const A* __res
 }
 
 // One row of d(conv) = k_dz * dz + k_conv * (conv - mean) + k_const, written to `out`. The row
-// starts at a vector boundary of the flat buffers; rows of NCHW planes may end mid-vector (all
-// slots then share their coefficients, so the tail uses slot 0 onwards safely).
+// starts at a vector boundary of the flat buffers and may end mid-vector (all slots share their
+// coefficients, so the tail uses slot 0 onwards safely).
 template <typename A>
 HRNAS_TARGET_CLONES void conv_grad_row(const A* __restrict gy, const A* __restrict y,
                                        const A* __restrict cv, int64_t len, Activation act,
@@ -355,28 +272,25 @@ HRNAS_TARGET_CLONES void conv_grad_row(const A* __restrict gy, const A* __restri
 }
 
 // ------------------------------------------------------------------------------------------------
-// Tasks. A task covers channels [c0, c0 + lanes) of one group: lanes == 1 in NCHW.
+// NCHW tasks. A task is channel c of group g.
 
 template <typename T, typename A>
 struct Problem {
   int64_t N, C, H, W, stride;
-  bool channels_last, batch_stats;
+  bool batch_stats;
   A eps;
   Activation act;
-  int64_t L() const { return channels_last ? kLanes : 1; }
 };
 
 struct Task {
-  int64_t c0, lanes, g;  // channel offset, channel count, group
+  int64_t c, g;  // channel, group
 };
 
-std::vector<Task> make_tasks(const std::vector<Group>& groups, bool channels_last) {
+std::vector<Task> make_tasks(const std::vector<Group>& groups) {
   std::vector<Task> tasks;
   for (size_t g = 0; g < groups.size(); ++g) {
-    const int64_t step = channels_last ? kLanes : 1;
-    for (int64_t c = 0; c < groups[g].count; c += step) {
-      tasks.push_back({groups[g].begin + c, std::min(step, groups[g].count - c),
-                       static_cast<int64_t>(g)});
+    for (int64_t c = 0; c < groups[g].count; ++c) {
+      tasks.push_back({groups[g].begin + c, static_cast<int64_t>(g)});
     }
   }
   return tasks;
@@ -387,15 +301,15 @@ int64_t round_up(int64_t v) { return (v + kLanes - 1) / kLanes * kLanes; }
 // Runs f(task) for every task, in parallel. at::parallel_for would give each thread one
 // contiguous run of the list, and the list is ordered by group: with kernel sizes 3/5/7 one
 // thread got the 3x3 tasks and the other the 7x7 ones. Tasks are instead dealt to threads
-// longest first, each to the least loaded thread (cost ~ lanes * (k^2 + a copy overhead)). Each
-// task owns its channels, so the results do not depend on the assignment.
+// longest first, each to the least loaded thread (cost ~ k^2 + a copy overhead). Each task owns
+// its channel, so the results do not depend on the assignment.
 template <typename F>
 void run_tasks(const std::vector<Task>& tasks, const std::vector<Group>& groups, F&& f) {
   const int64_t count = static_cast<int64_t>(tasks.size());
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
   auto cost = [&](int64_t i) {
     const int64_t k = groups[tasks[i].g].k;
-    return tasks[i].lanes * (k * k + 8);
+    return k * k + 8;
   };
   std::vector<int64_t> order(count);
   for (int64_t i = 0; i < count; ++i) order[i] = i;
@@ -415,126 +329,40 @@ void run_tasks(const std::vector<Task>& tasks, const std::vector<Group>& groups,
   });
 }
 
-// NHWC tasks touch one 64-byte run per pixel, C channels apart: too sparse for the hardware
-// prefetcher here (each load stalled on a miss), so loads and stores prefetch this many pixels
-// ahead. A prefetch past the end of a tensor is harmless (it never faults).
-constexpr int64_t kPrefetch = 12;
-
-// Offset of element (n, c0, 0, 0) of an [N, C, HW] tensor in the problem's layout, and the
-// distance between neighbouring pixels of one channel.
-template <typename T, typename A>
-std::pair<int64_t, int64_t> origin(const Problem<T, A>& pr, int64_t n, int64_t c0, int64_t HW) {
-  if (pr.channels_last) return {n * HW * pr.C + c0, pr.C};
-  return {(n * pr.C + c0) * HW, 1};
-}
-
-// Image n's task channels of an [N, C, H, W] tensor into a flat [H*W][L] buffer whose rows are
-// `pitch` pixels apart and start `offset` pixels in (a tile interior, or 0 and W for dense).
+// Image n's plane of the task's channel of an [N, C, H, W] tensor into a buffer whose rows are
+// `pitch` apart and start `offset` in (a tile interior, or 0 and W for dense).
 template <typename T, typename A>
 HRNAS_TARGET_CLONES void gather(const T* src, const Problem<T, A>& pr, int64_t n, const Task& t,
                                 int64_t H, int64_t W, A* dst, int64_t pitch, int64_t offset) {
-  const auto [o, step] = origin(pr, n, t.c0, H * W);
-  const T* s = src + o;
+  const T* s = src + (n * pr.C + t.c) * H * W;
   for (int64_t h = 0; h < H; ++h) {
-    const T* sr = s + h * W * step;
-    if (!pr.channels_last) {
-      A* d = dst + offset + h * pitch;
-      for (int64_t w = 0; w < W; ++w) d[w] = static_cast<A>(sr[w]);
-    } else if (t.lanes == kLanes) {
-      A* d = dst + (offset + h * pitch) * kLanes;
-      for (int64_t w = 0; w < W; ++w) {
-        __builtin_prefetch(sr + (w + kPrefetch) * step);
-        simd::store(d + w * kLanes, simd::load(sr + w * step));
-      }
-    } else {
-      A* d = dst + (offset + h * pitch) * kLanes;
-      for (int64_t w = 0; w < W; ++w) {
-        for (int64_t l = 0; l < t.lanes; ++l) d[w * kLanes + l] = static_cast<A>(sr[w * step + l]);
-      }
-    }
+    A* d = dst + offset + h * pitch;
+    for (int64_t w = 0; w < W; ++w) d[w] = static_cast<A>(s[h * W + w]);
   }
 }
 
-// The reverse of gather for a dense [H*W][L] buffer.
+// The reverse of gather for a dense plane of HW values.
 template <typename T, typename A>
 HRNAS_TARGET_CLONES void scatter(const A* src, const Problem<T, A>& pr, int64_t n, const Task& t,
                                  int64_t HW, T* dst) {
-  const auto [o, step] = origin(pr, n, t.c0, HW);
-  T* d = dst + o;
-  if (!pr.channels_last) {
-    for (int64_t i = 0; i < HW; ++i) d[i] = static_cast<T>(src[i]);
-  } else if (t.lanes == kLanes) {
-    for (int64_t i = 0; i < HW; ++i) {
-      __builtin_prefetch(d + (i + kPrefetch) * step, 1);
-      simd::store(d + i * step, simd::load(src + i * kLanes));
-    }
-  } else {
-    for (int64_t i = 0; i < HW; ++i) {
-      for (int64_t l = 0; l < t.lanes; ++l) d[i * step + l] = static_cast<T>(src[i * kLanes + l]);
-    }
-  }
+  T* d = dst + (n * pr.C + t.c) * HW;
+  for (int64_t i = 0; i < HW; ++i) d[i] = static_cast<T>(src[i]);
 }
 
-// The channels_last tape (the pre-BN conv output kept for backward) is ours to lay out: task t's
-// part for image n is packed as [HWo][lanes] at N * HWo * c0 + n * HWo * lanes (the tasks tile
-// the channels, so it has y's size). A full task uses its part in place as the [HWo][kLanes]
-// working buffer of the conv and of the backward: no strided copies of the tape at all. NCHW
-// tapes keep the output layout, where a task's plane is contiguous already.
-template <typename P, typename T, typename A>
-P* packed_tape(P* conv, const Problem<T, A>& pr, const Task& t, int64_t n, int64_t HWo) {
-  return conv + pr.N * HWo * t.c0 + n * HWo * t.lanes;
-}
-
-// Whether task t works in its packed tape directly.
-template <typename T, typename A>
-bool tape_in_place(const Problem<T, A>& pr, const Task& t) {
-  return std::is_same_v<T, A> && pr.channels_last && t.lanes == kLanes;
-}
-
-// [HW][kLanes] buffer <-> [HW][lanes] packed tape, for tasks of fewer than kLanes channels.
-template <typename T, typename A>
-void pack_tape(const A* src, int64_t HW, int64_t lanes, T* dst) {
-  for (int64_t i = 0; i < HW; ++i) {
-    for (int64_t l = 0; l < lanes; ++l) dst[i * lanes + l] = static_cast<T>(src[i * kLanes + l]);
-  }
-}
-
-template <typename T, typename A>
-void unpack_tape(const T* src, int64_t HW, int64_t lanes, A* dst) {
-  for (int64_t i = 0; i < HW; ++i) {
-    for (int64_t l = 0; l < lanes; ++l) dst[i * kLanes + l] = static_cast<A>(src[i * lanes + l]);
-  }
-}
-
-// Per-slot sums -> per-channel value: slot l in NHWC, the total of all slots in NCHW.
-template <typename T, typename A>
-double channel_total(const Problem<T, A>& pr, const Vec<A>& slots, int64_t l) {
-  if (pr.channels_last) return static_cast<double>(slots[l]);
+// The task channel's total of per-slot sums.
+template <typename A>
+double slot_total(const Vec<A>& slots) {
   double total = 0.0;
   for (int64_t j = 0; j < kLanes; ++j) total += slots[j];
   return total;
 }
 
-// Per-channel value -> its slot(s): slot l in NHWC, every slot in NCHW.
+// The task channel's kernel, [k*k], optionally flipped.
 template <typename T, typename A>
-void set_slot(const Problem<T, A>& pr, Vec<A>& slots, int64_t l, A v) {
-  if (pr.channels_last) {
-    slots[l] = v;
-  } else {
-    slots = simd::splat<A>(v);
-  }
-}
-
-// Kernel rows of the task's channels, [k*k][L] (zero in unused lanes), optionally flipped.
-template <typename T, typename A>
-const A* task_weights(const Problem<T, A>& pr, const Group& grp, const Task& t, const T* w,
-                      bool flip, A* wt) {
-  const int64_t kk = grp.k * grp.k, L = pr.L();
-  std::fill(wt, wt + kk * L, A(0));
-  for (int64_t l = 0; l < t.lanes; ++l) {
-    const T* row = w + (t.c0 - grp.begin + l) * kk;
-    for (int64_t i = 0; i < kk; ++i) wt[i * L + l] = static_cast<A>(row[flip ? kk - 1 - i : i]);
-  }
+const A* task_weights(const Group& grp, const Task& t, const T* w, bool flip, A* wt) {
+  const int64_t kk = grp.k * grp.k;
+  const T* row = w + (t.c - grp.begin) * kk;
+  for (int64_t i = 0; i < kk; ++i) wt[i] = static_cast<A>(row[flip ? kk - 1 - i : i]);
   return wt;
 }
 
@@ -557,70 +385,44 @@ void fwd_task(const Problem<T, A>& pr, const std::vector<Group>& groups, const F
               const Task& t) {
   const Group& grp = groups[t.g];
   const Geom g = make_geom(pr.H, pr.W, grp.k, pr.stride);
-  const int64_t L = pr.L(), HWo = g.Ho * g.Wo, len = round_up(HWo * L);
-  const int64_t tile_size = g.Hp * g.Wp * L + kTileSlack;
-  const A* wt = task_weights(pr, grp, t, io.w[t.g], false, scratch<A>(0, g.k * g.k * L));
+  const int64_t HWo = g.Ho * g.Wo, len = round_up(HWo);
+  const int64_t tile_size = g.Hp * g.Wp + kTileSlack;
+  const A* wt = task_weights(grp, t, io.w[t.g], false, scratch<A>(0, g.k * g.k));
   A* tile = scratch<A>(1, tile_size);
   A* out = scratch<A>(2, len);
   std::fill(tile, tile + tile_size, A(0));
   std::fill(out, out + len, A(0));
   Vec<A> s = {}, q = {};
-  const bool in_place = tape_in_place(pr, t);
   for (int64_t n = 0; n < pr.N; ++n) {
     gather(io.x, pr, n, t, pr.H, pr.W, tile, g.Wp, g.p * g.Wp + g.p);
-    A* conv = out;
-    if constexpr (std::is_same_v<T, A>) {
-      if (in_place) conv = packed_tape(io.conv, pr, t, n, HWo);
-    }
     with_kernel(g.k, g.s, [&](auto K, auto S) {
-      constexpr int kK = decltype(K)::value, kS = decltype(S)::value;
-      if (pr.channels_last) {
-        correlate_block<kK, kS>(tile, wt, g, conv);
-      } else {
-        correlate_plane<kK, kS>(tile, wt, g, conv);
-      }
+      correlate_plane<decltype(K)::value, decltype(S)::value>(tile, wt, g, out);
     });
     Vec<A> si = {}, qi = {};  // per image, then into the task totals
-    sum_and_square(conv, len, &si, &qi);
+    sum_and_square(out, len, &si, &qi);
     s += si;
     q += qi;
-    if (pr.channels_last) {
-      if (!in_place) pack_tape(out, HWo, t.lanes, packed_tape(io.conv, pr, t, n, HWo));
-    } else {
-      scatter(out, pr, n, t, HWo, io.conv);
-    }
+    scatter(out, pr, n, t, HWo, io.conv);
   }
   const double count = static_cast<double>(pr.N * HWo);
-  Vec<A> coef[3] = {};  // mean, scale, beta
-  for (int64_t l = 0; l < t.lanes; ++l) {
-    const int64_t c = t.c0 + l;
-    A m, v;
-    if (pr.batch_stats) {
-      const double mu = channel_total(pr, s, l) / count;
-      m = static_cast<A>(mu);
-      v = static_cast<A>(std::max(0.0, channel_total(pr, q, l) / count - mu * mu));
-    } else {
-      m = static_cast<A>(io.rmean[c]);
-      v = static_cast<A>(io.rvar[c]);
-    }
-    io.mean[c] = m;
-    io.var[c] = v;
-    set_slot(pr, coef[0], l, m);
-    set_slot(pr, coef[1], l, static_cast<A>(io.gamma[c]) / std::sqrt(v + pr.eps));
-    set_slot(pr, coef[2], l, static_cast<A>(io.beta[c]));
+  const int64_t c = t.c;
+  A m, v;
+  if (pr.batch_stats) {
+    const double mu = slot_total<A>(s) / count;
+    m = static_cast<A>(mu);
+    v = static_cast<A>(std::max(0.0, slot_total<A>(q) / count - mu * mu));
+  } else {
+    m = static_cast<A>(io.rmean[c]);
+    v = static_cast<A>(io.rvar[c]);
   }
+  io.mean[c] = m;
+  io.var[c] = v;
+  const Vec<A> coef[3] = {simd::splat<A>(m),  // mean, scale, beta
+                          simd::splat<A>(static_cast<A>(io.gamma[c]) / std::sqrt(v + pr.eps)),
+                          simd::splat<A>(static_cast<A>(io.beta[c]))};
   for (int64_t n = 0; n < pr.N; ++n) {  // BN + activation from the tape, still in cache
-    const T* tape = packed_tape(static_cast<const T*>(io.conv), pr, t, n, HWo);
-    const A* conv = out;
-    if constexpr (std::is_same_v<T, A>) {
-      if (in_place) conv = tape;  // normalised straight from the tape
-    }
-    if (pr.channels_last) {
-      if (!in_place) unpack_tape(tape, HWo, t.lanes, out);
-    } else {
-      gather(io.conv, pr, n, t, g.Ho, g.Wo, out, g.Wo, 0);
-    }
-    batch_norm_act(conv, out, len, coef, pr.act);
+    gather(io.conv, pr, n, t, g.Ho, g.Wo, out, g.Wo, 0);
+    batch_norm_act(out, out, len, coef, pr.act);
     scatter(out, pr, n, t, HWo, io.y);
   }
 }
@@ -646,36 +448,23 @@ void bwd_task(const Problem<T, A>& pr, const std::vector<Group>& groups, const B
               const Task& t) {
   const Group& grp = groups[t.g];
   const Geom g = make_geom(pr.H, pr.W, grp.k, pr.stride);
-  const int64_t L = pr.L(), kk = g.k * g.k, HWo = g.Ho * g.Wo, len = round_up(HWo * L);
+  const int64_t kk = g.k * g.k, HWo = g.Ho * g.Wo, len = round_up(HWo);
   const double count = static_cast<double>(pr.N * HWo);
   A* gy = scratch<A>(0, len);
   A* y = scratch<A>(1, len);
-  A* const cv_buf = scratch<A>(2, len);
-  const A* cv = cv_buf;
+  A* cv = scratch<A>(2, len);
   std::fill(gy, gy + len, A(0));
   std::fill(y, y + len, A(0));
-  std::fill(cv_buf, cv_buf + len, A(0));
-  const bool in_place = tape_in_place(pr, t);
+  std::fill(cv, cv + len, A(0));
   auto load_image = [&](int64_t n) {
     gather(io.gy, pr, n, t, g.Ho, g.Wo, gy, g.Wo, 0);
     gather(io.y, pr, n, t, g.Ho, g.Wo, y, g.Wo, 0);
-    const T* tape = packed_tape(io.conv, pr, t, n, HWo);
-    if constexpr (std::is_same_v<T, A>) {
-      if (in_place) {
-        cv = tape;
-        return;
-      }
-    }
-    if (pr.channels_last) {
-      unpack_tape(tape, HWo, t.lanes, cv_buf);
-    } else {
-      gather(io.conv, pr, n, t, g.Ho, g.Wo, cv_buf, g.Wo, 0);
-    }
+    gather(io.conv, pr, n, t, g.Ho, g.Wo, cv, g.Wo, 0);
   };
 
-  // Pass A: per-channel sums of dz and dz * (conv - mean).
-  Vec<A> mean = {};
-  for (int64_t l = 0; l < t.lanes; ++l) set_slot(pr, mean, l, io.mean[t.c0 + l]);
+  // Pass A: sums of dz and dz * (conv - mean) over the channel.
+  const int64_t c = t.c;
+  const Vec<A> mean = simd::splat<A>(io.mean[c]);
   Vec<A> s = {}, q = {};
   for (int64_t n = 0; n < pr.N; ++n) {
     load_image(n);
@@ -685,71 +474,644 @@ void bwd_task(const Problem<T, A>& pr, const std::vector<Group>& groups, const B
     q += qi;
   }
   // d(conv) = k_dz * dz + k_conv * (conv - mean) + k_const
-  Vec<A> coef[4] = {{}, {}, mean, {}};
-  for (int64_t l = 0; l < t.lanes; ++l) {
-    const int64_t c = t.c0 + l;
-    const double sdz = channel_total(pr, s, l), sdzx = channel_total(pr, q, l);
-    const double rstd = 1.0 / std::sqrt(static_cast<double>(io.var[c]) + pr.eps);
-    const double gamma = static_cast<double>(io.gamma[c]);
-    io.gbeta[c] = static_cast<T>(sdz);
-    io.ggamma[c] = static_cast<T>(sdzx * rstd);
-    set_slot(pr, coef[0], l, static_cast<A>(gamma * rstd));
-    if (pr.batch_stats) {
-      set_slot(pr, coef[1], l, static_cast<A>(-gamma * rstd * rstd * rstd * sdzx / count));
-      set_slot(pr, coef[3], l, static_cast<A>(-gamma * rstd * sdz / count));
-    }
+  const double sdz = slot_total<A>(s), sdzx = slot_total<A>(q);
+  const double rstd = 1.0 / std::sqrt(static_cast<double>(io.var[c]) + pr.eps);
+  const double gamma = static_cast<double>(io.gamma[c]);
+  io.gbeta[c] = static_cast<T>(sdz);
+  io.ggamma[c] = static_cast<T>(sdzx * rstd);
+  Vec<A> coef[4] = {simd::splat<A>(static_cast<A>(gamma * rstd)), {}, mean, {}};
+  if (pr.batch_stats) {
+    coef[1] = simd::splat<A>(static_cast<A>(-gamma * rstd * rstd * rstd * sdzx / count));
+    coef[3] = simd::splat<A>(static_cast<A>(-gamma * rstd * sdz / count));
   }
 
   // Pass B: per image, d(conv) -> weight gradient and input gradient.
   const bool scatter_dx = pr.stride == 2;
   const int64_t dl = scatter_dx ? 0 : g.p;  // stride 1: d(conv) inside a border of p
   const int64_t dpitch = scatter_dx ? g.Wo : g.Wp;
-  const int64_t tile_size = g.Hp * g.Wp * L + kTileSlack;
-  const A* wt = task_weights(pr, grp, t, io.w[t.g], !scatter_dx, scratch<A>(3, kk * L));
+  const int64_t tile_size = g.Hp * g.Wp + kTileSlack;
+  const A* wt = task_weights(grp, t, io.w[t.g], !scatter_dx, scratch<A>(3, kk));
   A* dtile = scratch<A>(4, 2 * tile_size);  // d(conv) tile, then the x tile
   A* xtile = dtile + tile_size;
-  A* dx = scratch<A>(5, std::max(tile_size, round_up(pr.H * pr.W * L)));
+  A* dx = scratch<A>(5, std::max(tile_size, round_up(pr.H * pr.W)));
   std::fill(dtile, dtile + 2 * tile_size, A(0));
-  std::vector<double> dw(kk * L, 0.0);
+  std::vector<double> dw(kk, 0.0);
   for (int64_t n = 0; n < pr.N; ++n) {
     load_image(n);
     for (int64_t ho = 0; ho < g.Ho; ++ho) {
-      const int64_t row = ho * g.Wo * L;
-      conv_grad_row(gy + row, y + row, cv + row, g.Wo * L, pr.act, coef,
-                    dtile + ((ho + dl) * dpitch + dl) * L);
+      const int64_t row = ho * g.Wo;
+      conv_grad_row(gy + row, y + row, cv + row, g.Wo, pr.act, coef,
+                    dtile + (ho + dl) * dpitch + dl);
     }
     gather(io.x, pr, n, t, pr.H, pr.W, xtile, g.Wp, g.p * g.Wp + g.p);
-    const A* dconv = dtile + (dl * dpitch + dl) * L;
+    const A* dconv = dtile + dl * dpitch + dl;
     if (scatter_dx) std::fill(dx, dx + tile_size, A(0));
     with_kernel(g.k, g.s, [&](auto K, auto S) {
       constexpr int kK = decltype(K)::value, kS = decltype(S)::value;
-      if (pr.channels_last) {
-        wgrad_block<kK, kS>(dconv, dpitch, xtile, g, dw.data());
-      } else {
-        wgrad_plane<kK, kS>(dconv, dpitch, xtile, g, dw.data());
-      }
-      if constexpr (kS == 1) {
-        const Geom gd = make_geom(g.Ho, g.Wo, g.k, 1);
-        if (pr.channels_last) {
-          correlate_block<kK, 1>(dtile, wt, gd, dx);
-        } else {
-          correlate_plane<kK, 1>(dtile, wt, gd, dx);
-        }
-      }
+      wgrad_plane<kK, kS>(dconv, dpitch, xtile, g, dw.data());
+      if constexpr (kS == 1) correlate_plane<kK, 1>(dtile, wt, make_geom(g.Ho, g.Wo, g.k, 1), dx);
     });
     if (scatter_dx) {
-      scatter_stride2(dconv, wt, g, L, dx);
+      scatter_stride2(dconv, wt, g, dx);
       // the interior of the scatter tile is the input gradient; compact it in place
       for (int64_t h = 0; h < pr.H; ++h) {
-        const A* src = dx + ((h + g.p) * g.Wp + g.p) * L;
-        std::copy(src, src + pr.W * L, dx + h * pr.W * L);
+        const A* src = dx + (h + g.p) * g.Wp + g.p;
+        std::copy(src, src + pr.W, dx + h * pr.W);
       }
     }
     scatter(dx, pr, n, t, pr.H * pr.W, io.gx);
   }
-  for (int64_t l = 0; l < t.lanes; ++l) {
-    T* gw = io.gw[t.g] + (t.c0 - grp.begin + l) * kk;
-    for (int64_t i = 0; i < kk; ++i) gw[i] = static_cast<T>(dw[i * L + l]);
+  T* gw = io.gw[t.g] + (c - grp.begin) * kk;
+  for (int64_t i = 0; i < kk; ++i) gw[i] = static_cast<T>(dw[i]);
+}
+
+// ------------------------------------------------------------------------------------------------
+// channels_last: a task is a range of output rows of one image over all channels, worked in
+// bands of kBand rows. The task's input rows (with the halo the largest kernel needs) sit in a
+// zero-bordered tile whose pixels are contiguous runs of channels, so every load streams along C
+// and no per-channel gathers or repacking are needed; the tape is conv in y's own layout. Tile
+// rows are made once, as bands need them, so the halo rows bands share are not made twice.
+// Each group's channels are padded to a multiple of 8 in the tile and processed in blocks of
+// 16 (one AVX-512 vector) or 8 lanes, so compact inputs of few channels per group cost in
+// proportion. BatchNorm sums and weight gradients are per-task partials reduced in task order
+// afterwards: deterministic, independent of the thread count.
+
+constexpr int64_t kBand = 8;
+
+template <typename T, int V>
+struct VecOfWidth {
+  typedef T type __attribute__((vector_size(V * sizeof(T))));
+};
+template <typename T, int V>
+using VecW = typename VecOfWidth<T, V>::type;
+
+template <int V, typename T>
+HRNAS_INLINE VecW<T, V> loadw(const T* p) {
+  VecW<T, V> v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <int V, typename T>
+HRNAS_INLINE void storew(T* p, VecW<T, V> v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+
+// Channels [c0, c0 + lanes) of group g sit at tile lanes [off, off + width), width 16 or 8.
+struct Block {
+  int64_t c0, lanes, off, width, g;
+};
+
+// Tile pixels hold Cp >= C lanes: every group's channels, each group padded to a multiple of 8
+// with lanes that stay zero. P is the largest padding k / 2; dense means Cp == C (no padding),
+// when tile pixels and tensor pixels have the same layout.
+struct Layout {
+  int64_t C, Cp, P;
+  bool dense;
+  std::vector<Block> blocks;
+  std::vector<int64_t> group_off;
+};
+
+Layout make_layout(const std::vector<Group>& groups) {
+  Layout lay{0, 0, 0, true, {}, {}};
+  for (size_t g = 0; g < groups.size(); ++g) {
+    const Group& grp = groups[g];
+    lay.group_off.push_back(lay.Cp);
+    for (int64_t c = 0; c < grp.count; c += 16) {
+      const int64_t width = grp.count - c > 8 ? 16 : 8;
+      lay.blocks.push_back({grp.begin + c, std::min(width, grp.count - c), lay.Cp + c, width,
+                            static_cast<int64_t>(g)});
+    }
+    if (grp.count > 0) lay.P = std::max(lay.P, grp.k / 2);
+    lay.Cp += (grp.count + 7) / 8 * 8;
+    lay.C += grp.count;
+  }
+  lay.dense = lay.Cp == lay.C;
+  return lay;
+}
+
+// npix pixels from tensor layout (C channels each) to tile layout (Cp lanes each), or back.
+template <bool kToTile, typename T>
+void relayout(const T* src, int64_t npix, const Layout& lay, const std::vector<Group>& groups,
+              T* dst) {
+  if (lay.dense) {
+    std::copy(src, src + npix * lay.C, dst);
+    return;
+  }
+  const int64_t sp = kToTile ? lay.C : lay.Cp, dp = kToTile ? lay.Cp : lay.C;
+  for (int64_t i = 0; i < npix; ++i) {
+    for (size_t g = 0; g < groups.size(); ++g) {
+      const int64_t so = kToTile ? groups[g].begin : lay.group_off[g];
+      const int64_t d = kToTile ? lay.group_off[g] : groups[g].begin;
+      std::copy(src + i * sp + so, src + i * sp + so + groups[g].count, dst + i * dp + d);
+    }
+  }
+}
+
+struct Band {
+  int64_t n, ho0, ho1;  // image, output rows [ho0, ho1)
+};
+
+// The tasks: every image's rows, in two halves when there are at least 4 bands of them (so one
+// image still gives two threads work); few tasks keep the halo rows made twice few. The split
+// depends on the shape only.
+std::vector<Band> make_tasks_nhwc(int64_t N, int64_t Ho) {
+  const int64_t parts = Ho >= 4 * kBand ? 2 : 1, rows = (Ho + parts - 1) / parts;
+  std::vector<Band> tasks;
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t h = 0; h < Ho; h += rows) tasks.push_back({n, h, std::min(Ho, h + rows)});
+  }
+  return tasks;
+}
+
+// A zero-bordered tile of a task's rows [t0, t1) of a range [0, limit) (zero rows outside it),
+// made on demand, band by band: each row is made once, by make(h, first interior element), and
+// the rows a band shares with the next stay where they are. Padding lanes (the tile is not
+// dense) are zeroed with the row; border columns always.
+template <typename T>
+struct RowTile {
+  T* data;
+  int64_t row, interior, limit, t0, made;
+  bool dense;
+
+  // Makes rows up to n1 and returns the tile's origin for row n0.
+  template <typename F>
+  const T* rows(int64_t n0, int64_t n1, F&& make) {
+    for (; made < n1; ++made) {
+      T* r = data + (made - t0) * row;
+      if (made < 0 || made >= limit || !dense) std::fill(r, r + row, T(0));
+      if (made >= 0 && made < limit) {
+        if (dense) {
+          std::fill(r, r + interior, T(0));
+          std::fill(r + row - interior, r + row, T(0));
+        }
+        make(made, r + interior);
+      }
+    }
+    return data + (n0 - t0) * row;
+  }
+};
+
+// Calls f(std::integral_constant<int, V>) with the block's width.
+template <typename F>
+void with_width(const Block& b, F&& f) {
+  if (b.width == 16) {
+    f(std::integral_constant<int, 16>{});
+  } else {
+    f(std::integral_constant<int, 8>{});
+  }
+}
+
+// A block's kernel rows, [k*k][width] (zero in unused lanes), optionally flipped.
+template <typename T>
+const T* block_weights(const Block& b, const Group& grp, const T* w, bool flip, T* wt) {
+  const int64_t kk = grp.k * grp.k;
+  std::fill(wt, wt + kk * b.width, T(0));
+  for (int64_t l = 0; l < b.lanes; ++l) {
+    const T* row = w + (b.c0 - grp.begin + l) * kk;
+    for (int64_t i = 0; i < kk; ++i) wt[i * b.width + l] = row[flip ? kk - 1 - i : i];
+  }
+  return wt;
+}
+
+// out[r][wo][:V] = sum_{kh,kw} wt[kh][kw][:] * in[r*S + kh][wo*S + kw][:]  for r < R, wo < Wo.
+// Pixels are `pitch` elements apart in `in` and `out`, rows in_row and Wo * pitch apart. kPix
+// neighbouring outputs are computed together from one window of input pixels per kernel row,
+// so each loaded input pixel serves up to k taps.
+template <int K, int S, int V, typename T>
+HRNAS_TARGET_CLONES void correlate_nhwc(const T* __restrict in, int64_t in_row,
+                                        const T* __restrict wt, int64_t k_rt, int64_t R,
+                                        int64_t Wo, int64_t pitch, T* __restrict out) {
+  using W = VecW<T, V>;
+  const int64_t k = K > 0 ? K : k_rt;
+  for (int64_t r = 0; r < R; ++r) {
+    T* o = out + r * Wo * pitch;
+    int64_t wo = 0;
+    if constexpr (K > 0) {
+      constexpr int kWin = S * (kPix - 1) + K;
+      for (; wo + kPix <= Wo; wo += kPix) {
+        W acc[kPix] = {};
+        for (int64_t kh = 0; kh < K; ++kh) {
+          const T* xr = in + (r * S + kh) * in_row + wo * S * pitch;
+          W win[kWin];
+          for (int i = 0; i < kWin; ++i) win[i] = loadw<V>(xr + i * pitch);
+          for (int kw = 0; kw < K; ++kw) {
+            const W wv = loadw<V>(wt + (kh * K + kw) * V);
+            for (int q = 0; q < kPix; ++q) acc[q] += wv * win[q * S + kw];
+          }
+        }
+        for (int q = 0; q < kPix; ++q) storew<V>(o + (wo + q) * pitch, acc[q]);
+      }
+    }
+    for (; wo < Wo; ++wo) {
+      W acc = {};
+      for (int64_t kh = 0; kh < k; ++kh) {
+        const T* xr = in + (r * S + kh) * in_row + wo * S * pitch;
+        for (int64_t kw = 0; kw < k; ++kw) {
+          acc += loadw<V>(wt + (kh * k + kw) * V) * loadw<V>(xr + kw * pitch);
+        }
+      }
+      storew<V>(o + wo * pitch, acc);
+    }
+  }
+}
+
+// dw[kh][kw][:V] += sum_{r<R, wo<Wo} d[r][wo][:] * in[r*S + kh][wo*S + kw][:]
+// (pixels `pitch` apart in both, rows d_row and in_row apart). Sums of one band run in T.
+template <int K, int S, int V, typename T>
+HRNAS_TARGET_CLONES void wgrad_nhwc(const T* __restrict d, int64_t d_row, const T* __restrict in,
+                                    int64_t in_row, int64_t k_rt, int64_t R, int64_t Wo,
+                                    int64_t pitch, double* __restrict dw) {
+  using W = VecW<T, V>;
+  constexpr int kAcc = K > 0 ? K : 1;
+  const int64_t k = K > 0 ? K : k_rt;
+  for (int64_t kh = 0; kh < k; ++kh) {
+    for (int64_t kw0 = 0; kw0 < k; kw0 += kAcc) {  // K > 0: one pass over all kw
+      W acc[kAcc] = {};
+      for (int64_t r = 0; r < R; ++r) {
+        const T* dr = d + r * d_row;
+        const T* xr = in + (r * S + kh) * in_row + kw0 * pitch;
+        int64_t wo = 0;
+        if constexpr (K > 0) {
+          constexpr int kWin = S * (kPix - 1) + K;
+          for (; wo + kPix <= Wo; wo += kPix) {
+            W dv[kPix], win[kWin];
+            for (int q = 0; q < kPix; ++q) dv[q] = loadw<V>(dr + (wo + q) * pitch);
+            for (int i = 0; i < kWin; ++i) win[i] = loadw<V>(xr + (wo * S + i) * pitch);
+            for (int kw = 0; kw < K; ++kw) {
+              for (int q = 0; q < kPix; ++q) acc[kw] += dv[q] * win[q * S + kw];
+            }
+          }
+        }
+        for (; wo < Wo; ++wo) {
+          const W dv = loadw<V>(dr + wo * pitch);
+          for (int kw = 0; kw < kAcc; ++kw) acc[kw] += dv * loadw<V>(xr + (wo * S + kw) * pitch);
+        }
+      }
+      for (int kw = 0; kw < kAcc; ++kw) {
+        for (int l = 0; l < V; ++l) dw[(kh * k + kw0 + kw) * V + l] += acc[kw][l];
+      }
+    }
+  }
+}
+
+// Stride-2 input gradient of one block: dx[h - h0][w + P][:] += wt[kh][kw][:] * d[ho][wo][:] for
+// h = 2*ho + kh - p in [h0, h1), w = 2*wo + kw - p (dx has a border of P >= p columns). d holds
+// output rows [d0, d1), pixels `pitch` apart, rows d_row apart; dx rows are dx_row apart.
+template <int V, typename T>
+HRNAS_TARGET_CLONES void scatter_stride2_nhwc(const T* __restrict d, int64_t d_row, int64_t d0,
+                                              int64_t d1, const T* __restrict wt, int64_t k,
+                                              int64_t Wo, int64_t pitch, int64_t h0, int64_t h1,
+                                              int64_t P, int64_t dx_row, T* __restrict dx) {
+  using W = VecW<T, V>;
+  const int64_t p = k / 2;
+  for (int64_t ho = d0; ho < d1; ++ho) {
+    for (int64_t kh = 0; kh < k; ++kh) {
+      const int64_t h = 2 * ho + kh - p;
+      if (h < h0 || h >= h1) continue;
+      const T* dr = d + (ho - d0) * d_row;
+      T* xr = dx + (h - h0) * dx_row + (P - p) * pitch;
+      for (int64_t wo = 0; wo < Wo; ++wo) {
+        const W dv = loadw<V>(dr + wo * pitch);
+        T* xp = xr + 2 * wo * pitch;
+        for (int64_t kw = 0; kw < k; ++kw) {
+          storew<V>(xp + kw * pitch,
+                    loadw<V>(xp + kw * pitch) + loadw<V>(wt + (kh * k + kw) * V) * dv);
+        }
+      }
+    }
+  }
+}
+
+// Per-block statistics of a band's conv (tile pixels): s[c] += sum, q[c] += sum of squares.
+template <int V, typename T>
+HRNAS_TARGET_CLONES void block_sums(const T* __restrict v, int64_t npix, int64_t pitch,
+                                    int64_t lanes, double* __restrict s, double* __restrict q) {
+  using W = VecW<T, V>;
+  W a = {}, b = {};
+  for (int64_t i = 0; i < npix; ++i) {
+    const W x = loadw<V>(v + i * pitch);
+    a += x;
+    b += x * x;
+  }
+  for (int64_t l = 0; l < lanes; ++l) {
+    s[l] += a[l];
+    q[l] += b[l];
+  }
+}
+
+// Element-wise passes over tensor pixels of C channels. Per-channel coefficients are repeated
+// over kLanes pixels (a period of kLanes * C elements, a whole number of vectors), so one vector
+// loop serves any C; only the last, partial vector of a run is scalar.
+
+// y = act((conv - mean) * scale + beta)
+template <typename T>
+HRNAS_TARGET_CLONES void bn_act_nhwc(const T* __restrict conv, int64_t len,
+                                     const T* __restrict coef, int64_t period, Activation act,
+                                     T* __restrict y) {
+  const T *mean = coef, *scale = coef + period, *beta = coef + 2 * period;
+  for (int64_t i0 = 0; i0 < len; i0 += period) {
+    const int64_t n = std::min(period, len - i0);
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      const Vec<T> v = (simd::load(conv + i0 + j) - simd::load(mean + j)) * simd::load(scale + j) +
+                       simd::load(beta + j);
+      simd::store(y + i0 + j, simd::activate<T>(v, act));
+    }
+    for (; j < n; ++j) y[i0 + j] = activate((conv[i0 + j] - mean[j]) * scale[j] + beta[j], act);
+  }
+}
+
+// s[j] += dz, q[j] += dz * (conv - mean) at period position j (dz: grad_y through the activation)
+template <typename T>
+HRNAS_TARGET_CLONES void grad_sums_nhwc(const T* __restrict gy, const T* __restrict y,
+                                        const T* __restrict conv, int64_t len,
+                                        const T* __restrict mean, int64_t period, Activation act,
+                                        T* __restrict s, T* __restrict q) {
+  for (int64_t i0 = 0; i0 < len; i0 += period) {
+    const int64_t n = std::min(period, len - i0);
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      const Vec<T> dz =
+          simd::grad_through<T>(simd::load(gy + i0 + j), simd::load(y + i0 + j), act);
+      simd::store(s + j, simd::load(s + j) + dz);
+      const Vec<T> centred = simd::load(conv + i0 + j) - simd::load(mean + j);
+      simd::store(q + j, simd::load(q + j) + dz * centred);
+    }
+    for (; j < n; ++j) {
+      const T dz = passes_grad(y[i0 + j], act) ? gy[i0 + j] : T(0);
+      s[j] += dz;
+      q[j] += dz * (conv[i0 + j] - mean[j]);
+    }
+  }
+}
+
+// d(conv) = k_dz * dz + k_conv * (conv - mean) + k_const
+template <typename T>
+HRNAS_TARGET_CLONES void conv_grad_nhwc(const T* __restrict gy, const T* __restrict y,
+                                        const T* __restrict conv, int64_t len,
+                                        const T* __restrict coef, int64_t period, Activation act,
+                                        T* __restrict out) {
+  const T *k_dz = coef, *k_conv = coef + period, *mean = coef + 2 * period,
+          *k_const = coef + 3 * period;
+  for (int64_t i0 = 0; i0 < len; i0 += period) {
+    const int64_t n = std::min(period, len - i0);
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      const Vec<T> dz =
+          simd::grad_through<T>(simd::load(gy + i0 + j), simd::load(y + i0 + j), act);
+      simd::store(out + i0 + j,
+                  simd::load(k_dz + j) * dz +
+                      simd::load(k_conv + j) * (simd::load(conv + i0 + j) - simd::load(mean + j)) +
+                      simd::load(k_const + j));
+    }
+    for (; j < n; ++j) {
+      const T dz = passes_grad(y[i0 + j], act) ? gy[i0 + j] : T(0);
+      out[i0 + j] = k_dz[j] * dz + k_conv[j] * (conv[i0 + j] - mean[j]) + k_const[j];
+    }
+  }
+}
+
+// Per-channel values -> `count` coefficient arrays of one period each.
+template <typename T>
+std::vector<T> periodic(const std::vector<std::vector<double>>& values, int64_t C) {
+  const int64_t period = kLanes * C;
+  std::vector<T> out(values.size() * period);
+  for (size_t a = 0; a < values.size(); ++a) {
+    for (int64_t j = 0; j < period; ++j) out[a * period + j] = static_cast<T>(values[a][j % C]);
+  }
+  return out;
+}
+
+struct NhwcShape {
+  int64_t N, C, H, W, stride, Ho, Wo;
+};
+
+template <typename T>
+void fwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const FwdIO<T, T>& io,
+              bool batch_stats, double eps, Activation act) {
+  const Layout lay = make_layout(groups);
+  const std::vector<Band> bands = make_tasks_nhwc(sh.N, sh.Ho);
+  const int64_t nb = static_cast<int64_t>(bands.size()), C = sh.C, S = sh.stride;
+  const int64_t x_row = (sh.W + 2 * lay.P) * lay.Cp;
+  std::vector<double> part(nb * 2 * C, 0.0);  // per task: sums, sums of squares
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      const Band& task = bands[bi];
+      const T* img = io.x + task.n * sh.H * sh.W * C;
+      const int64_t t0 = task.ho0 * S - lay.P, t1 = (task.ho1 - 1) * S + lay.P + 1;
+      RowTile<T> tile{scratch<T>(0, (t1 - t0) * x_row), x_row, lay.P * lay.Cp, sh.H, t0, t0,
+                      lay.dense};
+      for (int64_t ho0 = task.ho0; ho0 < task.ho1; ho0 += kBand) {
+        const Band b{task.n, ho0, std::min(task.ho1, ho0 + kBand)};
+        const int64_t R = b.ho1 - b.ho0, npix = R * sh.Wo;
+        const T* xt = tile.rows(b.ho0 * S - lay.P, (b.ho1 - 1) * S + lay.P + 1,
+                                [&](int64_t h, T* dst) {
+                                  relayout<true>(img + h * sh.W * C, sh.W, lay, groups, dst);
+                                });
+        T* conv = io.conv + (b.n * sh.Ho + b.ho0) * sh.Wo * C;
+        T* out = lay.dense ? conv : scratch<T>(1, npix * lay.Cp);
+        for (const Block& blk : lay.blocks) {
+          const Group& grp = groups[blk.g];
+          const int64_t p = grp.k / 2;
+          const T* wt =
+              block_weights(blk, grp, io.w[blk.g], false, scratch<T>(2, grp.k * grp.k * 16));
+          const T* in = xt + (lay.P - p) * x_row + (lay.P - p) * lay.Cp + blk.off;
+          with_kernel(grp.k, S, [&](auto K, auto Sc) {
+            with_width(blk, [&](auto V) {
+              constexpr int kK = decltype(K)::value, kS = decltype(Sc)::value;
+              constexpr int kV = decltype(V)::value;
+              correlate_nhwc<kK, kS, kV>(in, x_row, wt, grp.k, R, sh.Wo, lay.Cp, out + blk.off);
+              block_sums<kV>(out + blk.off, npix, lay.Cp, blk.lanes, &part[bi * 2 * C + blk.c0],
+                             &part[(bi * 2 + 1) * C + blk.c0]);
+            });
+          });
+        }
+        if (!lay.dense) relayout<false>(out, npix, lay, groups, conv);
+      }
+    }
+  });
+  const double count = static_cast<double>(sh.N * sh.Ho * sh.Wo);
+  std::vector<std::vector<double>> coef(3, std::vector<double>(C));  // mean, scale, beta
+  for (int64_t c = 0; c < C; ++c) {
+    double m, v;
+    if (batch_stats) {
+      double s = 0.0, q = 0.0;
+      for (int64_t bi = 0; bi < nb; ++bi) {
+        s += part[bi * 2 * C + c];
+        q += part[(bi * 2 + 1) * C + c];
+      }
+      m = s / count;
+      v = std::max(0.0, q / count - m * m);
+    } else {
+      m = io.rmean[c];
+      v = io.rvar[c];
+    }
+    io.mean[c] = static_cast<T>(m);
+    io.var[c] = static_cast<T>(v);
+    coef[0][c] = static_cast<T>(m);
+    coef[1][c] = static_cast<T>(io.gamma[c]) / std::sqrt(static_cast<T>(v) + static_cast<T>(eps));
+    coef[2][c] = io.beta[c];
+  }
+  const std::vector<T> pc = periodic<T>(coef, C);
+  const int64_t period = kLanes * C;
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      const Band& b = bands[bi];
+      const int64_t o = (b.n * sh.Ho + b.ho0) * sh.Wo * C;
+      bn_act_nhwc(io.conv + o, (b.ho1 - b.ho0) * sh.Wo * C, pc.data(), period, act, io.y + o);
+    }
+  });
+}
+
+template <typename T>
+void bwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const BwdIO<T, T>& io,
+              bool batch_stats, double eps, Activation act) {
+  const Layout lay = make_layout(groups);
+  const std::vector<Band> bands = make_tasks_nhwc(sh.N, sh.Ho);
+  const int64_t nb = static_cast<int64_t>(bands.size()), C = sh.C, S = sh.stride, P = lay.P;
+  const int64_t period = kLanes * C;
+  // Pass A: per band, per channel sums of dz and dz * (conv - mean).
+  std::vector<double> mean(io.mean, io.mean + C);
+  const std::vector<T> pmean = periodic<T>({mean}, C);
+  std::vector<T> part(nb * 2 * C);
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      const Band& b = bands[bi];
+      const int64_t o = (b.n * sh.Ho + b.ho0) * sh.Wo * C;
+      T* s = scratch<T>(0, 2 * period);
+      T* q = s + period;
+      std::fill(s, s + 2 * period, T(0));
+      grad_sums_nhwc(io.gy + o, io.y + o, io.conv + o, (b.ho1 - b.ho0) * sh.Wo * C, pmean.data(),
+                     period, act, s, q);
+      for (int64_t c = 0; c < C; ++c) {
+        T a = T(0), bq = T(0);
+        for (int64_t i = 0; i < kLanes; ++i) {
+          a += s[i * C + c];
+          bq += q[i * C + c];
+        }
+        part[bi * 2 * C + c] = a;
+        part[(bi * 2 + 1) * C + c] = bq;
+      }
+    }
+  });
+  const double count = static_cast<double>(sh.N * sh.Ho * sh.Wo);
+  // k_dz, k_conv, mean, k_const
+  std::vector<std::vector<double>> coef(4, std::vector<double>(C, 0.0));
+  coef[2] = mean;
+  for (int64_t c = 0; c < C; ++c) {
+    double sdz = 0.0, sdzx = 0.0;
+    for (int64_t bi = 0; bi < nb; ++bi) {
+      sdz += part[bi * 2 * C + c];
+      sdzx += part[(bi * 2 + 1) * C + c];
+    }
+    const double rstd = 1.0 / std::sqrt(static_cast<double>(io.var[c]) + eps);
+    const double gamma = static_cast<double>(io.gamma[c]);
+    io.gbeta[c] = static_cast<T>(sdz);
+    io.ggamma[c] = static_cast<T>(sdzx * rstd);
+    coef[0][c] = gamma * rstd;
+    if (batch_stats) {
+      coef[1][c] = -gamma * rstd * rstd * rstd * sdzx / count;
+      coef[3][c] = -gamma * rstd * sdz / count;
+    }
+  }
+  const std::vector<T> pc = periodic<T>(coef, C);
+  // Pass B: per band, d(conv) on the band's rows and a halo of P rows (zero-bordered tile),
+  // then the weight gradient (band rows only) and the input gradient of the band's input rows.
+  std::vector<int64_t> w_off;  // per block, its part of a task's weight-gradient partial
+  int64_t wlen = 0;
+  for (const Block& blk : lay.blocks) {
+    w_off.push_back(wlen);
+    wlen += groups[blk.g].k * groups[blk.g].k * blk.width;
+  }
+  std::vector<double> wpart(nb * wlen, 0.0);
+  const int64_t x_row = (sh.W + 2 * P) * lay.Cp, d_row = (sh.Wo + 2 * P) * lay.Cp;
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      const Band& task = bands[bi];
+      const T* img = io.x + task.n * sh.H * sh.W * C;
+      // d(conv) tile: output rows [ho0 - P, ho1 + P), columns [-P, Wo + P); x tile as forward
+      const int64_t dt0 = task.ho0 - P, dt1 = task.ho1 + P;
+      const int64_t x0 = task.ho0 * S - P, x1 = (task.ho1 - 1) * S + P + 1;
+      RowTile<T> dtile{scratch<T>(0, (dt1 - dt0) * d_row), d_row, P * lay.Cp, sh.Ho, dt0, dt0,
+                       lay.dense};
+      RowTile<T> xtile{scratch<T>(2, (x1 - x0) * x_row), x_row, P * lay.Cp, sh.H, x0, x0,
+                       lay.dense};
+      T* row = scratch<T>(1, sh.Wo * C);
+      for (int64_t ho0 = task.ho0; ho0 < task.ho1; ho0 += kBand) {
+        const Band b{task.n, ho0, std::min(task.ho1, ho0 + kBand)};
+        const int64_t R = b.ho1 - b.ho0;
+        const T* dt = dtile.rows(b.ho0 - P, b.ho1 + P, [&](int64_t ho, T* dst) {
+          const int64_t o = (b.n * sh.Ho + ho) * sh.Wo * C;
+          conv_grad_nhwc(io.gy + o, io.y + o, io.conv + o, sh.Wo * C, pc.data(), period, act,
+                         lay.dense ? dst : row);
+          if (!lay.dense) relayout<true>(row, sh.Wo, lay, groups, dst);
+        });
+        const T* xt = xtile.rows(b.ho0 * S - P, (b.ho1 - 1) * S + P + 1, [&](int64_t h, T* dst) {
+          relayout<true>(img + h * sh.W * C, sh.W, lay, groups, dst);
+        });
+        const int64_t d0 = std::max<int64_t>(0, b.ho0 - P), d1 = std::min(sh.Ho, b.ho1 + P);
+        // input rows [hx0, hx1) of this band's input gradient
+        const int64_t hx0 = b.ho0 * S, hx1 = std::min(sh.H, b.ho1 * S);
+        T* gx = io.gx + (b.n * sh.H + hx0) * sh.W * C;
+        T* dx = nullptr;
+        if (S == 2) {
+          dx = scratch<T>(3, (hx1 - hx0) * x_row);
+          std::fill(dx, dx + (hx1 - hx0) * x_row, T(0));
+        } else {
+          dx = lay.dense ? gx : scratch<T>(3, R * sh.W * lay.Cp);
+        }
+        for (size_t i = 0; i < lay.blocks.size(); ++i) {
+          const Block& blk = lay.blocks[i];
+          const Group& grp = groups[blk.g];
+          const int64_t p = grp.k / 2;
+          const T* w = io.w[blk.g];
+          T* wt = scratch<T>(4, grp.k * grp.k * 16);
+          const T* d = dt + P * d_row + P * lay.Cp + blk.off;
+          const T* in = xt + (P - p) * x_row + (P - p) * lay.Cp + blk.off;
+          with_kernel(grp.k, S, [&](auto K, auto Sc) {
+            with_width(blk, [&](auto V) {
+              constexpr int kK = decltype(K)::value, kS = decltype(Sc)::value;
+              constexpr int kV = decltype(V)::value;
+              wgrad_nhwc<kK, kS, kV>(d, d_row, in, x_row, grp.k, R, sh.Wo, lay.Cp,
+                                     &wpart[bi * wlen + w_off[i]]);
+              if constexpr (kS == 1) {
+                block_weights(blk, grp, w, true, wt);
+                const T* dd = dt + (P - p) * d_row + (P - p) * lay.Cp + blk.off;
+                correlate_nhwc<kK, 1, kV>(dd, d_row, wt, grp.k, R, sh.W, lay.Cp, dx + blk.off);
+              } else {
+                block_weights(blk, grp, w, false, wt);
+                scatter_stride2_nhwc<kV>(dt + (d0 - b.ho0 + P) * d_row + P * lay.Cp + blk.off,
+                                         d_row, d0, d1, wt, grp.k, sh.Wo, lay.Cp, hx0, hx1, P,
+                                         x_row, dx + blk.off);
+              }
+            });
+          });
+        }
+        if (S == 2) {
+          for (int64_t h = hx0; h < hx1; ++h) {
+            relayout<false>(dx + (h - hx0) * x_row + P * lay.Cp, sh.W, lay, groups,
+                            gx + (h - hx0) * sh.W * C);
+          }
+        } else if (!lay.dense) {
+          relayout<false>(dx, R * sh.W, lay, groups, gx);
+        }
+      }
+    }
+  });
+  for (size_t i = 0; i < lay.blocks.size(); ++i) {
+    const Block& blk = lay.blocks[i];
+    const int64_t kk = groups[blk.g].k * groups[blk.g].k;
+    for (int64_t l = 0; l < blk.lanes; ++l) {
+      T* gw = io.gw[blk.g] + (blk.c0 - groups[blk.g].begin + l) * kk;
+      for (int64_t j = 0; j < kk; ++j) {
+        double total = 0.0;
+        for (int64_t bi = 0; bi < nb; ++bi) {
+          total += wpart[bi * wlen + w_off[i] + j * blk.width + l];
+        }
+        gw[j] = static_cast<T>(total);
+      }
+    }
   }
 }
 
@@ -786,8 +1148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mixed_dwconv_bn_act_fwd", [&] {
     using A = at::opmath_type<scalar_t>;
-    const Problem<scalar_t, A> pr{N, C, H, W, stride, fmt == at::MemoryFormat::ChannelsLast,
-                                  use_batch_stats, static_cast<A>(eps), act};
+    const Problem<scalar_t, A> pr{N, C, H, W, stride, use_batch_stats, static_cast<A>(eps), act};
     std::vector<const scalar_t*> wp;
     for (const at::Tensor& t : w) wp.push_back(t.const_data_ptr<scalar_t>());
     const FwdIO<scalar_t, A> io{x.const_data_ptr<scalar_t>(), wp.data(),
@@ -796,8 +1157,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
                                 use_batch_stats ? nullptr : rv.const_data_ptr<scalar_t>(),
                                 y.mutable_data_ptr<scalar_t>(), conv.mutable_data_ptr<scalar_t>(),
                                 mean.mutable_data_ptr<A>(), var.mutable_data_ptr<A>()};
-    run_tasks(make_tasks(groups, pr.channels_last), groups,
-              [&](const Task& t) { fwd_task(pr, groups, io, t); });
+    if (fmt == at::MemoryFormat::ChannelsLast) {
+      fwd_nhwc<scalar_t>({N, C, H, W, stride, Ho, Wo}, groups, io, use_batch_stats, eps, act);
+    } else {
+      run_tasks(make_tasks(groups), groups,
+                [&](const Task& t) { fwd_task(pr, groups, io, t); });
+    }
   });
   return {y, conv, mean, var};
 }
@@ -835,8 +1200,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> bwd_cpu(
                    var = var_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mixed_dwconv_bn_act_bwd", [&] {
     using A = at::opmath_type<scalar_t>;
-    const Problem<scalar_t, A> pr{N, C, H, W, stride, fmt == at::MemoryFormat::ChannelsLast,
-                                  use_batch_stats, static_cast<A>(eps), act};
+    const Problem<scalar_t, A> pr{N, C, H, W, stride, use_batch_stats, static_cast<A>(eps), act};
     std::vector<const scalar_t*> wp;
     std::vector<scalar_t*> gwp;
     for (size_t i = 0; i < w.size(); ++i) {
@@ -850,8 +1214,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> bwd_cpu(
                                 gx.mutable_data_ptr<scalar_t>(), gwp.data(),
                                 ggamma.mutable_data_ptr<scalar_t>(),
                                 gbeta.mutable_data_ptr<scalar_t>()};
-    run_tasks(make_tasks(groups, pr.channels_last), groups,
-              [&](const Task& t) { bwd_task(pr, groups, io, t); });
+    if (fmt == at::MemoryFormat::ChannelsLast) {
+      const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
+      bwd_nhwc<scalar_t>({N, C, H, W, stride, Ho, Wo}, groups, io, use_batch_stats, eps, act);
+    } else {
+      run_tasks(make_tasks(groups), groups,
+                [&](const Task& t) { bwd_task(pr, groups, io, t); });
+    }
   });
   return {gx, gw, ggamma, gbeta};
 }

@@ -211,6 +211,17 @@ def _assert_reduced_grad_close(actual, expected64, dtype, eager=None, what="grad
     )
 
 
+def _assert_fp32_close(out, grads, rm, rv, ref, ref_grads, rm64, rv64):
+    """An fp32 run (output, gradients of x then the parameters, running statistics) against the
+    float64 reference's."""
+    assert_close_to_reference(out, ref, torch.float32)
+    assert_close_to_reference(grads[0], ref_grads[0], torch.float32, what="grad x")
+    for g, r in zip(grads[1:], ref_grads[1:]):
+        _assert_reduced_grad_close(g, r, torch.float32)
+    assert_close_to_reference(rm, rm64, torch.float32, what="running_mean")
+    assert_close_to_reference(rv, rv64, torch.float32, what="running_var")
+
+
 def _group_rows(case, mask):
     """Split a bool [C] into one [C_g] per kernel-size group."""
     return list(mask.split(list(case.sizes)))
@@ -422,12 +433,7 @@ def test_triton_reductions_across_blocks(fmt, stride, monkeypatch):
             *upcast([x]), upcast(ws), *upcast([gamma, beta]), rm64, rv64, case, None, True,
             "reference",
         )  # fmt: skip
-    assert_close_to_reference(out, ref, torch.float32)
-    assert_close_to_reference(grads[0], ref_grads[0], torch.float32, what="grad x")
-    for g, r in zip(grads[1:], ref_grads[1:]):
-        _assert_reduced_grad_close(g, r, torch.float32)
-    assert_close_to_reference(rm_k, rm64, torch.float32, what="running_mean")
-    assert_close_to_reference(rv_k, rv64, torch.float32, what="running_var")
+    _assert_fp32_close(out, grads, rm_k, rv_k, ref, ref_grads, rm64, rv64)
 
 
 @pytest.mark.triton
@@ -607,6 +613,67 @@ def test_backward_is_deterministic_and_thread_count_invariant():
         same = [r for k, r in results if k == key]
         for other in same[1:]:
             assert all(torch.equal(a, b) for a, b in zip(other, same[0])), key
+
+
+# The channels_last CPU kernel splits each image's output rows into tasks (two when Ho >= 32)
+# worked in bands of 8 rows whose input tile slides down, keeping the halo rows; groups are
+# padded to 8 lanes (dense when every group size is a multiple of 8, then it reads and writes the
+# tensors in place) and run as 16- or 8-lane blocks. Tall cases cross task and band edges.
+TALL_CASES = [
+    Case(2, (16, 8, 24), (3, 5, 7), 35, 13, 1),  # dense; bands 8+8+2 and 8+8+1
+    Case(2, (12, 5, 9), (3, 5, 7), 67, 10, 2),  # padded lanes; stride 2, Ho 34
+    Case(1, (8, 3), (9, 1), 40, 6, 1),  # runtime kernel sizes, 8-lane blocks
+]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", TALL_CASES, ids=str)
+def test_channels_last_tall_images_match_reference_and_thread_counts(case, training):
+    if runnable("native", "cpu"):
+        pytest.skip(runnable("native", "cpu"))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            ws, gamma, beta, rm, rv = _params(case, torch.float32, "cpu")
+            x = randn(
+                (case.n, case.c, case.h, case.w), seed=1, memory_format=torch.channels_last
+            ).requires_grad_()
+            out, grads = _call(x, ws, gamma, beta, rm, rv, case, None, training, "native")
+            results.append([out, *grads, rm, rv])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    ws, gamma, beta, rm, rv = _params(case, torch.float32, "cpu")
+    x = randn((case.n, case.c, case.h, case.w), seed=1).requires_grad_()
+    x64, *ws64 = upcast([x, *ws])
+    g64, b64, rm64, rv64 = upcast([gamma, beta, rm, rv])
+    with _one_thread():
+        ref, ref_grads = _call(x64, ws64, g64, b64, rm64, rv64, case, None, training, "reference")
+    out, *grads, rm_k, rv_k = results[0]
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    _assert_fp32_close(out, grads, rm_k, rv_k, ref, ref_grads, rm64, rv64)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gradcheck_float64_channels_last_across_bands(stride):
+    """float64 gradcheck of the channels_last CPU kernel on an image tall enough for two tasks
+    of several bands (the sliding tiles' kept halo rows), with a dead channel."""
+    if runnable("native", "cpu"):
+        pytest.skip(runnable("native", "cpu"))
+    case = Case(1, (3, 2), (3, 5), 33 * stride, 3, stride)
+    ws, gamma, beta, _, _ = _params(case, torch.float64, "cpu", seed=3)
+    index = torch.tensor([0, 2, 3, 4])  # channel 1 of the k=3 group is dead
+    x = randn((1, 4, case.h, 3), dtype=torch.float64, seed=2, memory_format=torch.channels_last)
+
+    def f(x, gamma, beta, *ws):
+        return mixed_dwconv_bn_act(
+            x, list(ws), gamma, beta, None, None, stride=stride, channel_index=index, impl="native"
+        )
+
+    with _one_thread():
+        assert torch.autograd.gradcheck(f, (x.requires_grad_(), gamma, beta, *ws), eps=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
