@@ -197,36 +197,93 @@ HRNAS_TARGET_CLONES void layer_norm_backward(const T* grad, const T* xhat, const
 
 
 // ---- resizing ---------------------------------------------------------------------------------
-// Bilinear resizing (align_corners=False) is separable: a plane resizes as R_h X R_w^T with
-// [out, in] matrices of two taps per row, and the backward is R_h^T G R_w. The width direction
-// (the contiguous one) runs as one GEMM over all rows of all planes with the dense R_w; the
-// height direction blends whole rows (two taps, vectorised along the row), which avoids both
-// transposes and batches of tiny GEMMs.
+// Bilinear resizing (align_corners=False) is separable with two taps per output in each
+// direction (precomputed below). The shrink to the grid is a direct loop over planes that
+// reads only the 2 g source rows and columns it needs (a GEMM with the dense [g, W] resize
+// matrix would read all W and spend W / 2 times the multiply-adds), and its backward runs the
+// same loop transposed, one plane per task in a fixed order (no atomics: deterministic), the
+// residual's gradient copied in first.
 
 // F.interpolate's source index rule: src = max((i + 0.5) * in / out - 0.5, 0); taps floor(src)
-// and min(floor(src) + 1, in - 1) with weights 1 - frac and frac.
+// and min(floor(src) + 1, in - 1) with weights 1 - frac and frac (computed in double).
+template <typename T>
 struct Taps {
   std::vector<int64_t> i0, i1;
-  std::vector<double> w0, w1;
+  std::vector<T> w0, w1;
 };
 
-Taps make_taps(int64_t out, int64_t in) {
-  Taps t;
+template <typename T>
+Taps<T> make_taps(int64_t out, int64_t in) {
+  Taps<T> t;
   const double scale = double(in) / double(out);
   for (int64_t i = 0; i < out; ++i) {
     const double src = std::max((i + 0.5) * scale - 0.5, 0.0);
     const int64_t i0 = std::min(static_cast<int64_t>(src), in - 1);
     t.i0.push_back(i0);
     t.i1.push_back(std::min(i0 + 1, in - 1));
-    t.w1.push_back(src - double(i0));
-    t.w0.push_back(1.0 - (src - double(i0)));
+    t.w1.push_back(T(src - double(i0)));
+    t.w0.push_back(T(1.0 - (src - double(i0))));
   }
   return t;
 }
 
-// The dense [out, in] matrix of the taps, for the width direction's GEMM.
+// x [P, H, W] -> out [P, g, g]: each row pair blended after its columns.
+template <typename T>
+void resize_to_grid(const T* x, int64_t P, int64_t H, int64_t W, int64_t g, T* out) {
+  const Taps<T> r = make_taps<T>(g, H), c = make_taps<T>(g, W);
+  at::parallel_for(0, P, 1, [&](int64_t pb, int64_t pe) {
+    for (int64_t p = pb; p < pe; ++p) {
+      for (int64_t i = 0; i < g; ++i) {
+        const T* a = x + (p * H + r.i0[i]) * W;
+        const T* b = x + (p * H + r.i1[i]) * W;
+        T* o = out + (p * g + i) * g;
+        for (int64_t j = 0; j < g; ++j) {
+          const T ta = c.w0[j] * a[c.i0[j]] + c.w1[j] * a[c.i1[j]];
+          const T tb = c.w0[j] * b[c.i0[j]] + c.w1[j] * b[c.i1[j]];
+          o[j] = r.w0[i] * ta + r.w1[i] * tb;
+        }
+      }
+    }
+  });
+}
+
+// Adjoint of resize_to_grid: grad [P, g, g] -> out [P, H, W] = add (or 0) + the taps' share.
+template <typename T>
+void resize_to_grid_backward(const T* grad, int64_t P, int64_t H, int64_t W, int64_t g,
+                             const T* add, T* out) {
+  const Taps<T> r = make_taps<T>(g, H), c = make_taps<T>(g, W);
+  at::parallel_for(0, P, 1, [&](int64_t pb, int64_t pe) {
+    for (int64_t p = pb; p < pe; ++p) {
+      T* o = out + p * H * W;
+      if (add != nullptr) {
+        std::copy(add + p * H * W, add + (p + 1) * H * W, o);
+      } else {
+        std::fill(o, o + H * W, T(0));
+      }
+      for (int64_t i = 0; i < g; ++i) {
+        T* a = o + r.i0[i] * W;
+        T* b = o + r.i1[i] * W;
+        for (int64_t j = 0; j < g; ++j) {
+          const T v = grad[(p * g + i) * g + j];
+          const T va = r.w0[i] * v, vb = r.w1[i] * v;
+          a[c.i0[j]] += c.w0[j] * va;
+          a[c.i1[j]] += c.w1[j] * va;
+          b[c.i0[j]] += c.w0[j] * vb;
+          b[c.i1[j]] += c.w1[j] * vb;
+        }
+      }
+    }
+  });
+}
+
+// The growth writes every output value, and a GEMM does its width direction best: the rows of
+// each plane are blended first (two taps, vectorised along the row of g values), then one GEMM
+// over all P * Ho rows with the dense [Wo, g] width matrix writes the output, the residual
+// folded in as the GEMM's addend. Its backward is the same two steps transposed.
+
+// The dense [out, in] matrix of the taps.
 at::Tensor resize_matrix(int64_t out, int64_t in, const at::TensorOptions& opt) {
-  const Taps t = make_taps(out, in);
+  const Taps<double> t = make_taps<double>(out, in);
   at::Tensor m = at::zeros({out, in}, opt.dtype(at::kDouble));
   double* p = m.mutable_data_ptr<double>();
   for (int64_t i = 0; i < out; ++i) {
@@ -240,7 +297,7 @@ at::Tensor resize_matrix(int64_t out, int64_t in, const at::TensorOptions& opt) 
 // forward y [P, out, B] = blend of x's rows; adjoint (the backward) y [P, in, B] gathers each
 // output row's gradient back onto its two source rows (per plane, in order: no atomics).
 template <typename T>
-at::Tensor blend_rows(const at::Tensor& x, const Taps& taps, int64_t in, bool adjoint) {
+at::Tensor blend_rows(const at::Tensor& x, const Taps<T>& taps, int64_t in, bool adjoint) {
   const int64_t P = x.size(0), B = x.size(2), out = static_cast<int64_t>(taps.i0.size());
   at::Tensor y = adjoint ? at::zeros({P, in, B}, x.options()) : at::empty({P, out, B}, x.options());
   const T* xp = x.const_data_ptr<T>();
@@ -251,7 +308,7 @@ at::Tensor blend_rows(const at::Tensor& x, const Taps& taps, int64_t in, bool ad
       const T* xs = xp + p * x_rows * B;
       T* ys = yp + p * y_rows * B;
       for (int64_t i = 0; i < out; ++i) {
-        const T w0 = T(taps.w0[i]), w1 = T(taps.w1[i]);
+        const T w0 = taps.w0[i], w1 = taps.w1[i];
         if (adjoint) {
           const T* g = xs + i * B;
           T* a = ys + taps.i0[i] * B;
@@ -273,53 +330,28 @@ at::Tensor blend_rows(const at::Tensor& x, const Taps& taps, int64_t in, bool ad
   return y;
 }
 
-// Width direction: [P, A, B] -> [P, A, b] with the dense r [b, B] (transposed: r is [B, b] and
-// the product is x r), + add when defined, written into out when defined.
-at::Tensor resize_cols(const at::Tensor& x, const at::Tensor& r, const at::Tensor& add,
-                       const at::Tensor& out) {
-  const int64_t P = x.size(0), A = x.size(1), B = x.size(2), b = r.size(1);
-  const at::Tensor x2 = x.reshape({P * A, B});
-  at::Tensor y = out.defined() ? out.view({P * A, b}) : at::empty({P * A, b}, x.options());
-  if (add.defined()) {
-    at::addmm_out(y, add.reshape({P * A, b}), x2, r);
-  } else {
-    at::mm_out(y, x2, r);
-  }
-  return y.view({P, A, b});
-}
-
-// The resizes the op needs. Shrink to the grid: width first (the big input is read by one
-// plain GEMM), then the rows of the small intermediate; growth to the output: rows first on
-// the small input, then the GEMM writes the big output with the residual folded in. Their
-// backwards run the same two steps transposed, in reverse order.
-template <typename T>
-void resize_to_grid(const at::Tensor& x, int64_t g, const at::Tensor& out) {
-  const int64_t P = x.size(0), H = x.size(1), W = x.size(2);
-  const at::Tensor cols = resize_cols(x, resize_matrix(g, W, x.options()).t(), {}, {});
-  out.view({P, g, g}).copy_(blend_rows<T>(cols, make_taps(g, H), H, false));
-}
-
-template <typename T>
-at::Tensor resize_to_grid_backward(const at::Tensor& grad, int64_t H, int64_t W,
-                                   const at::Tensor& add) {
-  const int64_t g = grad.size(1);
-  const at::Tensor rows = blend_rows<T>(grad, make_taps(g, H), H, true);
-  return resize_cols(rows, resize_matrix(g, W, grad.options()), add, {});
-}
-
+// z [P, g, g] -> out [P, Ho, Wo] (+ add [P, Ho, Wo] when defined).
 template <typename T>
 void resize_from_grid(const at::Tensor& z, int64_t Ho, int64_t Wo, const at::Tensor& add,
                       const at::Tensor& out) {
-  const int64_t g = z.size(1);
-  const at::Tensor rows = blend_rows<T>(z, make_taps(Ho, g), g, false);
-  resize_cols(rows, resize_matrix(Wo, g, z.options()).t(), add, out);
+  const int64_t P = z.size(0), g = z.size(1);
+  const at::Tensor rows = blend_rows<T>(z, make_taps<T>(Ho, g), g, false).view({P * Ho, g});
+  const at::Tensor r = resize_matrix(Wo, g, z.options()).t();
+  at::Tensor y = out.view({P * Ho, Wo});
+  if (add.defined()) {
+    at::addmm_out(y, add.reshape({P * Ho, Wo}), rows, r);
+  } else {
+    at::mm_out(y, rows, r);
+  }
 }
 
+// Adjoint of resize_from_grid: grad [P, Ho, Wo] -> [P, g, g].
 template <typename T>
 at::Tensor resize_from_grid_backward(const at::Tensor& grad, int64_t g) {
-  const int64_t Ho = grad.size(1), Wo = grad.size(2);
-  const at::Tensor cols = resize_cols(grad, resize_matrix(Wo, g, grad.options()), {}, {});
-  return blend_rows<T>(cols, make_taps(Ho, g), g, true);
+  const int64_t P = grad.size(0), Ho = grad.size(1), Wo = grad.size(2);
+  const at::Tensor cols =
+      at::mm(grad.reshape({P * Ho, Wo}), resize_matrix(Wo, g, grad.options())).view({P, Ho, g});
+  return blend_rows<T>(cols, make_taps<T>(Ho, g), g, true);
 }
 
 // W [R, K] times every sample of v [N, K, d] -> [N, R, d], one batched GEMM (W broadcast).
@@ -761,7 +793,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "token_transformer_fwd", [&] {
     using T = scalar_t;
     at::Tensor f = tape.narrow(0, layout.f, N * C * d).view({N, C, d});
-    resize_to_grid<T>(x.view({N * C, s.H, s.W}), g, f);
+    resize_to_grid<T>(x.const_data_ptr<T>(), N * C, s.H, s.W, g, f.mutable_data_ptr<T>());
     const at::Tensor coord_bias = at::mm(w_in.narrow(1, C, 2), coords.view({2, d}));
     const at::Tensor u = left_multiply(w_in.narrow(1, 0, C), f);
     at::Tensor t0 = at::empty({N, L, d}, x.options());
@@ -913,9 +945,10 @@ bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& tape, const at::Tensor&
     const at::Tensor f = tape.narrow(0, layout.f, N * C * d).view({N, C, d});
     g_w_in = at::cat({sum_outer(g_u, f), at::mm(at::sum(g_u, 0), coords.view({2, d}).t())}, 1);
     const at::Tensor g_f = left_multiply(w_in.narrow(1, 0, C).t(), g_u);
-    g_x = resize_to_grid_backward<T>(g_f.view({N * C, g, g}), s.H, s.W,
-                                     residual ? gy.view({N * C, s.H, s.W}) : at::Tensor())
-              .view({N, C, s.H, s.W});
+    g_x = at::empty({N, C, s.H, s.W}, opt);
+    resize_to_grid_backward<T>(g_f.const_data_ptr<T>(), N * C, s.H, s.W, g,
+                               residual ? gy.const_data_ptr<T>() : nullptr,
+                               g_x.mutable_data_ptr<T>());
   });
   return {g_x,    g_w_in,  g_bn_in_w, g_bn_in_b,  g_enc,
           g_query, g_dec, g_w_out,   g_bn_out_w, g_bn_out_b};

@@ -358,6 +358,32 @@ def test_matches_reference(impl_device, case, mask, training):
     assert torch.equal(m.input_norm.running_mean[dead].double(), before.running_mean[dead])
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_native_shrink_over_twice_the_grid_float64(training):
+    """H and W over twice the grid: the shrink to the grid reads only the source rows and columns
+    its taps name and its backward scatters onto them alone (every other input value gets only
+    the residual's gradient). float64 in both, so the comparison is tight; at float32 the
+    reverse_proj gradient of a training BN cancels to below test_matches_reference's floor."""
+    if runnable("native", "cpu"):
+        pytest.skip(runnable("native", "cpu"))
+    case = (2, 3, None, 29, 23, 5, 8, 1, False, True)
+    alive = _mask(5, "random")
+    ref, m = _module(case, "reference"), _module(case, "native")
+    for mod in (ref, m):
+        mod.set_token_mask(alive)
+        mod.train(training)
+    x64 = randn((2, 3, 29, 23), dtype=torch.float64, seed=7)
+    xr, xn = x64.clone().requires_grad_(), x64.clone().requires_grad_()
+    yr, yn = ref(xr), m(xn)
+    torch.testing.assert_close(yn, yr, atol=1e-10, rtol=1e-9)
+    gy = randn(yr.shape, dtype=torch.float64, seed=8)
+    gr, gn = _grads(ref, xr, yr, gy), _grads(m, xn, yn, gy)
+    for name, expected in gr.items():
+        if expected is None:
+            continue
+        torch.testing.assert_close(gn[name], expected, atol=1e-10, rtol=1e-9, msg=name)
+
+
 def _functional_args(m):
     """The positional arguments of token_transformer for module ``m`` (x excluded)."""
     dec = m.decoder.weights() if m.use_decoder else None
