@@ -126,6 +126,51 @@ HRNAS_INLINE void sweep(int64_t len, VecFn&& vec, ScalarFn&& scalar) {
   }
 }
 
+// dst[e] = sum_{k in [k0, k1)} w[k] * src[o[k] * stride + e] for e < len, k ascending: one
+// transposed-tap gather of the backward (a row from the rows of grad_out that read it, or a
+// pixel's channels from the pixels that read it). Four vectors share each tap's weight
+// broadcast and offset, which a vector at a time reloaded for every multiply-add; the order of
+// each element's sum is the same either way. Writes a buffer it does not read (see sweep).
+template <typename dst_t, typename opmath_t>
+HRNAS_INLINE void gather_taps(dst_t* __restrict dst, const opmath_t* __restrict src,
+                              int64_t stride, const opmath_t* w, const int64_t* o, int64_t k0,
+                              int64_t k1, int64_t len) {
+  using V = simd::Vec<opmath_t>;
+  constexpr int64_t kBlock = 4 * simd::kWidth;
+  int64_t e = 0;
+  for (; e + kBlock <= len; e += kBlock) {
+    V a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (int64_t k = k0; k < k1; ++k) {
+      const opmath_t* s = src + o[k] * stride + e;
+      const opmath_t wk = w[k];
+      a0 += wk * simd::load<opmath_t>(s);
+      a1 += wk * simd::load<opmath_t>(s + simd::kWidth);
+      a2 += wk * simd::load<opmath_t>(s + 2 * simd::kWidth);
+      a3 += wk * simd::load<opmath_t>(s + 3 * simd::kWidth);
+    }
+    store_as<dst_t, opmath_t>(dst + e, a0);
+    store_as<dst_t, opmath_t>(dst + e + simd::kWidth, a1);
+    store_as<dst_t, opmath_t>(dst + e + 2 * simd::kWidth, a2);
+    store_as<dst_t, opmath_t>(dst + e + 3 * simd::kWidth, a3);
+  }
+  if (e == len) return;
+  auto vec = [&](int64_t at) {
+    V a = {};
+    for (int64_t k = k0; k < k1; ++k) a += w[k] * simd::load<opmath_t>(src + o[k] * stride + at);
+    store_as<dst_t, opmath_t>(dst + at, a);
+  };
+  if (len < simd::kWidth) {
+    for (; e < len; ++e) {
+      opmath_t a = opmath_t(0);
+      for (int64_t k = k0; k < k1; ++k) a += w[k] * src[o[k] * stride + e];
+      dst[e] = static_cast<dst_t>(a);
+    }
+    return;
+  }
+  for (; e + simd::kWidth < len; e += simd::kWidth) vec(e);
+  vec(len - simd::kWidth);  // the last piece overlaps its predecessor instead of a scalar tail
+}
+
 // A linear map between rows, dst[d] = sum_t w[d][t] * src[idx[d][t]], each destination padded
 // to K taps with zero weights: the resampling of an NCHW row along W (forward taps) and its
 // transpose (backward). The vector form covers the destination with chunks of up to kWidth
@@ -487,7 +532,6 @@ HRNAS_TARGET_CLONES void fwd_nhwc_rows(const Plan<scalar_t, opmath_t>& p, scalar
 template <typename scalar_t, typename opmath_t>
 HRNAS_TARGET_CLONES void bwd_units(const Plan<scalar_t, opmath_t>& p, const scalar_t* g,
                                    const scalar_t* out, int64_t L, int64_t begin, int64_t end) {
-  using V = simd::Vec<opmath_t>;
   const int64_t R = p.Wo * L, U = p.Ho * R;
   int holder = -1;  // the same-size input whose gradient holds gm
   if constexpr (std::is_same_v<scalar_t, opmath_t>) {
@@ -529,39 +573,14 @@ HRNAS_TARGET_CLONES void bwd_units(const Plan<scalar_t, opmath_t>& p, const scal
       const Axis<opmath_t>& ct = p.cols[j];
       scalar_t* gx = p.gx[j] + u * Hj * Wj * L;
       for (int64_t i = 0; i < Hj; ++i) {
-        const int64_t k0 = rt.begin[i], k1 = rt.begin[i + 1];
-        sweep(
-            R,
-            [&](int64_t e) {
-              V acc = {};
-              for (int64_t k = k0; k < k1; ++k) acc += rt.w[k] * simd::load<opmath_t>(gm + rt.o[k] * R + e);
-              simd::store<opmath_t>(v + e, acc);
-            },
-            [&](int64_t e) {
-              opmath_t acc = opmath_t(0);
-              for (int64_t k = k0; k < k1; ++k) acc += rt.w[k] * gm[rt.o[k] * R + e];
-              v[e] = acc;
-            });
+        gather_taps(v, gm, R, rt.w.data(), rt.o.data(), rt.begin[i], rt.begin[i + 1], R);
         scalar_t* dst = gx + i * Wj * L;
         if (L == 1) {
           apply_row_map(p.hmap[j], v, dst);
           continue;
         }
         for (int64_t q = 0; q < Wj; ++q) {
-          const int64_t c0 = ct.begin[q], c1 = ct.begin[q + 1];
-          scalar_t* d = dst + q * L;
-          sweep(
-              L,
-              [&](int64_t e) {
-                V acc = {};
-                for (int64_t k = c0; k < c1; ++k) acc += ct.w[k] * simd::load<opmath_t>(v + ct.o[k] * L + e);
-                store_as<scalar_t, opmath_t>(d + e, acc);
-              },
-              [&](int64_t e) {
-                opmath_t acc = opmath_t(0);
-                for (int64_t k = c0; k < c1; ++k) acc += ct.w[k] * v[ct.o[k] * L + e];
-                d[e] = static_cast<scalar_t>(acc);
-              });
+          gather_taps(dst + q * L, v, L, ct.w.data(), ct.o.data(), ct.begin[q], ct.begin[q + 1], L);
         }
       }
     }

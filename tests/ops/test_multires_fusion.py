@@ -231,6 +231,21 @@ def test_nan_propagates_like_eager(impl_device):
         assert_close_to_reference(g, r, torch.float32)
 
 
+@pytest.mark.parametrize("c", [3, 16, 67], ids=lambda c: f"C{c}")
+def test_channels_last_backward_channel_counts(c):
+    """The channels_last backward gathers a pixel's channels in blocks of four vectors, then
+    single vectors, the last one overlapping its predecessor; C < 16 takes scalars."""
+    if runnable("native", "cpu"):
+        pytest.skip(runnable("native", "cpu"))
+    xs = _inputs([(6, 7), (3, 4), (2, 2)], c=c, fmt=torch.channels_last)
+    out, grads = _fwd_bwd(xs, "native", None, "bilinear", "relu")
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    ref, ref_grads = _fwd_bwd(upcast(xs), "reference", (6, 7), "bilinear", "relu")
+    assert_close_to_reference(out, ref, torch.float32)
+    for j, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert_close_to_reference(g, r, torch.float32, what=f"grad of inputs[{j}]")
+
+
 def test_backward_is_deterministic_and_thread_count_invariant():
     if runnable("native", "cpu"):
         pytest.skip(runnable("native", "cpu"))
