@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import datetime
 import statistics
 import time
@@ -331,6 +332,13 @@ def parse_args(argv=None):
         type=Path,
         help="CSV to append to (default benchmarks/results/search_value_<cpu>.csv)",
     )
+    p.add_argument(
+        "--table",
+        type=Path,
+        metavar="CSV",
+        help="run nothing: print the table of CSV's full-budget rows (several runs' rows, "
+        "e.g. seeds run in parallel processes, in one table)",
+    )
     args = p.parse_args(argv)
     if args.threads < 1:
         p.error("--threads must be positive")
@@ -339,9 +347,24 @@ def parse_args(argv=None):
     return args
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a CSV this script wrote that are not ``--quick``, typed as ``main`` makes
+    them."""
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["quick"] == "0"]
+    for r in rows:
+        r.update(seed=int(r["seed"]), macs=int(r["macs"]), params=int(r["params"]))
+        r["value"] = float(r["value"])
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     """Run the benchmark of the module docstring; returns the rows."""
     args = parse_args(argv)
+    if args.table is not None:
+        rows = read_rows(args.table)
+        print(summary(rows))
+        return rows
     torch.set_num_threads(args.threads)
     dev = h.device_name("cpu")
     out = args.out or h.RESULTS_DIR / f"{OP}_{h.device_slug(dev)}.csv"
