@@ -335,9 +335,11 @@ def parse_args(argv=None):
     p.add_argument(
         "--table",
         type=Path,
+        nargs="+",
         metavar="CSV",
-        help="run nothing: print the table of CSV's full-budget rows (several runs' rows, "
-        "e.g. seeds run in parallel processes, in one table)",
+        help="run nothing: print one table of the full-budget rows of these CSVs (runs in "
+        "parallel processes must each write their own --out: appends from several processes "
+        "to one file can overwrite each other on some filesystems)",
     )
     args = p.parse_args(argv)
     if args.threads < 1:
@@ -362,7 +364,7 @@ def main(argv=None) -> list[dict]:
     """Run the benchmark of the module docstring; returns the rows."""
     args = parse_args(argv)
     if args.table is not None:
-        rows = read_rows(args.table)
+        rows = [r for path in args.table for r in read_rows(path)]
         print(summary(rows))
         return rows
     torch.set_num_threads(args.threads)
