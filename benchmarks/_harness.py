@@ -335,17 +335,19 @@ def parse_args(
     return args
 
 
-def _open_csv(path: Path):
+def _open_csv(path: Path, columns: Sequence[str] = CSV_COLUMNS):
+    """``(file, csv.DictWriter)`` appending to ``path``: a new file gets the ``columns`` header,
+    an existing one must already have it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and path.stat().st_size > 0:
         with open(path, newline="") as f:
             header = next(csv.reader(f), None)
-        if tuple(header or ()) != CSV_COLUMNS:
+        if tuple(header or ()) != tuple(columns):
             sys.exit(f"{path} has another header ({header}); pass another --out")
         f = open(path, "a", newline="")
-        return f, csv.DictWriter(f, CSV_COLUMNS)
+        return f, csv.DictWriter(f, columns)
     f = open(path, "w", newline="")
-    writer = csv.DictWriter(f, CSV_COLUMNS)
+    writer = csv.DictWriter(f, columns)
     writer.writeheader()
     return f, writer
 
