@@ -34,10 +34,16 @@ def save(path: str | Path, state: dict, *, space: dict, version: str) -> None:
     torch.save({**state, "format": FORMAT, "version": version, "space": space}, buf)
     payload = buf.getvalue()
     header = b"%s %d %s\n" % (MAGIC, FORMAT, hashlib.sha256(payload).hexdigest().encode())
+    write_atomic(path, header + payload)
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a temp file beside ``path``, flush it to disk and rename it over
+    ``path``: a reader (or a run killed meanwhile) sees the old file or the new, never a part."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
-        f.write(header)
-        f.write(payload)
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

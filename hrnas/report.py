@@ -38,6 +38,8 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import FancyBboxPatch  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
+from .checkpoint import write_atomic  # noqa: E402
+
 COST_LABEL = {"macs": ("macs", "MACs (M)", 1e-6), "latency": ("latency_ms", "latency (ms)", 1.0)}
 
 
@@ -302,7 +304,8 @@ class SearchReport:
         if n % self.interval == 0 or n == self.steps:
             snap = {"step": n, **alive_snapshot(self.units)}
             self.snapshots.append(snap)
-            (self.folder / "alive.json").write_text(json.dumps(self.snapshots) + "\n")
+            # atomic: a run killed here must find a whole file when it is resumed
+            write_atomic(self.folder / "alive.json", (json.dumps(self.snapshots) + "\n").encode())
             for kind in ("channels", "tokens"):
                 for name, (alive, _) in snap[kind].items():
                     w.add_scalar(f"{kind}/{name}", alive, n)

@@ -361,11 +361,13 @@ def search(
         }
         run.history.append(record)
         run.step, run.seconds = step + 1, time.perf_counter() - start
+        # the step's report (run folder files) before its checkpoint: a run killed between the
+        # two resumes from an earlier checkpoint and drops the report's later steps
+        if on_step is not None:
+            on_step(step, record)
         every = config.checkpoint_every
         if checkpoint is not None and (last or (every and (step + 1) % every == 0)):
             run.save(Path(checkpoint))
-        if on_step is not None:
-            on_step(step, record)
     if run.ema is not None:
         run.ema.copy_to()
     return SearchResult(

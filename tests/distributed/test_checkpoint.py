@@ -69,8 +69,9 @@ def test_resume_from_every_checkpoint_is_bitwise(tmp_path):
     saved = {}
 
     def keep(step, record):
-        if step + 1 in (2, 3):
-            saved[step + 1] = (tmp_path / "c.pt").read_bytes()
+        # called before the step's own checkpoint: the file holds the one of ``step`` steps
+        if step in (2, 3):
+            saved[step] = (tmp_path / "c.pt").read_bytes()
 
     net = _tiny.supernet()
     full = search(net, data, cfg, keep, checkpoint=tmp_path / "c.pt")

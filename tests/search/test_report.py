@@ -1,6 +1,7 @@
 """The run folder's report: plot data from a hand-made history, valid non-empty PNGs, the
 architecture layout of the multi-branch network, and TensorBoard events with every tag."""
 
+import json
 from dataclasses import dataclass
 
 import matplotlib.image
@@ -185,6 +186,31 @@ def test_search_report_writes_events_and_plots(tmp_path):
     assert [e.step for e in events.Scalars(f"channels/{first}")] == [2, 3]
     with pytest.raises(ValueError, match="cost"):
         SearchReport(tmp_path, units, 2, 3, cost="joules")
+
+
+def test_search_report_continues_a_resumed_run(tmp_path):
+    """Killed after step 3 (alive.json then holds the checks at 2 and 4 of a 5-step run with
+    interval 2), resumed from a checkpoint of step 2: the report keeps the check of step 2 and
+    writes 4 again; TensorBoard events after step 2 are purged and written again."""
+    units = [Unit("a", "channels", torch.ones(8, dtype=torch.bool))]
+    history = [dict(HISTORY[i % 3], step=i + 1) for i in range(5)]
+    first = SearchReport(tmp_path, units, interval=2, steps=5)
+    for step in range(4):
+        first.on_step(step, history[step])
+    first.writer.close()
+    units[0].mask[:3] = False
+    again = SearchReport(tmp_path, units, interval=2, steps=5, resumed=history[:2])
+    assert [s["step"] for s in again.snapshots] == [2]
+    for step in range(2, 5):
+        again.on_step(step, history[step])
+    again.writer.close()
+    assert [s["step"] for s in again.snapshots] == [2, 4, 5]
+    assert [s["channels"]["a"][0] for s in again.snapshots] == [8, 5, 5]
+    saved = json.loads((tmp_path / "alive.json").read_text())
+    assert [s["step"] for s in saved] == [2, 4, 5] and again.history == history
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("search/loss")] == [1, 2, 3, 4, 5]
 
 
 def test_tokens_of_a_transformer_supernet(tmp_path):
