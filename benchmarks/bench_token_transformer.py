@@ -20,7 +20,7 @@ Providers (baseline ``eager``):
   compile failure skips the provider with its reason; the ``backward`` mode uses a compile
   without buffer donation (see _harness.py);
 * ``native``, ``triton``: ``api.fused_forward(..., impl=...)``, the call the module makes;
-  skipped when they cannot run (there is no Triton kernel for this op yet).
+  skipped when they cannot run (Triton: on CUDA only; the interpreter timings mean nothing).
 
 Compulsory bytes, for GB/s: forward reads x (twice when residual: resize and the add) and writes
 the output; backward reads grad_out (twice when residual) and writes grad_x.
