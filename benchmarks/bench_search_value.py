@@ -49,10 +49,10 @@ import _harness as h
 import torch
 
 import hrnas
+from hrnas import job
 from hrnas.config import load_config
-from hrnas.data import build_dataset
 from hrnas.search import SearchConfig, recalibrate_bn, search
-from hrnas.train import as_input, evaluate, train
+from hrnas.train import evaluate, train
 
 OP = "search_value"
 VARIANTS = ("searched", "uniform", "random")
@@ -131,15 +131,7 @@ def task_config(task: str, quick: bool) -> dict:
 
 def datasets(config: dict, task: str, quick: bool):
     """(train, test) as ``hrnas search`` builds them from ``config["data"]``."""
-    data = config["data"]
-
-    def one(split, count):
-        options = dict(data["options"])
-        if count is not None:
-            options["count"] = count
-        return build_dataset(data["name"], split, **options)
-
-    train_set, test_set = one("train", data["train_count"]), one("test", data["test_count"])
+    train_set, test_set = job.datasets(config)
     if quick and task == "cls":
         train_set, test_set = (
             Prefix(d, n) for d, n in zip((train_set, test_set), QUICK_CLS_COUNTS)
@@ -149,17 +141,6 @@ def datasets(config: dict, task: str, quick: bool):
 
 def input_size(dataset) -> tuple[int, int]:
     return tuple(dataset.batch([0])["image"].shape[-2:])
-
-
-def supernet(config: dict, dataset) -> hrnas.Supernet:
-    """The config's supernet at the data's input size, as ``hrnas search`` builds it."""
-    return hrnas.build_supernet(
-        config["space"],
-        num_classes=dataset.num_classes,
-        transformers=False,
-        impl=config["impl"],
-        input_size=input_size(dataset),
-    )
 
 
 def set_keep(net, counts: list[int]) -> None:
@@ -219,16 +200,6 @@ def random_arch(net, target: float, seed: int) -> dict:
     return match_macs(net, lambda c: [c * v for v in r], 1.0 / max(min(r), 1e-6), target)
 
 
-def recal_inputs(dataset, config: dict):
-    """The first ``eval.recalibrate_batches`` batches of ``dataset`` (as ``hrnas search``)."""
-    n, bs = config["eval"]["recalibrate_batches"], config["eval"]["batch_size"]
-    return (
-        as_input(dataset.batch(range(i * bs, min((i + 1) * bs, len(dataset))))["image"])
-        for i in range(n)
-        if i * bs < len(dataset)
-    )
-
-
 def retrain_and_eval(config: dict, arch: dict, train_set, test_set) -> dict:
     """Retrain ``arch`` from scratch with ``config["retrain"]``, recalibrate BN, evaluate."""
     rc = config["retrain"]
@@ -245,7 +216,7 @@ def retrain_and_eval(config: dict, arch: dict, train_set, test_set) -> dict:
         seed=rc["seed"],
     )
     seconds = time.perf_counter() - start
-    recalibrate_bn(net, recal_inputs(train_set, config))
+    recalibrate_bn(net, job.recalibration_inputs(train_set, config))
     result = evaluate(net, test_set, config["eval"]["batch_size"])
     return {
         **result,
@@ -263,7 +234,7 @@ def alive_per_block(arch: dict) -> str:
 def architectures(config: dict, train_set, seed: int) -> tuple[dict, float]:
     """``({variant: arch}, search seconds)`` for one seed."""
     torch.manual_seed(seed)
-    net = supernet(config, train_set)
+    net = job.supernet(config, train_set)
     result = search(net, train_set, SearchConfig(**config["search"]))
     searched = hrnas.export_arch(net)
     target = hrnas.build_from_arch(searched).macs(input_size(train_set))
@@ -272,7 +243,7 @@ def architectures(config: dict, train_set, seed: int) -> tuple[dict, float]:
         f"full {result.full_macs:.4g}) in {result.seconds:.0f} s",
         flush=True,
     )
-    scaled = supernet(config, train_set)
+    scaled = job.supernet(config, train_set)
     archs = {
         "searched": searched,
         "uniform": uniform_arch(scaled, target),

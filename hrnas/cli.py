@@ -25,18 +25,16 @@ import yaml
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from . import __version__, build_from_arch, checkpoint, export_arch, export_subnet
+from . import __version__, build_from_arch, checkpoint, export_arch, export_subnet, job
 from .config import load_config
-from .data import build_dataset
 from .distributed import Dist, gather, init_from_env, shutdown
 from .latency import load_table, measure_ms, measure_table, predict_ms, save_table
 from .report import SearchReport
 from .search import SearchConfig, recalibrate_bn, search
 from .search.loop import NonFiniteLoss
 from .space import SpaceSpec
-from .supernet.registry import build_supernet
 from .supernet.supernet import Supernet
-from .train import as_input, evaluate, train
+from .train import evaluate, train
 
 log = logging.getLogger("hrnas")
 # The progress bar's name of the search's cost (MACs in millions, or the table's ms).
@@ -62,52 +60,8 @@ class Progress:
         self.bar.close()
 
 
-def _datasets(config: dict):
-    data = config["data"]
-
-    def one(split, count):
-        options = dict(data["options"])
-        if count is not None:
-            options["count"] = count
-        return build_dataset(data["name"], split, **options)
-
-    return one("train", data["train_count"]), one("test", data["test_count"])
-
-
-def _classes(dataset) -> int:
-    return getattr(dataset, "num_classes", None) or dataset.num_keypoints
-
-
-def _supernet(config: dict, dataset) -> Supernet:
-    task = {"cls": "classification", "seg": "segmentation", "kpt": "keypoints"}[dataset.task]
-    # The space's input size becomes the data's, so MACs everywhere are those of the real input.
-    size = tuple(dataset.batch([0])["image"].shape[-2:])
-    net = build_supernet(
-        config["space"],
-        num_classes=_classes(dataset),
-        transformers=False,
-        impl=config["impl"],
-        input_size=size,
-    )
-    if net.space.task != task:
-        raise ValueError(
-            f"space {config['space']!r} is for {net.space.task}, "
-            f"dataset {config['data']['name']!r} for {task}"
-        )
-    return net
-
-
 def _save(obj, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
-def _recal_inputs(dataset, config: dict):
-    n, bs = config["eval"]["recalibrate_batches"], config["eval"]["batch_size"]
-    return (
-        as_input(dataset.batch(range(i * bs, min((i + 1) * bs, len(dataset))))["image"])
-        for i in range(n)
-        if i * bs < len(dataset)
-    )
 
 
 def _load_net(path: Path):
@@ -155,7 +109,7 @@ def _retrain_and_eval(config, arch, supernet, train_set, test_set, out: Path, wr
     bar.close()
     seconds = time.perf_counter() - start
     # BN momentum 0.01 (the authors') leaves short runs with unsettled running statistics.
-    recalibrate_bn(net, _recal_inputs(train_set, config))
+    recalibrate_bn(net, job.recalibration_inputs(train_set, config))
     torch.save({"kind": "compact", "arch": arch, "state_dict": net.state_dict()}, out / "model.pt")
     result = evaluate(net, test_set, config["eval"]["batch_size"])
     size = tuple(net.space.input_size)
@@ -231,9 +185,9 @@ def _search(args, d: Dist) -> int:
             log.info("resuming %s", out)
     else:
         out = Path(gather(d, str(_run_folder(args, config)) if d.main else None)[0])
-    train_set, test_set = _datasets(config)
+    train_set, test_set = job.datasets(config)
     torch.manual_seed(config["search"]["seed"])
-    net = _supernet(config, train_set).to(d.device)
+    net = job.supernet(config, train_set).to(d.device)
     size = tuple(net.space.input_size)
     supernet_macs = net.macs(size)
     resume = None
@@ -291,7 +245,7 @@ def _search(args, d: Dist) -> int:
     }
     torch.save(state, out / "supernet.pt")
     probe = copy.deepcopy(net)
-    recalibrate_bn(probe, _recal_inputs(train_set, config))
+    recalibrate_bn(probe, job.recalibration_inputs(train_set, config))
     searched = evaluate(probe, test_set, config["eval"]["batch_size"])
     log.info("searched supernet (BN recalibrated): %s %.4f", searched["metric"], searched["value"])
     final = _retrain_and_eval(config, arch, net, train_set, test_set, out, report.writer)
@@ -354,7 +308,7 @@ def cmd_retrain(args) -> int:
     if supernet is not None and not isinstance(supernet, Supernet):
         raise ValueError(f"{args.supernet}: a compact checkpoint, --supernet needs a supernet.pt")
     out = _run_folder(args, config)
-    train_set, test_set = _datasets(config)
+    train_set, test_set = job.datasets(config)
     writer = SummaryWriter(str(out / "tensorboard"))
     final = _retrain_and_eval(config, arch, supernet, train_set, test_set, out, writer)
     writer.add_scalar(f"final/{final['metric']}", final["value"], config["retrain"]["steps"])
@@ -373,9 +327,9 @@ def cmd_retrain(args) -> int:
 def cmd_eval(args) -> int:
     config = _config(args)
     net = _load_net(Path(args.checkpoint))
-    train_set, test_set = _datasets(config)
+    train_set, test_set = job.datasets(config)
     if isinstance(net, Supernet):
-        recalibrate_bn(net, _recal_inputs(train_set, config))
+        recalibrate_bn(net, job.recalibration_inputs(train_set, config))
     result = evaluate(net, test_set, config["eval"]["batch_size"])
     result["macs"] = net.macs(tuple(net.space.input_size))
     print(json.dumps(result))
@@ -393,9 +347,9 @@ def cmd_export(args) -> int:
 
 def cmd_bench_latency(args) -> int:
     config = _config(args)
-    train_set, _ = _datasets(config)
+    train_set, _ = job.datasets(config)
     torch.manual_seed(config["search"]["seed"])
-    net = _supernet(config, train_set)
+    net = job.supernet(config, train_set)
     size = tuple(net.space.input_size)
     table = measure_table(net, size, args.batch, args.repeats, args.samples)
     save_table(table, args.output)

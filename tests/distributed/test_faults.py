@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import hrnas
-import hrnas.cli
+import hrnas.job
 from hrnas import checkpoint as ckpt
 from hrnas.cli import main
 from hrnas.search import search
@@ -55,13 +55,13 @@ def test_nan_mid_search_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_cli_nan_exits_3_with_a_message(tmp_path, monkeypatch, capsys):
-    datasets = hrnas.cli._datasets
+    datasets = hrnas.job.datasets
 
     def poisoned(config):
         train, test = datasets(config)
         return Poisoned(train, poison=True), test
 
-    monkeypatch.setattr(hrnas.cli, "_datasets", poisoned)
+    monkeypatch.setattr(hrnas.job, "datasets", poisoned)
     args = ["--set", "data.train_count=16", "--set", "data.options={size: 32}"]
     assert main(["search", "--out", str(tmp_path), "--set", "search.batch_size=4", *args]) == 3
     err = capsys.readouterr().err

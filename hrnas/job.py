@@ -1,0 +1,56 @@
+"""What a run config (``hrnas.config``) names, built: its datasets, its supernet and the
+batches that recalibrate BN before an evaluation. ``hrnas search/retrain/eval/bench-latency``
+and the benchmarks build their runs through these, so a benchmark measures what the CLI runs."""
+
+from __future__ import annotations
+
+from .data import build_dataset
+from .supernet.registry import build_supernet
+from .supernet.supernet import Supernet
+from .train import TASKS, as_input
+
+
+def datasets(config: dict):
+    """``(train, test)`` datasets of ``config["data"]`` (``train_count`` / ``test_count``,
+    when not null, become the datasets' ``count`` option)."""
+    data = config["data"]
+
+    def one(split, count):
+        options = dict(data["options"])
+        if count is not None:
+            options["count"] = count
+        return build_dataset(data["name"], split, **options)
+
+    return one("train", data["train_count"]), one("test", data["test_count"])
+
+
+def supernet(config: dict, dataset) -> Supernet:
+    """The supernet of ``config["space"]`` (no transformers, ``config["impl"]``) for
+    ``dataset``: its classes (or keypoints) and its input size, so MACs everywhere are those of
+    the real input. The space's task must be the dataset's."""
+    task = TASKS[dataset.task]
+    size = tuple(dataset.batch([0])["image"].shape[-2:])
+    net = build_supernet(
+        config["space"],
+        num_classes=getattr(dataset, "num_classes", None) or dataset.num_keypoints,
+        transformers=False,
+        impl=config["impl"],
+        input_size=size,
+    )
+    if net.space.task != task:
+        raise ValueError(
+            f"space {config['space']!r} is for {net.space.task}, "
+            f"dataset {config['data']['name']!r} for {task}"
+        )
+    return net
+
+
+def recalibration_inputs(dataset, config: dict):
+    """The first ``eval.recalibrate_batches`` batches of ``eval.batch_size`` images of
+    ``dataset``, as network inputs (a generator)."""
+    n, bs = config["eval"]["recalibrate_batches"], config["eval"]["batch_size"]
+    return (
+        as_input(dataset.batch(range(i * bs, min((i + 1) * bs, len(dataset))))["image"])
+        for i in range(n)
+        if i * bs < len(dataset)
+    )
