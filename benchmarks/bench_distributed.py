@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import torch.multiprocessing as mp
 
 import hrnas
 from hrnas.data import FashionSegmentation
-from hrnas.distributed import init_from_env, shutdown
+from hrnas.distributed import free_local_port, init_from_env, shutdown
 from hrnas.search import SearchConfig, search
 
 COLUMNS = (
@@ -84,17 +83,11 @@ def _rank(rank: int, world: int, port: int, args, out: str) -> None:
         shutdown(d)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(world: int, args) -> list[float]:
     """Step times (s) of rank 0 over the timed steps of a ``world``-process search."""
     with tempfile.TemporaryDirectory() as tmp:
         out = f"{tmp}/steps.pt"
-        mp.spawn(_rank, args=(world, _free_port(), args, out), nprocs=world, join=True)
+        mp.spawn(_rank, args=(world, free_local_port(), args, out), nprocs=world, join=True)
         return torch.load(out)
 
 

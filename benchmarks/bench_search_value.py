@@ -41,7 +41,6 @@ import copy
 import csv
 import datetime
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,8 +50,8 @@ import torch
 import hrnas
 from hrnas import job
 from hrnas.config import load_config
-from hrnas.search import SearchConfig, recalibrate_bn, search
-from hrnas.train import evaluate, train
+from hrnas.search import SearchConfig, search
+from hrnas.train import evaluate
 
 OP = "search_value"
 VARIANTS = ("searched", "uniform", "random")
@@ -202,21 +201,7 @@ def random_arch(net, target: float, seed: int) -> dict:
 
 def retrain_and_eval(config: dict, arch: dict, train_set, test_set) -> dict:
     """Retrain ``arch`` from scratch with ``config["retrain"]``, recalibrate BN, evaluate."""
-    rc = config["retrain"]
-    torch.manual_seed(rc["seed"])
-    net = hrnas.build_from_arch(arch)
-    start = time.perf_counter()
-    train(
-        net,
-        train_set,
-        steps=rc["steps"],
-        batch_size=rc["batch_size"],
-        lr=rc["lr"],
-        weight_decay=rc["weight_decay"],
-        seed=rc["seed"],
-    )
-    seconds = time.perf_counter() - start
-    recalibrate_bn(net, job.recalibration_inputs(train_set, config))
+    net, seconds = job.retrain(config, arch, train_set)
     result = evaluate(net, test_set, config["eval"]["batch_size"])
     return {
         **result,

@@ -25,7 +25,7 @@ import yaml
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from . import __version__, build_from_arch, checkpoint, export_arch, export_subnet, job
+from . import __version__, build_from_arch, checkpoint, export_arch, job
 from .config import load_config
 from .distributed import Dist, gather, init_from_env, shutdown
 from .latency import load_table, measure_ms, measure_table, predict_ms, save_table
@@ -34,7 +34,7 @@ from .search import SearchConfig, recalibrate_bn, search
 from .search.loop import NonFiniteLoss
 from .space import SpaceSpec
 from .supernet.supernet import Supernet
-from .train import evaluate, train
+from .train import evaluate
 
 log = logging.getLogger("hrnas")
 # The progress bar's name of the search's cost (MACs in millions, or the table's ms).
@@ -80,36 +80,18 @@ def _retrain_and_eval(config, arch, supernet, train_set, test_set, out: Path, wr
     """Retrain ``arch`` (``retrain.init``), recalibrate BN, evaluate; the loss goes to
     ``writer`` (TensorBoard ``retrain/loss``). Also measures the retrained network's latency
     (batch 1, ``hrnas.latency.measure_ms``)."""
-    rc = config["retrain"]
-    if rc["init"] == "inherit":
-        if supernet is None:
-            raise ValueError(
-                "retrain.init=inherit needs --supernet (a supernet.pt of a search run)"
-            )
-        net = export_subnet(supernet)
-    else:
-        torch.manual_seed(rc["seed"])
-        net = build_from_arch(arch)
-    bar = Progress(rc["steps"], "retrain")
-    start = time.perf_counter()
-    train(
-        net,
+    bar = Progress(config["retrain"]["steps"], "retrain")
+    net, seconds = job.retrain(
+        config,
+        arch,
         train_set,
-        steps=rc["steps"],
-        batch_size=rc["batch_size"],
-        lr=rc["lr"],
-        weight_decay=rc["weight_decay"],
-        seed=rc["seed"],
-        ema=rc["ema"],
+        supernet=supernet,
         on_step=lambda s, loss: (
             bar.update(loss=loss),
             writer.add_scalar("retrain/loss", loss, s + 1),
         ),
     )
     bar.close()
-    seconds = time.perf_counter() - start
-    # BN momentum 0.01 (the authors') leaves short runs with unsettled running statistics.
-    recalibrate_bn(net, job.recalibration_inputs(train_set, config))
     torch.save({"kind": "compact", "arch": arch, "state_dict": net.state_dict()}, out / "model.pt")
     result = evaluate(net, test_set, config["eval"]["batch_size"])
     size = tuple(net.space.input_size)

@@ -19,6 +19,7 @@ on any rank and the optimizer skips it, as in a one-process run.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +44,14 @@ class Dist:
     def main(self) -> bool:
         """Rank 0: the one process that writes files and logs progress."""
         return self.rank == 0
+
+
+def free_local_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for ``MASTER_PORT`` of a single-machine process group
+    spawned by hand (``torchrun --standalone`` picks its own)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def init_from_env() -> Dist:

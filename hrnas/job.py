@@ -1,13 +1,22 @@
-"""What a run config (``hrnas.config``) names, built: its datasets, its supernet and the
-batches that recalibrate BN before an evaluation. ``hrnas search/retrain/eval/bench-latency``
-and the benchmarks build their runs through these, so a benchmark measures what the CLI runs."""
+"""What a run config (``hrnas.config``) names, built: its datasets, its supernet, the batches
+that recalibrate BN before an evaluation and the retrained network of an architecture.
+``hrnas search/retrain/eval/bench-latency`` and the benchmarks build their runs through these,
+so a benchmark measures what the CLI runs."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
 from .data import build_dataset
+from .export import build_from_arch, export_subnet
+from .search.recalibrate import recalibrate_bn
 from .supernet.registry import build_supernet
 from .supernet.supernet import Supernet
-from .train import TASKS, as_input
+from .train import TASKS, as_input, train
 
 
 def datasets(config: dict):
@@ -54,3 +63,43 @@ def recalibration_inputs(dataset, config: dict):
         for i in range(n)
         if i * bs < len(dataset)
     )
+
+
+def retrain(
+    config: dict,
+    arch: dict,
+    train_set,
+    *,
+    supernet: Supernet | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[nn.Module, float]:
+    """``arch`` trained with ``config["retrain"]`` and its BN statistics recalibrated on
+    ``train_set``; returns ``(net, seconds of training)``. ``retrain.init``: ``scratch`` builds
+    the network fresh under ``retrain.seed``, ``inherit`` takes ``supernet``'s weights
+    (``export_subnet``). ``on_step(step, loss)`` as ``hrnas.train.train``."""
+    rc = config["retrain"]
+    if rc["init"] == "inherit":
+        if supernet is None:
+            raise ValueError(
+                "retrain.init=inherit needs --supernet (a supernet.pt of a search run)"
+            )
+        net = export_subnet(supernet)
+    else:
+        torch.manual_seed(rc["seed"])
+        net = build_from_arch(arch)
+    start = time.perf_counter()
+    train(
+        net,
+        train_set,
+        steps=rc["steps"],
+        batch_size=rc["batch_size"],
+        lr=rc["lr"],
+        weight_decay=rc["weight_decay"],
+        seed=rc["seed"],
+        ema=rc["ema"],
+        on_step=on_step,
+    )
+    seconds = time.perf_counter() - start
+    # BN momentum 0.01 (the authors') leaves short runs with unsettled running statistics.
+    recalibrate_bn(net, recalibration_inputs(train_set, config))
+    return net, seconds

@@ -7,13 +7,19 @@ and to the one-process masks. One block is dead from the start, so DDP runs with
 that get no gradient (ignored, not searched for every step); see ``hrnas.distributed``."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from hrnas.distributed import Dist, check_identical, init_from_env, shutdown, unused_parameters
+from hrnas.distributed import (
+    Dist,
+    check_identical,
+    free_local_port,
+    init_from_env,
+    shutdown,
+    unused_parameters,
+)
 from hrnas.search import search
 from hrnas.train import as_input
 
@@ -51,14 +57,8 @@ def _worker(rank: int, port: int, out: str) -> None:
         shutdown(d)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_ranks_match_one_process(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_local_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     history, masks, params = _run(None)
     for *_, error in ranks:
