@@ -3,8 +3,10 @@
 //
 //   Cta::each(count, body)  runs body(i) for i < count, spread over the CTA's threads on a GPU
 //                           (thread t takes t, t + blockDim, ...), in order on the host;
-//   Cta::sync()             __syncthreads() on a GPU, nothing on the host.
+//   Cta::sync()             __syncthreads() on a GPU; on the host, the end of a phase.
 //
+// Every program ends with a sync (a no-op for the GPU's last phase) so that the host check may
+// hold a phase's bodies until the sync that closes it.
 // Within one `each` the bodies are independent (each writes only its own outputs and reads
 // nothing another body of the same phase writes), so running them one after another on the host
 // computes what the threads compute in parallel, and the host check (tests/ops/
@@ -348,6 +350,7 @@ struct FwdTokens {
       a.ws[a.w.in_part + n * 2 * s.L + 2 * l] = m.mean;
       a.ws[a.w.in_part + n * 2 * s.L + 2 * l + 1] = m.m2;
     });
+    cta.sync();
   }
 };
 
@@ -465,6 +468,7 @@ struct FwdLayers {
       a.ws[a.w.out_part + n * 2 * s.Co + 2 * co] = mo.mean;
       a.ws[a.w.out_part + n * 2 * s.Co + 2 * co + 1] = mo.m2;
     });
+    cta.sync();
   }
 };
 
@@ -494,6 +498,7 @@ struct FwdOutput {
       if (s.residual) v += static_cast<A>(a.x[b * plane + i]);
       a.y[b * plane + i] = static_cast<T>(v);
     });
+    cta.sync();
   }
 };
 
@@ -531,6 +536,7 @@ struct BwdOutput {
       part[a.ga.at[kBnOutB] + co] = sum<A>(gz, 1, d);
       part[a.ga.at[kBnOutW] + co] = dot<A>(gz, 1, zhat, 1, d);
     });
+    cta.sync();
   }
 };
 
@@ -553,7 +559,7 @@ HRNAS_HD A bn_input_grad(const BwdArgs<T, A>& a, int k_w, int k_b, int64_t r, A 
 template <class Cta, typename T, typename A>
 HRNAS_HD void norm_output(const Cta& cta, const T* xhat, const T* gamma, const T* beta, int64_t L,
                           int64_t d, A* out) {
-  cta.each(L * d, [&](int64_t i) {
+  cta.each(L * d, [=](int64_t i) {  // by value: the caller syncs after this returns
     out[i] = static_cast<A>(xhat[i]) * static_cast<A>(gamma[i % d]) +
              static_cast<A>(beta[i % d]);
   });
@@ -713,6 +719,7 @@ struct BwdLayers {
       part[a.ga.at[kBnInB] + l] = sum<A>(gt0 + l * d, 1, d);
       part[a.ga.at[kBnInW] + l] = dot<A>(gt0 + l * d, 1, uhat + l * d, 1, d);
     });
+    cta.sync();
   }
 };
 
@@ -756,6 +763,7 @@ struct BwdInput {
       }
       a.gx[n * C * plane + i] = static_cast<T>(v);
     });
+    cta.sync();
   }
 };
 
@@ -773,6 +781,7 @@ struct BwdReduce {
       while (e >= a.ga.at[k + 1]) ++k;
       a.grad[k][e - a.ga.at[k]] = static_cast<T>(v);
     });
+    cta.sync();
   }
 };
 

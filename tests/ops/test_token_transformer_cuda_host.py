@@ -4,8 +4,9 @@ The CTA programs of csrc/token_transformer/token_transformer_device.h are the CU
 (the .cu only spreads each phase over the threads and puts __syncthreads between phases).
 tests/ops/token_transformer_host_driver.cpp runs them on CPU tensors through the same host
 sequence as the .cu (token_transformer_run.h: checks, allocation, tape and workspace layouts,
-launch order), CTA by CTA, every phase's bodies in reverse order. Here that driver stands in for
-the native op pair behind the public function's autograd, in float64, and every result is
+launch order), CTA by CTA, each phase's bodies held until the sync that closes it and then run
+last-first (and also in order: the results must be bitwise equal). Here that driver stands in
+for the native op pair behind the public function's autograd, in float64, and every result is
 compared with the float64 reference: output, BN statistics (through the running averages),
 and every gradient, to 1e-11 relative (an index slip moves results by far more: see
 test_tolerance_catches_a_wrong_index)."""
@@ -105,7 +106,9 @@ def _max_error(actual, expected):
 
 @pytest.fixture
 def host_native(driver, monkeypatch):
+    """The driver as the native op pair, in its strict (deferred, last-first) order."""
     monkeypatch.setitem(api._OPS, "native", (driver.fwd, driver.bwd))
+    driver.set_order(True)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -119,6 +122,23 @@ def test_cuda_programs_match_reference(host_native, case, training):
     expected = _run("reference", case, training, x, gy)
     actual = _run("native", case, training, x, gy)
     assert _max_error(actual, expected) < TOL
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[2]], ids=str)
+def test_phases_are_independent_of_body_order(host_native, driver, case):
+    """Bodies in order and deferred to the closing sync, last first, give bitwise equal results:
+    no body reads what another body of its phase writes, and no sync is missing between
+    dependent phases (the two ways the GPU's thread order could change a result)."""
+    n, c, c_out, h, w = case[:5]
+    ho, wo = (h // 2, w // 2) if case[9] else (h, w)
+    x = randn((n, c, h, w), dtype=torch.float64, seed=7)
+    gy = randn((n, c_out or c, ho, wo), dtype=torch.float64, seed=8)
+    runs = []
+    for deferred in (False, True):
+        driver.set_order(deferred)
+        runs.append(_run("native", case, True, x, gy))
+    for name, value in runs[0].items():
+        assert value is None or torch.equal(value, runs[1][name]), name
 
 
 def test_tolerance_catches_a_wrong_index(driver):

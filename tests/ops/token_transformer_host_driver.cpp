@@ -5,6 +5,7 @@
 // torch.utils.cpp_extension.load.
 #include <torch/extension.h>
 
+#include <functional>
 #include <optional>
 #include <vector>
 
@@ -14,23 +15,46 @@ namespace {
 
 using namespace hrnas::token_transformer::device;
 
-// A CTA on the host: each phase's bodies one after another, in reverse order (a body that read
-// what another body of the same phase writes would see it in an order no GPU guarantees, and the
-// comparison with the reference would catch it); sync has nothing to wait for.
+// A CTA on the host, in one of two orders (set_order):
+//   in order:  each phase's bodies as they come, i = 0, 1, ...;
+//   deferred:  bodies are held until the next sync, then run last-first. A phase whose bodies
+//              read what another body of the same phase writes, or a missing sync between two
+//              dependent phases (the later phase's bodies then run before the earlier's), gives
+//              results that differ from the in-order run; with neither, both are bitwise equal.
+bool g_deferred = false;
+std::vector<std::function<void()>> g_pending;
+
 struct HostCta {
   template <class F>
   void each(int64_t count, F&& body) const {
-    for (int64_t i = count - 1; i >= 0; --i) body(i);
+    for (int64_t i = 0; i < count; ++i) {
+      if (g_deferred) {
+        g_pending.emplace_back([body, i]() mutable { body(i); });
+      } else {
+        body(i);
+      }
+    }
   }
-  void sync() const {}
+  void sync() const {
+    while (!g_pending.empty()) {
+      const std::function<void()> body = std::move(g_pending.back());
+      g_pending.pop_back();
+      body();
+    }
+  }
 };
 
 struct HostExec {
   template <class P, class Args>
   void run(int64_t ctas, const Args& a) const {
-    for (int64_t b = 0; b < ctas; ++b) P::run(HostCta{}, b, a);
+    for (int64_t b = 0; b < ctas; ++b) {
+      P::run(HostCta{}, b, a);
+      TORCH_CHECK(g_pending.empty(), "a CTA program ended without a sync after its last phase");
+    }
   }
 };
+
+void set_order(bool deferred) { g_deferred = deferred; }
 
 FwdResult fwd(const at::Tensor& x, const at::Tensor& coords, const at::Tensor& w_in,
               const at::Tensor& bn_in_w, const at::Tensor& bn_in_b,
@@ -72,4 +96,5 @@ BwdResult bwd(const at::Tensor& gy, const at::Tensor& tape, const at::Tensor& co
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &fwd);
   m.def("bwd", &bwd);
+  m.def("set_order", &set_order);
 }
