@@ -13,6 +13,7 @@ _OPS = {"native": (ops.fwd, ops.bwd), "triton": (ops.fwd_triton, ops.bwd_triton)
 # so impl resolution reports them instead of letting the dispatcher fail.
 SUPPORTED = {
     ("native", "cpu"): (torch.float32, torch.float64),
+    ("native", "cuda"): (torch.float32, torch.float64, torch.float16, torch.bfloat16),
     ("triton", "cuda"): (torch.float32, torch.float16, torch.bfloat16),
     ("triton", "cpu"): (torch.float32, torch.float64),  # TRITON_INTERPRET=1 only
 }

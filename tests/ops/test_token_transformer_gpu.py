@@ -1,7 +1,10 @@
 """token_transformer's Triton kernels on CPU under TRITON_INTERPRET=1 (marked ``triton``: a chosen
 subset of the op suite, the interpreter being ~1 s per call) and the CUDA-only checks (marked
-``gpu``): float16/bfloat16 against the float64 reference and the forward launch count. On a GPU
-the whole op suite (tests/ops/test_token_transformer.py) also runs the triton-cuda pair."""
+``gpu``) of the Triton and the native CUDA kernels: float16/bfloat16 against the float64
+reference, the forward launch count, and (native) bitwise repeatable gradients. On a GPU the
+whole op suite (tests/ops/test_token_transformer.py) also runs the triton-cuda and native-cuda
+pairs (float32 parity, float64 gradcheck, opcheck, torch.compile); the native CUDA kernels' code
+is checked without a GPU by test_token_transformer_cuda_host.py."""
 
 import pytest
 import torch
@@ -87,23 +90,32 @@ def test_tape_layout_matches_tape_size():
 # -- CUDA only -------------------------------------------------------------------------------------
 
 
-@pytest.mark.gpu
-@pytest.mark.triton
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_low_precision_matches_reference(dtype, training):
-    """float16/bfloat16: output and input gradient within twice eager PyTorch's own error in
-    the same dtype (both against the float64 reference)."""
-    why = runnable("triton", "cuda")
+# the CUDA kernels of each family (the Triton one needs triton)
+CUDA_IMPLS = [pytest.param("triton", marks=pytest.mark.triton), "native"]
+
+
+def _cuda_impl(impl):
+    why = runnable(impl, "cuda")
     if why:
         pytest.skip(why)
+    return impl
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", CUDA_IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_low_precision_matches_reference(impl, dtype, training):
+    """float16/bfloat16: output and input gradient within twice eager PyTorch's own error in
+    the same dtype (both against the float64 reference)."""
+    _cuda_impl(impl)
     case = CASES[2]
     n, c, _, h, w, tokens = case[:6]
     alive = _mask(tokens, "random")
     mods = {
         "ref": _module(case, "reference"),
         "eager": _module(case, "reference", dtype, "cuda"),
-        "triton": _module(case, "triton", dtype, "cuda"),
+        "fused": _module(case, impl, dtype, "cuda"),
     }
     x64 = randn((n, c, h, w), dtype=torch.float64, seed=7)
     gy = randn((n, case[2], h, w), dtype=torch.float64, seed=8)
@@ -116,34 +128,53 @@ def test_low_precision_matches_reference(dtype, training):
         results[name] = (y, _grads(m, x, y, gy.to(y.device, y.dtype))["x"])
     for i, what in enumerate(("output", "grad x")):
         assert_close_to_reference(
-            results["triton"][i], results["ref"][i], dtype, results["eager"][i], what=what
+            results["fused"][i], results["ref"][i], dtype, results["eager"][i], what=what
         )
 
 
 @pytest.mark.gpu
-@pytest.mark.triton
+@pytest.mark.parametrize("impl", CUDA_IMPLS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_forward_launches(training):
+def test_forward_launches(impl, training):
     """The forward op of the whole block (N=8, C=36, 28x28, 64 tokens) is at most 4 kernels."""
-    why = runnable("triton", "cuda")
-    if why:
-        pytest.skip(why)
+    _cuda_impl(impl)
+    fwd = ops.fwd_triton if impl == "triton" else ops.fwd
     case = (8, 36, None, 28, 28, 64, 8, 1, False, True)
-    m = _module(case, "triton", torch.float32, "cuda")
+    m = _module(case, impl, torch.float32, "cuda")
     a = [t.detach() if isinstance(t, torch.Tensor) else t for t in _functional_args(m)]
     if training:
         a[4] = a[5] = a[12] = a[13] = None
     x = randn((8, 36, 28, 28), device="cuda", seed=1)
     args = [x, *a[:6], [t.detach() for t in a[6]], a[7], [t.detach() for t in a[8]], *a[9:]]
     args += [1, [28, 28], True, 1e-5]
-    ops.fwd_triton(*args)  # compile first
+    fwd(*args)  # compile first
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        ops.fwd_triton(*args)
+        fwd(*args)
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     kernels = [e for e in kernels if "memcpy" not in e.name.lower()]
     assert 1 <= len(kernels) <= 4, [e.name for e in kernels]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_native_cuda_is_repeatable(dtype):
+    """Two runs of the native CUDA forward and backward give bitwise equal results: every sum
+    over samples is a per-sample partial reduced in sample order, without atomics."""
+    _cuda_impl("native")
+    case = (5, 4, None, 13, 11, 64, 8, 2, False, True)
+    m = _module(case, "native", dtype, "cuda")
+    x = randn((5, 4, 13, 11), dtype=dtype, device="cuda", seed=3)
+    gy = randn((5, 4, 13, 11), dtype=dtype, device="cuda", seed=4)
+    runs = []
+    for _ in range(2):
+        m.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        runs.append([y.detach(), *_grads(m, xi, y, gy).values()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 def test_kernels_compile_for_sm90():
