@@ -3,8 +3,9 @@
 // Semantics are those of mixed_dwconv_bn_act_cpu.cpp (compact channels, argument checks, output
 // layout rule of common/checks.h, running statistics passed through in eval); float64/32/16 and
 // bfloat16 with float (double for float64) accumulation and statistics; NCHW and channels-last.
-// The per-thread bodies live in mixed_dwconv_bn_act_device.h (host-callable); this file adds the
-// CTA reductions, the launches and the op entry points.
+// The per-thread bodies and the launch geometry live in mixed_dwconv_bn_act_device.h
+// (host-callable); this file adds the CTA reductions, the launches and the op entry points.
+// tests/ops/mixed_dwconv_cuda_host.cpp replays these kernels on the host: keep the two in step.
 //
 // Every kernel that convolves covers all kernel-size groups in one launch (a group table, up to
 // kMaxGroups groups; the CTA's group is uniform, so the switch on its kernel size does not
@@ -47,31 +48,11 @@ namespace {
 using device::BwdArgs;
 using device::FwdArgs;
 using device::Geometry;
-using device::kMaxGroups;
+using device::kThreads;
 using device::Pair;
 using device::Tile;
 using device::Welford;
-
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = (int64_t{1} << 31) - 1;
-constexpr int64_t kMaxTiles = 65535;  // grid.y
-
-// NCHW: positions are contiguous, one channel per CTA, 256 position lanes x 4 each. NHWC:
-// channels are contiguous, 32 channel lanes (a 128-byte fp32 row) x 8 position lanes x 16 each.
-Tile tile_for(bool channels_last) {
-  return channels_last ? Tile{32, 8, 16} : Tile{1, 256, 4};
-}
-
-// Calls f(std::integral_constant<int, K>) with K = 3, 5, 7, or 0 (runtime size).
-template <typename F>
-__device__ void with_kernel_size(int k, const F& f) {
-  switch (k) {
-    case 3: f(std::integral_constant<int, 3>()); break;
-    case 5: f(std::integral_constant<int, 5>()); break;
-    case 7: f(std::integral_constant<int, 7>()); break;
-    default: f(std::integral_constant<int, 0>()); break;
-  }
-}
+using device::with_kernel_size;
 
 // Tree reduction over the position lanes of the CTA's shared-memory array; lane ty == 0 ends
 // with the CTA's value for channel lane tx.
@@ -192,64 +173,26 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------------------
 // Host side
 
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 Geometry make_geometry(const at::Tensor& x, const at::Tensor& y, int64_t stride) {
-  Geometry g{};
-  g.N = x.size(0);
-  g.A = x.size(1);
-  g.H = x.size(2);
-  g.W = x.size(3);
-  g.Ho = y.size(2);
-  g.Wo = y.size(3);
-  for (int d = 0; d < 4; ++d) {
-    g.xs[d] = x.stride(d);
-    g.ys[d] = y.stride(d);
-  }
-  g.stride = stride;
-  return g;
+  return device::make_geometry(x.sizes().data(), x.strides().data(), y.sizes().data(),
+                               y.strides().data(), stride);
 }
 
-// The group tables of the launches: alive groups, kMaxGroups at a time, with their offsets in
-// the packed weight gradient (alive groups only, in order).
 template <typename T>
-std::vector<device::Groups<T>> group_tables(const std::vector<Group>& groups,
-                                            const std::vector<at::Tensor>& w, const Tile& t,
-                                            int64_t* wtotal) {
-  std::vector<device::Groups<T>> tables;
-  int64_t woff = 0;
-  for (size_t g = 0; g < groups.size(); ++g) {
-    if (groups[g].count == 0) continue;
-    if (tables.empty() || tables.back().n == kMaxGroups) {
-      tables.push_back(device::Groups<T>{});
-      tables.back().tile_begin[0] = 0;
-    }
-    device::Groups<T>& gs = tables.back();
-    const int j = gs.n++;
-    gs.c_begin[j] = groups[g].begin;
-    gs.count[j] = groups[g].count;
-    gs.k[j] = static_cast<int>(groups[g].k);
-    gs.woff[j] = woff;
-    gs.w[j] = w[g].const_data_ptr<T>();
-    gs.tile_begin[j + 1] = gs.tile_begin[j] + cdiv(groups[g].count, t.ct);
-    TORCH_CHECK(gs.tile_begin[j + 1] <= kMaxTiles, kOp, ": too many channels (",
-                groups[g].count, ") in one kernel-size group for the CUDA kernel");
-    woff += groups[g].count * groups[g].k * groups[g].k;
-  }
-  *wtotal = woff;
-  return tables;
+std::vector<const T*> row_pointers(const std::vector<at::Tensor>& w) {
+  std::vector<const T*> p;
+  for (const at::Tensor& t : w) p.push_back(t.const_data_ptr<T>());
+  return p;
 }
 
 dim3 cta(const Tile& t) { return dim3(t.ct, t.pt); }
 
-dim3 grid(int64_t blocks, int64_t tiles) {
-  TORCH_CHECK(blocks <= kMaxBlocks, kOp, ": the input is too large for the CUDA kernel");
-  return dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(tiles));
+template <typename T>
+dim3 grid(int64_t blocks, const device::Groups<T>& gs) {
+  return dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(device::channel_tiles(gs)));
 }
 
-unsigned blocks_for(int64_t n) {
-  return static_cast<unsigned>(std::min<int64_t>(cdiv(n, kThreads), kMaxBlocks));
-}
+unsigned blocks_for(int64_t n) { return static_cast<unsigned>(device::blocks_for(n)); }
 
 std::vector<at::Tensor> contiguous_rows(at::TensorList weights) {
   std::vector<at::Tensor> w;
@@ -286,8 +229,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cuda(
     if (P == 0) return {y, conv, mean, var};
   }
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
-  const Tile tile = tile_for(channels_last);
-  const int64_t nbp = cdiv(P, int64_t{tile.pt} * tile.e);
+  const Tile tile = device::tile_for(channels_last);
+  const int64_t nbp = device::position_blocks(P, tile);
   const std::vector<at::Tensor> w = contiguous_rows(weights);
   const at::Tensor gamma = bn_weight.contiguous(), beta = bn_bias.contiguous();
   at::Tensor partial = at::empty({use_batch_stats ? 2 * C * nbp : 0}, mean.options());
@@ -313,10 +256,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cuda(
     a.eps = static_cast<A>(eps);
     int64_t wtotal = 0;
     const size_t smem = sizeof(Welford<A>) * tile.ct * tile.pt;
-    for (const auto& gs : group_tables<scalar_t>(groups, w, tile, &wtotal)) {
+    for (const auto& gs :
+         device::group_tables(groups, row_pointers<scalar_t>(w), tile, &wtotal)) {
       a.gs = gs;
-      fwd_conv_kernel<scalar_t, A>
-          <<<grid(nbp, gs.tile_begin[gs.n]), cta(tile), smem, stream>>>(a);
+      fwd_conv_kernel<scalar_t, A><<<grid(nbp, gs), cta(tile), smem, stream>>>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (use_batch_stats) {
@@ -360,9 +303,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> bwd_cuda
     return {gx, gw, ggamma, gbeta};
   }
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
-  const Tile tile = tile_for(channels_last);
-  const int64_t per_block = int64_t{tile.pt} * tile.e;
-  const int64_t nbp = cdiv(P, per_block), nbx = cdiv(N * H * W, per_block);
+  const Tile tile = device::tile_for(channels_last);
+  const int64_t nbp = device::position_blocks(P, tile);
+  const int64_t nbx = device::position_blocks(N * H * W, tile);
   const std::vector<at::Tensor> w = contiguous_rows(weights);
   const at::Tensor gamma = bn_weight.contiguous(), mean = mean_in.contiguous(),
                    var = var_in.contiguous();
@@ -396,34 +339,27 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> bwd_cuda
     a.act = act;
     a.eps = static_cast<A>(eps);
     const std::vector<device::Groups<scalar_t>> tables =
-        group_tables<scalar_t>(groups, w, tile, &a.wtotal);
+        device::group_tables(groups, row_pointers<scalar_t>(w), tile, &a.wtotal);
     at::Tensor part = at::empty({nbp * a.wtotal}, acc_options);
     a.part = part.mutable_data_ptr<A>();
     const int threads = tile.ct * tile.pt;
     for (const auto& gs : tables) {
       a.gs = gs;
-      bwd_sums_kernel<scalar_t, A><<<grid(nbp, gs.tile_begin[gs.n]), cta(tile),
-                                     sizeof(Pair<A>) * threads, stream>>>(a);
+      bwd_sums_kernel<scalar_t, A>
+          <<<grid(nbp, gs), cta(tile), sizeof(Pair<A>) * threads, stream>>>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     bwd_coef_kernel<scalar_t, A><<<blocks_for(C), kThreads, 0, stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    size_t g = 0;  // index into weights / gw of the next alive group
     for (const auto& gs : tables) {
       a.gs = gs;
-      for (int j = 0; j < gs.n; ++j) {
-        while (groups[g].count == 0) ++g;
-        a.gw[j] = gw[g++].mutable_data_ptr<scalar_t>();
-      }
-      const int64_t tiles = gs.tile_begin[gs.n];
+      for (int j = 0; j < gs.n; ++j) a.gw[j] = gw[gs.src[j]].mutable_data_ptr<scalar_t>();
       wgrad_kernel<scalar_t, A>
-          <<<grid(nbp, tiles), cta(tile), sizeof(A) * threads, stream>>>(a);
+          <<<grid(nbp, gs), cta(tile), sizeof(A) * threads, stream>>>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      dgrad_kernel<scalar_t, A><<<grid(nbx, tiles), cta(tile), 0, stream>>>(a);
+      dgrad_kernel<scalar_t, A><<<grid(nbx, gs), cta(tile), 0, stream>>>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const int last = gs.n - 1;
-      const int64_t size =
-          gs.woff[last] + gs.count[last] * gs.k[last] * gs.k[last] - gs.woff[0];
+      const int64_t size = device::packed_weight_size(gs);
       wgrad_sum_kernel<scalar_t, A><<<blocks_for(size), kThreads, 0, stream>>>(a, size);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }

@@ -1,7 +1,9 @@
 // The per-thread bodies of the CUDA kernels in mixed_dwconv_bn_act_cuda.cu, as __host__ __device__
 // functions of plain pointers and indices. The __global__ kernels only add the CTA's shared-memory
 // tree reductions (tree_step, between __syncthreads) around them, so a host program can run the
-// same bodies block by block, thread by thread, and check the index math without a GPU.
+// same bodies block by block, thread by thread, and check the index math without a GPU. The
+// launch geometry (grids, CTAs, group tables) is computed here too, on the host, so that program
+// (tests/ops/mixed_dwconv_cuda_host.cpp) replays exactly the launches the .cu makes.
 //
 // Work split (all kernels but the per-channel ones): a CTA of ct x pt threads owns ct channels of
 // ONE kernel-size group (lanes tx, consecutive channels) and pt * e positions of the output (or
@@ -11,8 +13,11 @@
 // of all groups, and the CTA picks the group whose tile range holds blockIdx.y.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
+#include <vector>
 
 #include "common/activation.h"
 
@@ -31,9 +36,10 @@ struct Geometry {
   int64_t stride;
 };
 
-// Groups of one launch: group j has channels [c_begin, c_begin + count) of the compact tensors,
-// kernel size k, its weights at w[j] (rows [count][k * k]), its slice of the packed weight
-// gradient at woff, and channel tiles [tile_begin[j], tile_begin[j + 1]).
+// Groups of one launch: group j is group src[j] of the op's weight list, has channels
+// [c_begin, c_begin + count) of the compact tensors, kernel size k, its weights at w[j] (rows
+// [count][k * k]), its slice of the packed weight gradient at woff, and channel tiles
+// [tile_begin[j], tile_begin[j + 1]).
 template <typename T>
 struct Groups {
   int n;
@@ -42,6 +48,7 @@ struct Groups {
   int64_t count[kMaxGroups];
   int64_t woff[kMaxGroups];
   int k[kMaxGroups];
+  int src[kMaxGroups];
   const T* w[kMaxGroups];
 };
 
@@ -169,6 +176,21 @@ HRNAS_HD void pair_merge(Pair<A>& a, const Pair<A>& b) {
 template <typename A>
 HRNAS_HD void sum_merge(A& a, const A& b) {
   a += b;
+}
+
+// Calls f(std::integral_constant<int, K>()) with K = k for k = 3, 5, 7, else K = 0 (the body
+// reads the size at run time). The kernels call device lambdas through it.
+#ifdef __CUDACC__
+#pragma nv_exec_check_disable
+#endif
+template <typename F>
+HRNAS_HD void with_kernel_size(int k, const F& f) {
+  switch (k) {
+    case 3: f(std::integral_constant<int, 3>()); break;
+    case 5: f(std::integral_constant<int, 5>()); break;
+    case 7: f(std::integral_constant<int, 7>()); break;
+    default: f(std::integral_constant<int, 0>()); break;
+  }
 }
 
 // One level of a CTA's tree reduction over the position lanes: lanes ty < half absorb ty + half.
@@ -424,6 +446,95 @@ HRNAS_HD void dgrad_thread(const BwdArgs<T, A>& a, int j, int64_t block, int64_t
     }
     a.gx[offset_of(a.g.xs, n, l.c, h, w)] = static_cast<T>(acc);
   });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Launch geometry (host only). Every convolving kernel runs a 2-D grid: grid.x = position blocks
+// (of pt * e positions), grid.y = the channel tiles of a group table; CTA = (ct, pt) threads.
+// The per-channel and elementwise kernels run 1-D grids of kThreads-thread CTAs.
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = (int64_t{1} << 31) - 1;  // grid.x
+constexpr int64_t kMaxTiles = 65535;                    // grid.y
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// NCHW: positions are contiguous, one channel per CTA, 256 position lanes x 4 each. NHWC:
+// channels are contiguous, 32 channel lanes (a 128-byte fp32 row) x 8 position lanes x 16 each.
+inline Tile tile_for(bool channels_last) {
+  return channels_last ? Tile{32, 8, 16} : Tile{1, 256, 4};
+}
+
+// grid.x of a 2-D launch over `positions` positions (N * Ho * Wo, or N * H * W for grad x).
+inline int64_t position_blocks(int64_t positions, const Tile& t) {
+  const int64_t blocks = cdiv(positions, int64_t{t.pt} * t.e);
+  TORCH_CHECK(blocks <= kMaxBlocks, "mixed_dwconv_bn_act: the input is too large for the CUDA "
+              "kernel");
+  return blocks;
+}
+
+// grid.y of a 2-D launch with group table gs.
+template <typename T>
+int64_t channel_tiles(const Groups<T>& gs) {
+  return gs.tile_begin[gs.n];
+}
+
+// grid.x of a 1-D launch over n items (the elementwise kernel loops past the cap).
+inline int64_t blocks_for(int64_t n) { return std::min<int64_t>(cdiv(n, kThreads), kMaxBlocks); }
+
+// Elements of the packed weight gradient that group table gs covers (one thread each).
+template <typename T>
+int64_t packed_weight_size(const Groups<T>& gs) {
+  const int last = gs.n - 1;
+  return gs.woff[last] + gs.count[last] * gs.k[last] * gs.k[last] - gs.woff[0];
+}
+
+inline Geometry make_geometry(const int64_t* x_size, const int64_t* x_stride,
+                              const int64_t* y_size, const int64_t* y_stride, int64_t stride) {
+  Geometry g{};
+  g.N = x_size[0];
+  g.A = x_size[1];
+  g.H = x_size[2];
+  g.W = x_size[3];
+  g.Ho = y_size[2];
+  g.Wo = y_size[3];
+  for (int d = 0; d < 4; ++d) {
+    g.xs[d] = x_stride[d];
+    g.ys[d] = y_stride[d];
+  }
+  g.stride = stride;
+  return g;
+}
+
+// The group tables of the launches: the alive groups (count > 0), kMaxGroups at a time, with
+// their offsets in the packed weight gradient (alive groups only, in order). Group g of `groups`
+// (fields begin, count, k) has its weight rows at w[g]. *wtotal: the packed size.
+template <typename T, typename G>
+std::vector<Groups<T>> group_tables(const std::vector<G>& groups, const std::vector<const T*>& w,
+                                    const Tile& t, int64_t* wtotal) {
+  std::vector<Groups<T>> tables;
+  int64_t woff = 0;
+  for (size_t g = 0; g < groups.size(); ++g) {
+    if (groups[g].count == 0) continue;
+    if (tables.empty() || tables.back().n == kMaxGroups) {
+      tables.push_back(Groups<T>{});
+      tables.back().tile_begin[0] = 0;
+    }
+    Groups<T>& gs = tables.back();
+    const int j = gs.n++;
+    gs.c_begin[j] = groups[g].begin;
+    gs.count[j] = groups[g].count;
+    gs.k[j] = static_cast<int>(groups[g].k);
+    gs.src[j] = static_cast<int>(g);
+    gs.woff[j] = woff;
+    gs.w[j] = w[g];
+    gs.tile_begin[j + 1] = gs.tile_begin[j] + cdiv(groups[g].count, t.ct);
+    TORCH_CHECK(gs.tile_begin[j + 1] <= kMaxTiles, "mixed_dwconv_bn_act: too many channels (",
+                groups[g].count, ") in one kernel-size group for the CUDA kernel");
+    woff += groups[g].count * groups[g].k * groups[g].k;
+  }
+  *wtotal = woff;
+  return tables;
 }
 
 }  // namespace device
