@@ -7,8 +7,9 @@ by thread and phase by phase between barriers, the shared-memory tree reductions
 kernel's order, with uninitialised memory emulated as NaN. Its ops have the real ops' schemas, so
 they are slotted into the public API's autograd and running-statistics path as an ``impl`` and
 checked against ``reference.py``: output, running statistics, batch statistics and the conv
-tape, every gradient, dead channels. Not covered: the fp16/bf16 instantiations (only float and
-double are replayed) and anything only a GPU decides (launch limits, shared-memory sizes, timing).
+tape, every gradient, dead channels, in float64, float32, float16 and bfloat16 (host arithmetic
+of c10::Half / BFloat16, not the GPU's). Not covered: anything only a GPU decides (launch limits,
+shared-memory sizes, the compiled device code itself, timing).
 """
 
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils import cpp_extension
 
 from hrnas_kernels._layout import output_memory_format
-from hrnas_kernels._testing import randn, upcast
+from hrnas_kernels._testing import assert_close_to_reference, randn, upcast
 from hrnas_kernels.mixed_dwconv_bn_act import api, reference
 from tests.ops.test_mixed_dwconv_bn_act import (
     FORMATS,
@@ -144,12 +145,19 @@ def _check_case(case, mask_kind, fmt, training, dtype, activation="relu6"):
             x64, ws64, g64, b64, rm64, rv64, case, index, training, "reference", activation
         )
     assert out.is_contiguous(memory_format=output_memory_format(x))
-    _assert_close(out, ref, "y")
-    _assert_close(rm_k, rm64, "running_mean")
-    _assert_close(rv_k, rv64, "running_var")
-    names = ["grad x"] + [f"grad weights[{g}]" for g in range(len(ws))]
-    for name, g, r in zip(names + ["grad gamma", "grad beta"], grads, ref_grads):
-        _assert_close(g, r, name)
+    names = ["y", "running_mean", "running_var", "grad x"]
+    names += [f"grad weights[{g}]" for g in range(len(ws))] + ["grad gamma", "grad beta"]
+    results, expected = [out, rm_k, rv_k, *grads], [ref, rm64, rv64, *ref_grads]
+    if dtype in TOLERANCE:
+        for name, r, e in zip(names, results, expected):
+            _assert_close(r, e, name)
+    else:  # fp16/bf16: the rule of the other kernels, at most twice eager's own error
+        rm_e, rv_e = rm.clone(), rv.clone()
+        eager, eager_grads = _run(
+            x, ws, gamma, beta, rm_e, rv_e, case, index, training, "reference", activation
+        )
+        for name, r, e, ea in zip(names, results, expected, [eager, rm_e, rv_e, *eager_grads]):
+            assert_close_to_reference(r, e, dtype, ea, what=name)
     if mask is not None:  # dead channels: running statistics kept, gradients exactly zero
         dead = ~mask
         assert torch.equal(rm_k[dead], rm[dead]) and torch.equal(rv_k[dead], rv[dead])
@@ -174,6 +182,14 @@ def test_replay_matches_reference(as_impl, case, mask_kind, fmt, training):
 @pytest.mark.parametrize("fmt", FORMATS, ids=str)
 def test_replay_other_activations(as_impl, activation, fmt):
     _check_case(CASES[0], "random", fmt, True, torch.float64, activation)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[5]], ids=str)
+def test_replay_half_precision(as_impl, case, fmt, dtype):
+    """The fp16/bf16 instantiations (float accumulation and statistics) in training mode."""
+    _check_case(case, "random", fmt, True, dtype)
 
 
 def _conv_reference(x, ws, stride):
@@ -207,12 +223,14 @@ def test_replay_tape_and_batch_statistics(replay, case, fmt):
     _assert_close(y, bn * gamma[:, None, None] + beta[:, None, None], "y")
 
 
-# Deliberate bugs (a header line, the changed line, a case that exposes it, the first check
-# that must fail). The mutants stay in bounds: an out-of-bounds write would crash the process
-# instead of failing the check.
-MUTATIONS = {
+# Deliberate bugs, built into one altered copy of the device header (a header line, its altered
+# form, a case that exposes the bug, the first check that must fail there). Each case exposes
+# only its own bug first: the block count matters only with several position blocks, which
+# CASES[0] lacks, and the tap order only in backward, which runs after the checked y. Both stay
+# in bounds: an out-of-bounds write would crash the process instead of failing a check.
+MUTATIONS = [
     # grad x gathers with the transposed kernel (right for symmetric kernels only)
-    "dgrad-transposed-taps": (
+    (
         "acc += static_cast<A>(wt[ta * k + tb]) * d[",
         "acc += static_cast<A>(wt[tb * k + ta]) * d[",
         CASES[0],
@@ -220,28 +238,28 @@ MUTATIONS = {
     ),
     # every position block counted as full when the block partials are merged (the last of
     # 1150 NCHW positions holds 126, not 1024)
-    "stats-full-block-count": (
+    (
         "const int64_t n = total - b * per_block < per_block ? total - b * per_block : per_block;",
         "const int64_t n = per_block;",
         CASES[5],
         "y",
     ),
-}
+]
 
 
-@pytest.mark.parametrize("mutation", MUTATIONS)
-def test_replay_catches_a_deliberate_bug(mutation, tmp_path, monkeypatch):
-    """The check can fail: a copy of the device header with one bug, built as a second replay,
-    disagrees with the reference in training mode, in the check the bug must break."""
-    line, changed, case, check = MUTATIONS[mutation]
+def test_replay_catches_deliberate_bugs(tmp_path, monkeypatch):
+    """The check can fail: a copy of the device header with MUTATIONS applied, built as a
+    second replay, disagrees with the reference in training mode, in the check each bug breaks."""
     text = DEVICE_HEADER.read_text()
-    assert text.count(line) == 1
+    for line, changed, _, _ in MUTATIONS:
+        assert text.count(line) == 1
+        text = text.replace(line, changed)
     include = tmp_path / "include" / "mixed_dwconv_bn_act"
     include.mkdir(parents=True)
-    (include / DEVICE_HEADER.name).write_text(text.replace(line, changed))
+    (include / DEVICE_HEADER.name).write_text(text)
     (tmp_path / "build").mkdir()
-    namespace = "hrnas_cuda_host_" + mutation.replace("-", "_")
-    broken = _build(tmp_path / "build", namespace, [include.parent])
+    broken = _build(tmp_path / "build", "hrnas_cuda_host_mutant", [include.parent])
     monkeypatch.setitem(api._OPS, IMPL, (broken.fwd, broken.bwd))
-    with pytest.raises(AssertionError, match=f"^{check} "):
-        _check_case(case, "none-given", "nchw", True, torch.float64)
+    for _, _, case, check in MUTATIONS:
+        with pytest.raises(AssertionError, match=f"^{check} "):
+            _check_case(case, "none-given", "nchw", True, torch.float64)
