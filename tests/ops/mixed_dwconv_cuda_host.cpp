@@ -18,9 +18,11 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <string>
 #include <string_view>
 #include <tuple>
 #include <vector>
@@ -59,43 +61,51 @@ void poison(std::vector<A>& s) {
   std::fill(s.begin(), s.end(), kNaN<A>);
 }
 
-// Every CTA (bx, by) of a 2-D grid; CTAs of one launch never communicate, so any order is one
-// the GPU could take.
-template <typename F>
-void each_cta(int64_t grid_x, int64_t grid_y, const F& f) {
-  for (int64_t by = 0; by < grid_y; ++by) {
-    for (int64_t bx = 0; bx < grid_x; ++bx) f(bx, by);
-  }
-}
-
-// One phase of a CTA: every thread (tx, ty) runs f up to the next barrier.
-template <typename F>
-void each_thread(const Tile& t, const F& f) {
-  for (int ty = 0; ty < t.pt; ++ty) {
-    for (int tx = 0; tx < t.ct; ++tx) f(tx, ty);
-  }
-}
-
-// Every thread of a 1-D launch of blocks x kThreads threads, by its global index.
-template <typename F>
-void each_thread_1d(int64_t blocks, const F& f) {
-  for (int64_t b = 0; b < blocks; ++b) {
-    for (int tx = 0; tx < device::kThreads; ++tx) f(b * device::kThreads + tx);
-  }
-}
-
-// cta_reduce of the .cu: one phase per tree level (the barrier before it ends the writer phase).
-template <typename V, typename Merge>
-void cta_reduce(std::vector<V>& smem, const Tile& t, Merge merge) {
-  for (int half = t.pt / 2; half > 0; half /= 2) {
-    each_thread(t, [&](int tx, int ty) { device::tree_step(smem.data(), half, tx, ty, t, merge); });
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The launcher: each kernel of the .cu, run on the host.
 
 struct HostLaunch {
+  // Runs the CTAs of a grid and the threads of a phase last to first: the results must not
+  // change, as nothing orders the threads of a phase (or the CTAs of a launch) on a GPU.
+  bool reversed;
+
+  // The i-th of n in the replay's order.
+  int64_t nth(int64_t i, int64_t n) const { return reversed ? n - 1 - i : i; }
+
+  // Every CTA (bx, by) of a 2-D grid.
+  template <typename F>
+  void each_cta(int64_t grid_x, int64_t grid_y, const F& f) const {
+    for (int64_t i = 0; i < grid_x * grid_y; ++i) {
+      const int64_t b = nth(i, grid_x * grid_y);
+      f(b % grid_x, b / grid_x);
+    }
+  }
+
+  // One phase of a CTA: every thread (tx, ty) runs f up to the next barrier.
+  template <typename F>
+  void each_thread(const Tile& t, const F& f) const {
+    for (int i = 0; i < t.ct * t.pt; ++i) {
+      const int n = static_cast<int>(nth(i, t.ct * t.pt));
+      f(n % t.ct, n / t.ct);
+    }
+  }
+
+  // Every thread of a 1-D launch of blocks x kThreads threads, by its global index.
+  template <typename F>
+  void each_thread_1d(int64_t blocks, const F& f) const {
+    for (int64_t i = 0; i < blocks * device::kThreads; ++i) f(nth(i, blocks * device::kThreads));
+  }
+
+  // cta_reduce of the .cu: one phase per tree level (its first barrier ends the writers' phase).
+  template <typename V, typename Merge>
+  void cta_reduce(std::vector<V>& smem, const Tile& t, Merge merge) const {
+    for (int half = t.pt / 2; half > 0; half /= 2) {
+      each_thread(t, [&](int tx, int ty) {
+        device::tree_step(smem.data(), half, tx, ty, t, merge);
+      });
+    }
+  }
+
   at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) const {
     return at::empty(sizes, options).fill_(std::numeric_limits<double>::quiet_NaN());
   }
@@ -213,24 +223,26 @@ struct HostLaunch {
   }
 };
 
+template <bool Reversed>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(
     const at::Tensor& x, at::TensorList weights, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, int64_t stride, bool use_batch_stats, double eps,
     std::string_view activation) {
   TORCH_CHECK(x.device().is_cpu(), kOp, ": the host replay runs on CPU tensors");
-  const HostLaunch launch;
+  const HostLaunch launch{Reversed};
   return device::forward(launch, x, weights, bn_weight, bn_bias, running_mean, running_var,
                          stride, use_batch_stats, eps, activation);
 }
 
+template <bool Reversed>
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> bwd(
     const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& x, const at::Tensor& conv,
     at::TensorList weights, const at::Tensor& bn_weight, const at::Tensor& mean,
     const at::Tensor& var, int64_t stride, bool use_batch_stats, double eps,
     std::string_view activation) {
   TORCH_CHECK(x.device().is_cpu(), kOp, ": the host replay runs on CPU tensors");
-  const HostLaunch launch;
+  const HostLaunch launch{Reversed};
   return device::backward(launch, grad_y, y, x, conv, weights, bn_weight, mean, var, stride,
                           use_batch_stats, eps, activation);
 }
@@ -242,15 +254,23 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> bwd(
 // TORCH_LIBRARY stringifies its namespace argument; one more expansion lets it be a macro.
 #define HRNAS_REPLAY_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
 
+namespace {
+
+constexpr const char* kFwdSchema =
+    "(Tensor x, Tensor[] weights, Tensor bn_weight, Tensor bn_bias, Tensor? running_mean, "
+    "Tensor? running_var, int stride, bool use_batch_stats, float eps, str activation) "
+    "-> (Tensor, Tensor, Tensor, Tensor)";
+constexpr const char* kBwdSchema =
+    "(Tensor grad_y, Tensor y, Tensor x, Tensor conv, Tensor[] weights, Tensor bn_weight, "
+    "Tensor mean, Tensor var, int stride, bool use_batch_stats, float eps, str activation) "
+    "-> (Tensor, Tensor[], Tensor, Tensor)";
+
+}  // namespace
+
+// fwd / bwd: the real ops' schemas; *_reversed: the same, CTAs and threads run last to first.
 HRNAS_REPLAY_LIBRARY(HRNAS_REPLAY_NS, m) {
-  m.def(
-      "fwd(Tensor x, Tensor[] weights, Tensor bn_weight, Tensor bn_bias, Tensor? running_mean, "
-      "Tensor? running_var, int stride, bool use_batch_stats, float eps, str activation) "
-      "-> (Tensor, Tensor, Tensor, Tensor)",
-      &hrnas::mixed_dwconv::fwd);
-  m.def(
-      "bwd(Tensor grad_y, Tensor y, Tensor x, Tensor conv, Tensor[] weights, Tensor bn_weight, "
-      "Tensor mean, Tensor var, int stride, bool use_batch_stats, float eps, str activation) "
-      "-> (Tensor, Tensor[], Tensor, Tensor)",
-      &hrnas::mixed_dwconv::bwd);
+  m.def((std::string("fwd") + kFwdSchema).c_str(), &hrnas::mixed_dwconv::fwd<false>);
+  m.def((std::string("bwd") + kBwdSchema).c_str(), &hrnas::mixed_dwconv::bwd<false>);
+  m.def((std::string("fwd_reversed") + kFwdSchema).c_str(), &hrnas::mixed_dwconv::fwd<true>);
+  m.def((std::string("bwd_reversed") + kBwdSchema).c_str(), &hrnas::mixed_dwconv::bwd<true>);
 }

@@ -223,6 +223,30 @@ def test_replay_tape_and_batch_statistics(replay, case, fmt):
     _assert_close(y, bn * gamma[:, None, None] + beta[:, None, None], "y")
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_replay_does_not_depend_on_thread_order(replay, case, fmt, training):
+    """No thread reads what another writes within the same phase, and no CTA what another
+    writes within the same launch: with the CTAs of every grid and the threads of every phase
+    run last to first instead of first to last, forward and backward give the same bits
+    (float32, where any change of summation order would show)."""
+    ws, gamma, beta, rm, rv = _params(case, torch.float32, "cpu")
+    ws, gamma, beta = [w.detach() for w in ws], gamma.detach(), beta.detach()
+    x = randn((case.n, case.c, case.h, case.w), seed=5, memory_format=FORMATS[fmt])
+    stats = (None, None) if training else (rm, rv)
+    results = []
+    for fwd, bwd in ((replay.fwd, replay.bwd), (replay.fwd_reversed, replay.bwd_reversed)):
+        y, conv, mean, var = fwd(x, ws, gamma, beta, *stats, case.stride, training, 1e-5, "relu6")
+        gy = randn(y.shape, seed=6, memory_format=FORMATS[fmt])
+        gx, gw, ggamma, gbeta = bwd(
+            gy, y, x, conv, ws, gamma, mean, var, case.stride, training, 1e-5, "relu6"
+        )
+        results.append([y, conv, mean, var, gx, *gw, ggamma, gbeta])
+    for forward_order, reverse_order in zip(*results):
+        assert torch.equal(forward_order, reverse_order)
+
+
 # Deliberate bugs, built into one altered copy of the device header (a header line, its altered
 # form, a case that exposes the bug, the first check that must fail there). Each case exposes
 # only its own bug first: the block count matters only with several position blocks, which
