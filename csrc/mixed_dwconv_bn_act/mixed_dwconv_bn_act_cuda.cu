@@ -47,7 +47,6 @@ namespace {
 
 using device::BwdArgs;
 using device::FwdArgs;
-using device::Geometry;
 using device::kThreads;
 using device::Pair;
 using device::Tile;

@@ -478,8 +478,7 @@ inline Tile tile_for(bool channels_last) {
 // grid.x of a 2-D launch over `positions` positions (N * Ho * Wo, or N * H * W for grad x).
 inline int64_t position_blocks(int64_t positions, const Tile& t) {
   const int64_t blocks = cdiv(positions, int64_t{t.pt} * t.e);
-  TORCH_CHECK(blocks <= kMaxBlocks, "mixed_dwconv_bn_act: the input is too large for the CUDA "
-              "kernel");
+  TORCH_CHECK(blocks <= kMaxBlocks, kOp, ": the input is too large for the CUDA kernel");
   return blocks;
 }
 
@@ -500,11 +499,12 @@ int64_t packed_weight_size(const Groups<T>& gs) {
 }
 
 // The group tables of the launches: the alive groups (count > 0), kMaxGroups at a time, with
-// their offsets in the packed weight gradient (alive groups only, in order). Group g of `groups`
-// (fields begin, count, k) has its weight rows at w[g]. *wtotal: the packed size.
-template <typename T, typename G>
-std::vector<Groups<T>> group_tables(const std::vector<G>& groups, const std::vector<const T*>& w,
-                                    const Tile& t, int64_t* wtotal) {
+// their offsets in the packed weight gradient (alive groups only, in order). Group g has its
+// weight rows at w[g]. *wtotal: the packed size.
+template <typename T>
+std::vector<Groups<T>> group_tables(const std::vector<Group>& groups,
+                                    const std::vector<const T*>& w, const Tile& t,
+                                    int64_t* wtotal) {
   std::vector<Groups<T>> tables;
   int64_t woff = 0;
   for (size_t g = 0; g < groups.size(); ++g) {
@@ -522,8 +522,8 @@ std::vector<Groups<T>> group_tables(const std::vector<G>& groups, const std::vec
     gs.woff[j] = woff;
     gs.w[j] = w[g];
     gs.tile_begin[j + 1] = gs.tile_begin[j] + cdiv(groups[g].count, t.ct);
-    TORCH_CHECK(gs.tile_begin[j + 1] <= kMaxTiles, "mixed_dwconv_bn_act: too many channels (",
-                groups[g].count, ") in one kernel-size group for the CUDA kernel");
+    TORCH_CHECK(gs.tile_begin[j + 1] <= kMaxTiles, kOp, ": too many channels (", groups[g].count,
+                ") in one kernel-size group for the CUDA kernel");
     woff += groups[g].count * groups[g].k * groups[g].k;
   }
   *wtotal = woff;

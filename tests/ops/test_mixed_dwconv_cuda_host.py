@@ -12,6 +12,7 @@ of c10::Half / BFloat16, not the GPU's). Not covered: anything only a GPU decide
 shared-memory sizes, the compiled device code itself, timing).
 """
 
+import os
 from pathlib import Path
 
 import pytest
@@ -55,12 +56,19 @@ MASKS = ["none-given", "random", "group-dead"]
 
 def _build(build_dir, namespace, include_first=()):
     """Compiles the replay (g++ through torch's extension loader) and returns its op namespace.
-    ``include_first``: directories searched before csrc/, for a changed copy of a header."""
+    ``include_first``: directories searched before csrc/, for a changed copy of a header.
+    HRNAS_REPLAY_SANITIZE=address builds it with AddressSanitizer (every read and write of the
+    kernels bounds-checked); python must then start with the runtime preloaded:
+    LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so.6)"
+    ASAN_OPTIONS=detect_leaks=0 (libstdc++ too, or exceptions thrown inside torch abort)."""
+    sanitize = os.environ.get("HRNAS_REPLAY_SANITIZE")
+    flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"] if sanitize else []
     cpp_extension.load(
         name=namespace,
         sources=[str(DRIVER)],
         extra_include_paths=[*map(str, include_first), str(CSRC)],
-        extra_cflags=["-O1", "-std=c++20", f"-DHRNAS_REPLAY_NS={namespace}"],
+        extra_cflags=["-O1", "-std=c++20", f"-DHRNAS_REPLAY_NS={namespace}", *flags],
+        extra_ldflags=flags[:1],
         build_directory=str(build_dir),
         is_python_module=False,
     )
