@@ -13,7 +13,9 @@
 //
 // Kept under tests/: setup.py builds every csrc/**/*.cpp into hrnas_kernels._C, and this file
 // is a test harness, not a kernel. Registered as torch.ops.<HRNAS_REPLAY_NS>.{fwd,bwd} with the
-// schemas of the real ops (the namespace is a macro so a test can load a second, altered build).
+// schemas of the real ops, all four dtypes of the .cu (c10::Half / BFloat16 in host arithmetic),
+// and as {fwd,bwd}_reversed, the same with CTAs and threads run last to first (the namespace is
+// a macro so a test can load a second, altered build).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -84,6 +86,7 @@ struct HostLaunch {
   // One phase of a CTA: every thread (tx, ty) runs f up to the next barrier.
   template <typename F>
   void each_thread(const Tile& t, const F& f) const {
+    TORCH_CHECK(t.ct * t.pt <= device::kThreads, "a CTA over the kernels' __launch_bounds__");
     for (int i = 0; i < t.ct * t.pt; ++i) {
       const int n = static_cast<int>(nth(i, t.ct * t.pt));
       f(n % t.ct, n / t.ct);
