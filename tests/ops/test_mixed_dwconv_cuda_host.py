@@ -1,15 +1,17 @@
 """The CUDA kernels of mixed_dwconv_bn_act replayed on the host (issue #3), without a GPU.
 
 ``mixed_dwconv_cuda_host.cpp`` (next to this file) is compiled with g++ against the kernels'
-device header and runs the .cu's launch plan on CPU tensors: every kernel in launch order, on
-the grid, CTA shape and group tables the header's launch geometry gives the .cu, each CTA thread
-by thread and phase by phase between barriers, the shared-memory tree reductions in the
+device header and runs the .cu's own launch plan (device::forward / backward) on CPU tensors:
+every kernel in launch order, on the grid, CTA shape and group tables the .cu launches, each CTA
+thread by thread and phase by phase between barriers, the shared-memory tree reductions in the
 kernel's order, with uninitialised memory emulated as NaN. Its ops have the real ops' schemas, so
 they are slotted into the public API's autograd and running-statistics path as an ``impl`` and
 checked against ``reference.py``: output, running statistics, batch statistics and the conv
 tape, every gradient, dead channels, in float64, float32, float16 and bfloat16 (host arithmetic
-of c10::Half / BFloat16, not the GPU's). Not covered: anything only a GPU decides (launch limits,
-shared-memory sizes, the compiled device code itself, timing).
+of c10::Half / BFloat16, not the GPU's). Run again with CTAs and threads last to first, the
+results must be bit-identical (no thread reads another's write within a phase). A build with
+deliberate bugs must fail. Not covered: what only a GPU decides (launch limits, shared-memory
+sizes, the device code nvcc generates, timing); the kernels use no warp-level primitives.
 """
 
 import os
