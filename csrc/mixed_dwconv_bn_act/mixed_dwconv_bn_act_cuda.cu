@@ -3,8 +3,12 @@
 // Semantics are those of mixed_dwconv_bn_act_cpu.cpp (compact channels, argument checks, output
 // layout rule of common/checks.h, running statistics passed through in eval); float64/32/16 and
 // bfloat16 with float (double for float64) accumulation and statistics; NCHW and channels-last.
-// The per-thread bodies live in mixed_dwconv_bn_act_device.h (host-callable); this file adds the
-// CTA reductions, the launches and the op entry points.
+// The per-thread bodies, the launch geometry and the launch plan (device::forward / backward:
+// checks, allocation, kernel arguments, the sequence of launches) live in
+// mixed_dwconv_bn_act_device.h, host-callable; this file adds the kernels (the bodies between
+// their CTA barriers and shared-memory tree reductions), the launcher and the op registration.
+// tests/ops/mixed_dwconv_cuda_host.cpp replays the kernels on the host with the same plan: a
+// change to a kernel's phases here must be made there too.
 //
 // Every kernel that convolves covers all kernel-size groups in one launch (a group table, up to
 // kMaxGroups groups; the CTA's group is uniform, so the switch on its kernel size does not
@@ -21,8 +25,6 @@
 // as a gather over the k x k output pixels reading each input pixel, from the stored d(conv) (one
 // load per tap instead of grad_y, y and conv); (5) one thread per weight element sums the
 // partials in block order. Deterministic: fixed reduction orders, no atomics.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -30,7 +32,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <string_view>
@@ -46,32 +47,11 @@ namespace {
 
 using device::BwdArgs;
 using device::FwdArgs;
-using device::Geometry;
-using device::kMaxGroups;
+using device::kThreads;
 using device::Pair;
 using device::Tile;
 using device::Welford;
-
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = (int64_t{1} << 31) - 1;
-constexpr int64_t kMaxTiles = 65535;  // grid.y
-
-// NCHW: positions are contiguous, one channel per CTA, 256 position lanes x 4 each. NHWC:
-// channels are contiguous, 32 channel lanes (a 128-byte fp32 row) x 8 position lanes x 16 each.
-Tile tile_for(bool channels_last) {
-  return channels_last ? Tile{32, 8, 16} : Tile{1, 256, 4};
-}
-
-// Calls f(std::integral_constant<int, K>) with K = 3, 5, 7, or 0 (runtime size).
-template <typename F>
-__device__ void with_kernel_size(int k, const F& f) {
-  switch (k) {
-    case 3: f(std::integral_constant<int, 3>()); break;
-    case 5: f(std::integral_constant<int, 5>()); break;
-    case 7: f(std::integral_constant<int, 7>()); break;
-    default: f(std::integral_constant<int, 0>()); break;
-  }
-}
+using device::with_kernel_size;
 
 // Tree reduction over the position lanes of the CTA's shared-memory array; lane ty == 0 ends
 // with the CTA's value for channel lane tx.
@@ -190,245 +170,87 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Host side
+// Host side: the launcher of device::forward / device::backward (the launch plan).
 
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+struct CudaLaunch {
+  cudaStream_t stream;
 
-Geometry make_geometry(const at::Tensor& x, const at::Tensor& y, int64_t stride) {
-  Geometry g{};
-  g.N = x.size(0);
-  g.A = x.size(1);
-  g.H = x.size(2);
-  g.W = x.size(3);
-  g.Ho = y.size(2);
-  g.Wo = y.size(3);
-  for (int d = 0; d < 4; ++d) {
-    g.xs[d] = x.stride(d);
-    g.ys[d] = y.stride(d);
+  static dim3 cta(const Tile& t) { return dim3(t.ct, t.pt); }
+  static dim3 grid(int64_t x, int64_t y = 1) {
+    return dim3(static_cast<unsigned>(x), static_cast<unsigned>(y));
   }
-  g.stride = stride;
-  return g;
-}
 
-// The group tables of the launches: alive groups, kMaxGroups at a time, with their offsets in
-// the packed weight gradient (alive groups only, in order).
-template <typename T>
-std::vector<device::Groups<T>> group_tables(const std::vector<Group>& groups,
-                                            const std::vector<at::Tensor>& w, const Tile& t,
-                                            int64_t* wtotal) {
-  std::vector<device::Groups<T>> tables;
-  int64_t woff = 0;
-  for (size_t g = 0; g < groups.size(); ++g) {
-    if (groups[g].count == 0) continue;
-    if (tables.empty() || tables.back().n == kMaxGroups) {
-      tables.push_back(device::Groups<T>{});
-      tables.back().tile_begin[0] = 0;
-    }
-    device::Groups<T>& gs = tables.back();
-    const int j = gs.n++;
-    gs.c_begin[j] = groups[g].begin;
-    gs.count[j] = groups[g].count;
-    gs.k[j] = static_cast<int>(groups[g].k);
-    gs.woff[j] = woff;
-    gs.w[j] = w[g].const_data_ptr<T>();
-    gs.tile_begin[j + 1] = gs.tile_begin[j] + cdiv(groups[g].count, t.ct);
-    TORCH_CHECK(gs.tile_begin[j + 1] <= kMaxTiles, kOp, ": too many channels (",
-                groups[g].count, ") in one kernel-size group for the CUDA kernel");
-    woff += groups[g].count * groups[g].k * groups[g].k;
+  at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) const {
+    return at::empty(sizes, options);
   }
-  *wtotal = woff;
-  return tables;
-}
 
-dim3 cta(const Tile& t) { return dim3(t.ct, t.pt); }
-
-dim3 grid(int64_t blocks, int64_t tiles) {
-  TORCH_CHECK(blocks <= kMaxBlocks, kOp, ": the input is too large for the CUDA kernel");
-  return dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(tiles));
-}
-
-unsigned blocks_for(int64_t n) {
-  return static_cast<unsigned>(std::min<int64_t>(cdiv(n, kThreads), kMaxBlocks));
-}
-
-std::vector<at::Tensor> contiguous_rows(at::TensorList weights) {
-  std::vector<at::Tensor> w;
-  for (const at::Tensor& t : weights) w.push_back(t.contiguous());
-  return w;
-}
+  template <typename T, typename A>
+  void fwd_conv(const FwdArgs<T, A>& a, int64_t grid_x, int64_t grid_y) const {
+    const size_t smem = sizeof(Welford<A>) * a.tile.ct * a.tile.pt;
+    fwd_conv_kernel<T, A><<<grid(grid_x, grid_y), cta(a.tile), smem, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <typename T, typename A>
+  void fwd_stats(const FwdArgs<T, A>& a, int64_t blocks) const {
+    fwd_stats_kernel<T, A><<<grid(blocks), kThreads, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <typename T, typename A>
+  void fwd_apply(const FwdArgs<T, A>& a, int64_t blocks, int64_t numel, bool channels_last) const {
+    fwd_apply_kernel<T, A><<<grid(blocks), kThreads, 0, stream>>>(a, numel, channels_last);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <typename T, typename A>
+  void bwd_sums(const BwdArgs<T, A>& a, int64_t grid_x, int64_t grid_y) const {
+    const size_t smem = sizeof(Pair<A>) * a.tile.ct * a.tile.pt;
+    bwd_sums_kernel<T, A><<<grid(grid_x, grid_y), cta(a.tile), smem, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <typename T, typename A>
+  void bwd_coef(const BwdArgs<T, A>& a, int64_t blocks) const {
+    bwd_coef_kernel<T, A><<<grid(blocks), kThreads, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <typename T, typename A>
+  void wgrad(const BwdArgs<T, A>& a, int64_t grid_x, int64_t grid_y) const {
+    const size_t smem = sizeof(A) * a.tile.ct * a.tile.pt;
+    wgrad_kernel<T, A><<<grid(grid_x, grid_y), cta(a.tile), smem, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <typename T, typename A>
+  void dgrad(const BwdArgs<T, A>& a, int64_t grid_x, int64_t grid_y) const {
+    dgrad_kernel<T, A><<<grid(grid_x, grid_y), cta(a.tile), 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <typename T, typename A>
+  void wgrad_sum(const BwdArgs<T, A>& a, int64_t blocks, int64_t size) const {
+    wgrad_sum_kernel<T, A><<<grid(blocks), kThreads, 0, stream>>>(a, size);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cuda(
-    const at::Tensor& x_in, at::TensorList weights, const at::Tensor& bn_weight,
+    const at::Tensor& x, at::TensorList weights, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, int64_t stride, bool use_batch_stats, double eps,
     std::string_view activation) {
-  const Activation act = parse_activation(kOp, activation);
-  const std::vector<Group> groups = check_and_group(x_in, weights, bn_weight, stride);
-  TORCH_CHECK(x_in.is_cuda(), kOp, ": the CUDA kernel got a tensor on ", x_in.device());
-  check_forward_args(x_in, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::MemoryFormat fmt = output_memory_format(x_in);
-  const at::Tensor x = x_in.contiguous(fmt);
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
-  at::Tensor y = at::empty({N, C, Ho, Wo}, x.options().memory_format(fmt));
-  at::Tensor conv = at::empty({N, C, Ho, Wo}, x.options().memory_format(fmt));
-  const auto stats_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor mean = at::empty({C}, x.options().dtype(stats_type));
-  at::Tensor var = at::empty({C}, x.options().dtype(stats_type));
-  if (C == 0) return {y, conv, mean, var};
-  const int64_t P = N * Ho * Wo;
-  if (use_batch_stats) {
-    TORCH_CHECK(P > 0, kOp, ": batch statistics of an empty batch are undefined");
-  } else {
-    mean.copy_(*running_mean);
-    var.copy_(*running_var);
-    if (P == 0) return {y, conv, mean, var};
-  }
-  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
-  const Tile tile = tile_for(channels_last);
-  const int64_t nbp = cdiv(P, int64_t{tile.pt} * tile.e);
-  const std::vector<at::Tensor> w = contiguous_rows(weights);
-  const at::Tensor gamma = bn_weight.contiguous(), beta = bn_bias.contiguous();
-  at::Tensor partial = at::empty({use_batch_stats ? 2 * C * nbp : 0}, mean.options());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mixed_dwconv_fwd",
-                                  [&] {
-    using A = at::opmath_type<scalar_t>;
-    FwdArgs<scalar_t, A> a{};
-    a.x = x.const_data_ptr<scalar_t>();
-    a.gamma = gamma.const_data_ptr<scalar_t>();
-    a.beta = beta.const_data_ptr<scalar_t>();
-    a.conv = conv.mutable_data_ptr<scalar_t>();
-    a.y = y.mutable_data_ptr<scalar_t>();
-    a.pmean = use_batch_stats ? partial.mutable_data_ptr<A>() : nullptr;
-    a.pm2 = use_batch_stats ? a.pmean + C * nbp : nullptr;
-    a.mean = mean.mutable_data_ptr<A>();
-    a.var = var.mutable_data_ptr<A>();
-    a.g = make_geometry(x, y, stride);
-    a.tile = tile;
-    a.nbp = nbp;
-    a.batch_stats = use_batch_stats;
-    a.act = act;
-    a.eps = static_cast<A>(eps);
-    int64_t wtotal = 0;
-    const size_t smem = sizeof(Welford<A>) * tile.ct * tile.pt;
-    for (const auto& gs : group_tables<scalar_t>(groups, w, tile, &wtotal)) {
-      a.gs = gs;
-      fwd_conv_kernel<scalar_t, A>
-          <<<grid(nbp, gs.tile_begin[gs.n]), cta(tile), smem, stream>>>(a);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    if (use_batch_stats) {
-      fwd_stats_kernel<scalar_t, A><<<blocks_for(C), kThreads, 0, stream>>>(a);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      fwd_apply_kernel<scalar_t, A>
-          <<<blocks_for(y.numel()), kThreads, 0, stream>>>(a, y.numel(), channels_last);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  });
-  return {y, conv, mean, var};
+  TORCH_CHECK(x.is_cuda(), kOp, ": the CUDA kernel got a tensor on ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const CudaLaunch launch{c10::cuda::getCurrentCUDAStream()};
+  return device::forward(launch, x, weights, bn_weight, bn_bias, running_mean, running_var,
+                         stride, use_batch_stats, eps, activation);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> bwd_cuda(
-    const at::Tensor& grad_y, const at::Tensor& y_in, const at::Tensor& x_in,
-    const at::Tensor& conv_in, at::TensorList weights, const at::Tensor& bn_weight,
-    const at::Tensor& mean_in, const at::Tensor& var_in, int64_t stride, bool use_batch_stats,
-    double eps, std::string_view activation) {
-  const Activation act = parse_activation(kOp, activation);
-  const std::vector<Group> groups = check_and_group(x_in, weights, bn_weight, stride);
-  TORCH_CHECK(x_in.is_cuda(), kOp, ": the CUDA kernel got a tensor on ", x_in.device());
-  check_backward_args(x_in, grad_y, y_in, conv_in, mean_in, var_in, stride);
-  const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
-  const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::MemoryFormat fmt = output_memory_format(x_in);
-  const at::Tensor x = x_in.contiguous(fmt), gy = grad_y.contiguous(fmt), y = y_in.contiguous(fmt),
-                   conv = conv_in.contiguous(fmt);
-  at::Tensor gx = at::empty({N, C, H, W}, x.options().memory_format(fmt));
-  std::vector<at::Tensor> gw;
-  for (const at::Tensor& t : weights) gw.push_back(at::empty(t.sizes(), t.options()));
-  at::Tensor ggamma = at::empty({C}, bn_weight.options());
-  at::Tensor gbeta = at::empty({C}, bn_weight.options());
-  if (C == 0) return {gx, gw, ggamma, gbeta};
-  const int64_t P = N * Ho * Wo;
-  if (P == 0) {  // no samples: every gradient is an empty sum
-    gx.zero_();
-    for (at::Tensor& t : gw) t.zero_();
-    ggamma.zero_();
-    gbeta.zero_();
-    return {gx, gw, ggamma, gbeta};
-  }
-  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
-  const Tile tile = tile_for(channels_last);
-  const int64_t per_block = int64_t{tile.pt} * tile.e;
-  const int64_t nbp = cdiv(P, per_block), nbx = cdiv(N * H * W, per_block);
-  const std::vector<at::Tensor> w = contiguous_rows(weights);
-  const at::Tensor gamma = bn_weight.contiguous(), mean = mean_in.contiguous(),
-                   var = var_in.contiguous();
-  const at::TensorOptions acc_options = mean.options();
-  at::Tensor sums = at::empty({2 * C * nbp}, acc_options);
-  at::Tensor coef = at::empty({3 * C}, acc_options);
-  at::Tensor dconv = at::empty({N, C, Ho, Wo}, acc_options.memory_format(fmt));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mixed_dwconv_bwd",
-                                  [&] {
-    using A = at::opmath_type<scalar_t>;
-    BwdArgs<scalar_t, A> a{};
-    a.gy = gy.const_data_ptr<scalar_t>();
-    a.y = y.const_data_ptr<scalar_t>();
-    a.conv = conv.const_data_ptr<scalar_t>();
-    a.x = x.const_data_ptr<scalar_t>();
-    a.gamma = gamma.const_data_ptr<scalar_t>();
-    a.mean = mean.const_data_ptr<A>();
-    a.var = var.const_data_ptr<A>();
-    a.psum = sums.mutable_data_ptr<A>();
-    a.pdot = a.psum + C * nbp;
-    a.coef = coef.mutable_data_ptr<A>();
-    a.dconv = dconv.mutable_data_ptr<A>();
-    a.gx = gx.mutable_data_ptr<scalar_t>();
-    a.ggamma = ggamma.mutable_data_ptr<scalar_t>();
-    a.gbeta = gbeta.mutable_data_ptr<scalar_t>();
-    a.g = make_geometry(x, gy, stride);
-    a.tile = tile;
-    a.nbp = nbp;
-    a.batch_stats = use_batch_stats;
-    a.act = act;
-    a.eps = static_cast<A>(eps);
-    const std::vector<device::Groups<scalar_t>> tables =
-        group_tables<scalar_t>(groups, w, tile, &a.wtotal);
-    at::Tensor part = at::empty({nbp * a.wtotal}, acc_options);
-    a.part = part.mutable_data_ptr<A>();
-    const int threads = tile.ct * tile.pt;
-    for (const auto& gs : tables) {
-      a.gs = gs;
-      bwd_sums_kernel<scalar_t, A><<<grid(nbp, gs.tile_begin[gs.n]), cta(tile),
-                                     sizeof(Pair<A>) * threads, stream>>>(a);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    bwd_coef_kernel<scalar_t, A><<<blocks_for(C), kThreads, 0, stream>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    size_t g = 0;  // index into weights / gw of the next alive group
-    for (const auto& gs : tables) {
-      a.gs = gs;
-      for (int j = 0; j < gs.n; ++j) {
-        while (groups[g].count == 0) ++g;
-        a.gw[j] = gw[g++].mutable_data_ptr<scalar_t>();
-      }
-      const int64_t tiles = gs.tile_begin[gs.n];
-      wgrad_kernel<scalar_t, A>
-          <<<grid(nbp, tiles), cta(tile), sizeof(A) * threads, stream>>>(a);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      dgrad_kernel<scalar_t, A><<<grid(nbx, tiles), cta(tile), 0, stream>>>(a);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const int last = gs.n - 1;
-      const int64_t size =
-          gs.woff[last] + gs.count[last] * gs.k[last] * gs.k[last] - gs.woff[0];
-      wgrad_sum_kernel<scalar_t, A><<<blocks_for(size), kThreads, 0, stream>>>(a, size);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  });
-  return {gx, gw, ggamma, gbeta};
+    const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& x, const at::Tensor& conv,
+    at::TensorList weights, const at::Tensor& bn_weight, const at::Tensor& mean,
+    const at::Tensor& var, int64_t stride, bool use_batch_stats, double eps,
+    std::string_view activation) {
+  TORCH_CHECK(x.is_cuda(), kOp, ": the CUDA kernel got a tensor on ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const CudaLaunch launch{c10::cuda::getCurrentCUDAStream()};
+  return device::backward(launch, grad_y, y, x, conv, weights, bn_weight, mean, var, stride,
+                          use_batch_stats, eps, activation);
 }
 
 }  // namespace

@@ -1,7 +1,10 @@
 // The per-thread bodies of the CUDA kernels in mixed_dwconv_bn_act_cuda.cu, as __host__ __device__
 // functions of plain pointers and indices. The __global__ kernels only add the CTA's shared-memory
 // tree reductions (tree_step, between __syncthreads) around them, so a host program can run the
-// same bodies block by block, thread by thread, and check the index math without a GPU.
+// same bodies block by block, thread by thread, and check the index math without a GPU. The
+// launch geometry (grids, CTAs, group tables) and the launch plan (the op entry points up to the
+// launches, over a launcher) are here too, host-only, so that program
+// (tests/ops/mixed_dwconv_cuda_host.cpp) replays exactly the launches the .cu makes.
 //
 // Work split (all kernels but the per-channel ones): a CTA of ct x pt threads owns ct channels of
 // ONE kernel-size group (lanes tx, consecutive channels) and pt * e positions of the output (or
@@ -11,10 +14,22 @@
 // of all groups, and the CTA picks the group whose tile range holds blockIdx.y.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
+#include <string_view>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
 
 #include "common/activation.h"
+#include "common/checks.h"
+#include "mixed_dwconv_bn_act/mixed_dwconv_bn_act.h"
 
 namespace hrnas {
 namespace mixed_dwconv {
@@ -31,9 +46,10 @@ struct Geometry {
   int64_t stride;
 };
 
-// Groups of one launch: group j has channels [c_begin, c_begin + count) of the compact tensors,
-// kernel size k, its weights at w[j] (rows [count][k * k]), its slice of the packed weight
-// gradient at woff, and channel tiles [tile_begin[j], tile_begin[j + 1]).
+// Groups of one launch: group j is group src[j] of the op's weight list, has channels
+// [c_begin, c_begin + count) of the compact tensors, kernel size k, its weights at w[j] (rows
+// [count][k * k]), its slice of the packed weight gradient at woff, and channel tiles
+// [tile_begin[j], tile_begin[j + 1]).
 template <typename T>
 struct Groups {
   int n;
@@ -42,6 +58,7 @@ struct Groups {
   int64_t count[kMaxGroups];
   int64_t woff[kMaxGroups];
   int k[kMaxGroups];
+  int src[kMaxGroups];
   const T* w[kMaxGroups];
 };
 
@@ -169,6 +186,21 @@ HRNAS_HD void pair_merge(Pair<A>& a, const Pair<A>& b) {
 template <typename A>
 HRNAS_HD void sum_merge(A& a, const A& b) {
   a += b;
+}
+
+// Calls f(std::integral_constant<int, K>()) with K = k for k = 3, 5, 7, else K = 0 (the body
+// reads the size at run time). The kernels call device lambdas through it.
+#ifdef __CUDACC__
+#pragma nv_exec_check_disable
+#endif
+template <typename F>
+HRNAS_HD void with_kernel_size(int k, const F& f) {
+  switch (k) {
+    case 3: f(std::integral_constant<int, 3>()); break;
+    case 5: f(std::integral_constant<int, 5>()); break;
+    case 7: f(std::integral_constant<int, 7>()); break;
+    default: f(std::integral_constant<int, 0>()); break;
+  }
 }
 
 // One level of a CTA's tree reduction over the position lanes: lanes ty < half absorb ty + half.
@@ -424,6 +456,264 @@ HRNAS_HD void dgrad_thread(const BwdArgs<T, A>& a, int j, int64_t block, int64_t
     }
     a.gx[offset_of(a.g.xs, n, l.c, h, w)] = static_cast<T>(acc);
   });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Launch geometry (host only). Every convolving kernel runs a 2-D grid: grid.x = position blocks
+// (of pt * e positions), grid.y = the channel tiles of a group table; CTA = (ct, pt) threads.
+// The per-channel and elementwise kernels run 1-D grids of kThreads-thread CTAs.
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = (int64_t{1} << 31) - 1;  // grid.x
+constexpr int64_t kMaxTiles = 65535;                    // grid.y
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// NCHW: positions are contiguous, one channel per CTA, 256 position lanes x 4 each. NHWC:
+// channels are contiguous, 32 channel lanes (a 128-byte fp32 row) x 8 position lanes x 16 each.
+inline Tile tile_for(bool channels_last) {
+  return channels_last ? Tile{32, 8, 16} : Tile{1, 256, 4};
+}
+
+// grid.x of a 2-D launch over `positions` positions (N * Ho * Wo, or N * H * W for grad x).
+inline int64_t position_blocks(int64_t positions, const Tile& t) {
+  const int64_t blocks = cdiv(positions, int64_t{t.pt} * t.e);
+  TORCH_CHECK(blocks <= kMaxBlocks, kOp, ": the input is too large for the CUDA kernel");
+  return blocks;
+}
+
+// grid.y of a 2-D launch with group table gs.
+template <typename T>
+int64_t channel_tiles(const Groups<T>& gs) {
+  return gs.tile_begin[gs.n];
+}
+
+// grid.x of a 1-D launch over n items (the elementwise kernel loops past the cap).
+inline int64_t blocks_for(int64_t n) { return std::min<int64_t>(cdiv(n, kThreads), kMaxBlocks); }
+
+// Elements of the packed weight gradient that group table gs covers (one thread each).
+template <typename T>
+int64_t packed_weight_size(const Groups<T>& gs) {
+  const int last = gs.n - 1;
+  return gs.woff[last] + gs.count[last] * gs.k[last] * gs.k[last] - gs.woff[0];
+}
+
+// The group tables of the launches: the alive groups (count > 0), kMaxGroups at a time, with
+// their offsets in the packed weight gradient (alive groups only, in order). Group g has its
+// weight rows at w[g]. *wtotal: the packed size.
+template <typename T>
+std::vector<Groups<T>> group_tables(const std::vector<Group>& groups,
+                                    const std::vector<const T*>& w, const Tile& t,
+                                    int64_t* wtotal) {
+  std::vector<Groups<T>> tables;
+  int64_t woff = 0;
+  for (size_t g = 0; g < groups.size(); ++g) {
+    if (groups[g].count == 0) continue;
+    if (tables.empty() || tables.back().n == kMaxGroups) {
+      tables.push_back(Groups<T>{});
+      tables.back().tile_begin[0] = 0;
+    }
+    Groups<T>& gs = tables.back();
+    const int j = gs.n++;
+    gs.c_begin[j] = groups[g].begin;
+    gs.count[j] = groups[g].count;
+    gs.k[j] = static_cast<int>(groups[g].k);
+    gs.src[j] = static_cast<int>(g);
+    gs.woff[j] = woff;
+    gs.w[j] = w[g];
+    gs.tile_begin[j + 1] = gs.tile_begin[j] + cdiv(groups[g].count, t.ct);
+    TORCH_CHECK(gs.tile_begin[j + 1] <= kMaxTiles, kOp, ": too many channels (", groups[g].count,
+                ") in one kernel-size group for the CUDA kernel");
+    woff += groups[g].count * groups[g].k * groups[g].k;
+  }
+  *wtotal = woff;
+  return tables;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Launch plan (host only): the op entry points up to the launches, shared by the .cu (which
+// launches the kernels) and the host replay (which runs them on the CPU). A launcher L
+// allocates (L::empty: outputs and scratch) and runs each kernel of the .cu over the grid it is
+// given: fwd_conv, bwd_sums, wgrad, dgrad on (grid_x, grid_y) CTAs of (ct, pt) threads;
+// fwd_stats, fwd_apply, bwd_coef, wgrad_sum on 1-D grids of kThreads-thread CTAs.
+
+inline Geometry make_geometry(const at::Tensor& x, const at::Tensor& y, int64_t stride) {
+  Geometry g{};
+  g.N = x.size(0);
+  g.A = x.size(1);
+  g.H = x.size(2);
+  g.W = x.size(3);
+  g.Ho = y.size(2);
+  g.Wo = y.size(3);
+  for (int d = 0; d < 4; ++d) {
+    g.xs[d] = x.stride(d);
+    g.ys[d] = y.stride(d);
+  }
+  g.stride = stride;
+  return g;
+}
+
+inline std::vector<at::Tensor> contiguous_rows(at::TensorList weights) {
+  std::vector<at::Tensor> w;
+  for (const at::Tensor& t : weights) w.push_back(t.contiguous());
+  return w;
+}
+
+template <typename T>
+std::vector<const T*> row_pointers(const std::vector<at::Tensor>& w) {
+  std::vector<const T*> p;
+  for (const at::Tensor& t : w) p.push_back(t.const_data_ptr<T>());
+  return p;
+}
+
+// The forward op (schema in hrnas_kernels/mixed_dwconv_bn_act/ops.py): (y, conv, mean, var).
+template <typename L>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
+    L& launch, const at::Tensor& x_in, at::TensorList weights, const at::Tensor& bn_weight,
+    const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, int64_t stride, bool use_batch_stats, double eps,
+    std::string_view activation) {
+  const Activation act = parse_activation(kOp, activation);
+  const std::vector<Group> groups = check_and_group(x_in, weights, bn_weight, stride);
+  check_forward_args(x_in, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps);
+  const at::MemoryFormat fmt = output_memory_format(x_in);
+  const at::Tensor x = x_in.contiguous(fmt);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
+  at::Tensor y = launch.empty({N, C, Ho, Wo}, x.options().memory_format(fmt));
+  at::Tensor conv = launch.empty({N, C, Ho, Wo}, x.options().memory_format(fmt));
+  const auto stats_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor mean = launch.empty({C}, x.options().dtype(stats_type));
+  at::Tensor var = launch.empty({C}, x.options().dtype(stats_type));
+  if (C == 0) return {y, conv, mean, var};
+  const int64_t P = N * Ho * Wo;
+  if (use_batch_stats) {
+    TORCH_CHECK(P > 0, kOp, ": batch statistics of an empty batch are undefined");
+  } else {
+    mean.copy_(*running_mean);
+    var.copy_(*running_var);
+    if (P == 0) return {y, conv, mean, var};
+  }
+  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
+  const Tile tile = tile_for(channels_last);
+  const int64_t nbp = position_blocks(P, tile);
+  const std::vector<at::Tensor> w = contiguous_rows(weights);
+  const at::Tensor gamma = bn_weight.contiguous(), beta = bn_bias.contiguous();
+  at::Tensor partial = launch.empty({use_batch_stats ? 2 * C * nbp : 0}, mean.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mixed_dwconv_fwd",
+                                  [&] {
+    using A = at::opmath_type<scalar_t>;
+    FwdArgs<scalar_t, A> a{};
+    a.x = x.const_data_ptr<scalar_t>();
+    a.gamma = gamma.const_data_ptr<scalar_t>();
+    a.beta = beta.const_data_ptr<scalar_t>();
+    a.conv = conv.mutable_data_ptr<scalar_t>();
+    a.y = y.mutable_data_ptr<scalar_t>();
+    a.pmean = use_batch_stats ? partial.mutable_data_ptr<A>() : nullptr;
+    a.pm2 = use_batch_stats ? a.pmean + C * nbp : nullptr;
+    a.mean = mean.mutable_data_ptr<A>();
+    a.var = var.mutable_data_ptr<A>();
+    a.g = make_geometry(x, y, stride);
+    a.tile = tile;
+    a.nbp = nbp;
+    a.batch_stats = use_batch_stats;
+    a.act = act;
+    a.eps = static_cast<A>(eps);
+    int64_t wtotal = 0;
+    for (const auto& gs : group_tables(groups, row_pointers<scalar_t>(w), tile, &wtotal)) {
+      a.gs = gs;
+      launch.fwd_conv(a, nbp, channel_tiles(gs));
+    }
+    if (use_batch_stats) {
+      launch.fwd_stats(a, blocks_for(C));
+      launch.fwd_apply(a, blocks_for(y.numel()), y.numel(), channels_last);
+    }
+  });
+  return {y, conv, mean, var};
+}
+
+// The backward op: (grad x, grad of each weight group, grad gamma, grad beta).
+template <typename L>
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> backward(
+    L& launch, const at::Tensor& grad_y, const at::Tensor& y_in, const at::Tensor& x_in,
+    const at::Tensor& conv_in, at::TensorList weights, const at::Tensor& bn_weight,
+    const at::Tensor& mean_in, const at::Tensor& var_in, int64_t stride, bool use_batch_stats,
+    double eps, std::string_view activation) {
+  const Activation act = parse_activation(kOp, activation);
+  const std::vector<Group> groups = check_and_group(x_in, weights, bn_weight, stride);
+  check_backward_args(x_in, grad_y, y_in, conv_in, mean_in, var_in, stride);
+  const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
+  const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
+  const at::MemoryFormat fmt = output_memory_format(x_in);
+  const at::Tensor x = x_in.contiguous(fmt), gy = grad_y.contiguous(fmt), y = y_in.contiguous(fmt),
+                   conv = conv_in.contiguous(fmt);
+  at::Tensor gx = launch.empty({N, C, H, W}, x.options().memory_format(fmt));
+  std::vector<at::Tensor> gw;
+  for (const at::Tensor& t : weights) gw.push_back(launch.empty(t.sizes(), t.options()));
+  at::Tensor ggamma = launch.empty({C}, bn_weight.options());
+  at::Tensor gbeta = launch.empty({C}, bn_weight.options());
+  if (C == 0) return {gx, gw, ggamma, gbeta};
+  const int64_t P = N * Ho * Wo;
+  if (P == 0) {  // no samples: every gradient is an empty sum
+    gx.zero_();
+    for (at::Tensor& t : gw) t.zero_();
+    ggamma.zero_();
+    gbeta.zero_();
+    return {gx, gw, ggamma, gbeta};
+  }
+  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
+  const Tile tile = tile_for(channels_last);
+  const int64_t nbp = position_blocks(P, tile), nbx = position_blocks(N * H * W, tile);
+  const std::vector<at::Tensor> w = contiguous_rows(weights);
+  const at::Tensor gamma = bn_weight.contiguous(), mean = mean_in.contiguous(),
+                   var = var_in.contiguous();
+  const at::TensorOptions acc_options = mean.options();
+  at::Tensor sums = launch.empty({2 * C * nbp}, acc_options);
+  at::Tensor coef = launch.empty({3 * C}, acc_options);
+  at::Tensor dconv = launch.empty({N, C, Ho, Wo}, acc_options.memory_format(fmt));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mixed_dwconv_bwd",
+                                  [&] {
+    using A = at::opmath_type<scalar_t>;
+    BwdArgs<scalar_t, A> a{};
+    a.gy = gy.const_data_ptr<scalar_t>();
+    a.y = y.const_data_ptr<scalar_t>();
+    a.conv = conv.const_data_ptr<scalar_t>();
+    a.x = x.const_data_ptr<scalar_t>();
+    a.gamma = gamma.const_data_ptr<scalar_t>();
+    a.mean = mean.const_data_ptr<A>();
+    a.var = var.const_data_ptr<A>();
+    a.psum = sums.mutable_data_ptr<A>();
+    a.pdot = a.psum + C * nbp;
+    a.coef = coef.mutable_data_ptr<A>();
+    a.dconv = dconv.mutable_data_ptr<A>();
+    a.gx = gx.mutable_data_ptr<scalar_t>();
+    a.ggamma = ggamma.mutable_data_ptr<scalar_t>();
+    a.gbeta = gbeta.mutable_data_ptr<scalar_t>();
+    a.g = make_geometry(x, gy, stride);
+    a.tile = tile;
+    a.nbp = nbp;
+    a.batch_stats = use_batch_stats;
+    a.act = act;
+    a.eps = static_cast<A>(eps);
+    const std::vector<Groups<scalar_t>> tables =
+        group_tables(groups, row_pointers<scalar_t>(w), tile, &a.wtotal);
+    at::Tensor part = launch.empty({nbp * a.wtotal}, acc_options);
+    a.part = part.mutable_data_ptr<A>();
+    for (const auto& gs : tables) {
+      a.gs = gs;
+      launch.bwd_sums(a, nbp, channel_tiles(gs));
+    }
+    launch.bwd_coef(a, blocks_for(C));
+    for (const auto& gs : tables) {
+      a.gs = gs;
+      for (int j = 0; j < gs.n; ++j) a.gw[j] = gw[gs.src[j]].mutable_data_ptr<scalar_t>();
+      launch.wgrad(a, nbp, channel_tiles(gs));
+      launch.dgrad(a, nbx, channel_tiles(gs));
+      const int64_t size = packed_weight_size(gs);
+      launch.wgrad_sum(a, blocks_for(size), size);
+    }
+  });
+  return {gx, gw, ggamma, gbeta};
 }
 
 }  // namespace device
