@@ -677,13 +677,17 @@ const T* block_weights(const Block& b, const Group& grp, const T* w, bool flip, 
 // out[r][wo][:V] = sum_{kh,kw} wt[kh][kw][:] * in[r*S + kh][wo*S + kw][:]  for r < R, wo < Wo.
 // Pixels are `pitch` elements apart in `in` and `out`, rows in_row and Wo * pitch apart. kPix
 // neighbouring outputs are computed together from one window of input pixels per kernel row,
-// so each loaded input pixel serves up to k taps.
-template <int K, int S, int V, typename T>
+// so each loaded input pixel serves up to k taps. With kSums, also s[l] += sum of out[..][l] and
+// q[l] += sum of its squares for l < lanes (the BatchNorm sums, from registers: no second read).
+template <int K, int S, int V, bool kSums, typename T>
 HRNAS_TARGET_CLONES void correlate_nhwc(const T* __restrict in, int64_t in_row,
                                         const T* __restrict wt, int64_t k_rt, int64_t R,
-                                        int64_t Wo, int64_t pitch, T* __restrict out) {
+                                        int64_t Wo, int64_t pitch, T* __restrict out,
+                                        int64_t lanes = 0, double* __restrict s = nullptr,
+                                        double* __restrict q = nullptr) {
   using W = VecW<T, V>;
   const int64_t k = K > 0 ? K : k_rt;
+  W sa = {}, sq = {};
   for (int64_t r = 0; r < R; ++r) {
     T* o = out + r * Wo * pitch;
     int64_t wo = 0;
@@ -697,10 +701,16 @@ HRNAS_TARGET_CLONES void correlate_nhwc(const T* __restrict in, int64_t in_row,
           for (int i = 0; i < kWin; ++i) win[i] = loadw<V>(xr + i * pitch);
           for (int kw = 0; kw < K; ++kw) {
             const W wv = loadw<V>(wt + (kh * K + kw) * V);
-            for (int q = 0; q < kPix; ++q) acc[q] += wv * win[q * S + kw];
+            for (int j = 0; j < kPix; ++j) acc[j] += wv * win[j * S + kw];
           }
         }
-        for (int q = 0; q < kPix; ++q) storew<V>(o + (wo + q) * pitch, acc[q]);
+        for (int j = 0; j < kPix; ++j) {
+          storew<V>(o + (wo + j) * pitch, acc[j]);
+          if constexpr (kSums) {
+            sa += acc[j];
+            sq += acc[j] * acc[j];
+          }
+        }
       }
     }
     for (; wo < Wo; ++wo) {
@@ -712,6 +722,16 @@ HRNAS_TARGET_CLONES void correlate_nhwc(const T* __restrict in, int64_t in_row,
         }
       }
       storew<V>(o + wo * pitch, acc);
+      if constexpr (kSums) {
+        sa += acc;
+        sq += acc * acc;
+      }
+    }
+  }
+  if constexpr (kSums) {
+    for (int64_t l = 0; l < lanes; ++l) {
+      s[l] += sa[l];
+      q[l] += sq[l];
     }
   }
 }
@@ -780,23 +800,6 @@ HRNAS_TARGET_CLONES void scatter_stride2_nhwc(const T* __restrict d, int64_t d_r
         }
       }
     }
-  }
-}
-
-// Per-block statistics of a band's conv (tile pixels): s[c] += sum, q[c] += sum of squares.
-template <int V, typename T>
-HRNAS_TARGET_CLONES void block_sums(const T* __restrict v, int64_t npix, int64_t pitch,
-                                    int64_t lanes, double* __restrict s, double* __restrict q) {
-  using W = VecW<T, V>;
-  W a = {}, b = {};
-  for (int64_t i = 0; i < npix; ++i) {
-    const W x = loadw<V>(v + i * pitch);
-    a += x;
-    b += x * x;
-  }
-  for (int64_t l = 0; l < lanes; ++l) {
-    s[l] += a[l];
-    q[l] += b[l];
   }
 }
 
@@ -921,9 +924,9 @@ void fwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const FwdIO
             with_width(blk, [&](auto V) {
               constexpr int kK = decltype(K)::value, kS = decltype(Sc)::value;
               constexpr int kV = decltype(V)::value;
-              correlate_nhwc<kK, kS, kV>(in, x_row, wt, grp.k, R, sh.Wo, lay.Cp, out + blk.off);
-              block_sums<kV>(out + blk.off, npix, lay.Cp, blk.lanes, &part[bi * 2 * C + blk.c0],
-                             &part[(bi * 2 + 1) * C + blk.c0]);
+              correlate_nhwc<kK, kS, kV, true>(in, x_row, wt, grp.k, R, sh.Wo, lay.Cp,
+                                               out + blk.off, blk.lanes, &part[bi * 2 * C + blk.c0],
+                                               &part[(bi * 2 + 1) * C + blk.c0]);
             });
           });
         }
@@ -1078,7 +1081,8 @@ void bwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const BwdIO
               if constexpr (kS == 1) {
                 block_weights(blk, grp, w, true, wt);
                 const T* dd = dt + (P - p) * d_row + (P - p) * lay.Cp + blk.off;
-                correlate_nhwc<kK, 1, kV>(dd, d_row, wt, grp.k, R, sh.W, lay.Cp, dx + blk.off);
+                correlate_nhwc<kK, 1, kV, false>(dd, d_row, wt, grp.k, R, sh.W, lay.Cp,
+                                                 dx + blk.off);
               } else {
                 block_weights(blk, grp, w, false, wt);
                 scatter_stride2_nhwc<kV>(dt + (d0 - b.ho0 + P) * d_row + P * lay.Cp + blk.off,
