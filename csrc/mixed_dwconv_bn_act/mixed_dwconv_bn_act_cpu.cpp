@@ -662,16 +662,30 @@ void with_width(const Block& b, F&& f) {
   }
 }
 
-// A block's kernel rows, [k*k][width] (zero in unused lanes), optionally flipped.
+// Every block's kernel rows, [k*k][width] (zero in unused lanes), optionally flipped, packed in
+// block order, made once per call; block i's start in off[i] (also the layout of the weight
+// gradient's per-task partials).
 template <typename T>
-const T* block_weights(const Block& b, const Group& grp, const T* w, bool flip, T* wt) {
-  const int64_t kk = grp.k * grp.k;
-  std::fill(wt, wt + kk * b.width, T(0));
-  for (int64_t l = 0; l < b.lanes; ++l) {
-    const T* row = w + (b.c0 - grp.begin + l) * kk;
-    for (int64_t i = 0; i < kk; ++i) wt[i * b.width + l] = row[flip ? kk - 1 - i : i];
+std::vector<T> block_weights(const Layout& lay, const std::vector<Group>& groups,
+                             const T* const* w, bool flip, std::vector<int64_t>& off) {
+  off.clear();
+  int64_t len = 0;
+  for (const Block& b : lay.blocks) {
+    off.push_back(len);
+    len += groups[b.g].k * groups[b.g].k * b.width;
   }
-  return wt;
+  std::vector<T> packed(len, T(0));
+  for (size_t i = 0; i < lay.blocks.size(); ++i) {
+    const Block& b = lay.blocks[i];
+    const Group& grp = groups[b.g];
+    const int64_t kk = grp.k * grp.k;
+    for (int64_t l = 0; l < b.lanes; ++l) {
+      const T* row = w[b.g] + (b.c0 - grp.begin + l) * kk;
+      T* dst = packed.data() + off[i] + l;
+      for (int64_t j = 0; j < kk; ++j) dst[j * b.width] = row[flip ? kk - 1 - j : j];
+    }
+  }
+  return packed;
 }
 
 // out[r][wo][:V] = sum_{kh,kw} wt[kh][kw][:] * in[r*S + kh][wo*S + kw][:]  for r < R, wo < Wo.
@@ -898,6 +912,8 @@ void fwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const FwdIO
   const int64_t nb = static_cast<int64_t>(bands.size()), C = sh.C, S = sh.stride;
   const int64_t x_row = (sh.W + 2 * lay.P) * lay.Cp;
   std::vector<double> part(nb * 2 * C, 0.0);  // per task: sums, sums of squares
+  std::vector<int64_t> w_off;
+  const std::vector<T> wts = block_weights(lay, groups, io.w, false, w_off);
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t bi = b0; bi < b1; ++bi) {
       const Band& task = bands[bi];
@@ -914,11 +930,11 @@ void fwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const FwdIO
                                 });
         T* conv = io.conv + (b.n * sh.Ho + b.ho0) * sh.Wo * C;
         T* out = lay.dense ? conv : scratch<T>(1, npix * lay.Cp);
-        for (const Block& blk : lay.blocks) {
+        for (size_t i = 0; i < lay.blocks.size(); ++i) {
+          const Block& blk = lay.blocks[i];
           const Group& grp = groups[blk.g];
           const int64_t p = grp.k / 2;
-          const T* wt =
-              block_weights(blk, grp, io.w[blk.g], false, scratch<T>(2, grp.k * grp.k * 16));
+          const T* wt = wts.data() + w_off[i];
           const T* in = xt + (lay.P - p) * x_row + (lay.P - p) * lay.Cp + blk.off;
           with_kernel(grp.k, S, [&](auto K, auto Sc) {
             with_width(blk, [&](auto V) {
@@ -1021,12 +1037,11 @@ void bwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const BwdIO
   const std::vector<T> pc = periodic<T>(coef, C);
   // Pass B: per band, d(conv) on the band's rows and a halo of P rows (zero-bordered tile),
   // then the weight gradient (band rows only) and the input gradient of the band's input rows.
-  std::vector<int64_t> w_off;  // per block, its part of a task's weight-gradient partial
-  int64_t wlen = 0;
-  for (const Block& blk : lay.blocks) {
-    w_off.push_back(wlen);
-    wlen += groups[blk.g].k * groups[blk.g].k * blk.width;
-  }
+  // Kernels flipped for the stride-1 input gradient (a correlation), unflipped for stride 2's
+  // scatter; block i's kernel and its part of a task's weight-gradient partial start at w_off[i].
+  std::vector<int64_t> w_off;
+  const std::vector<T> wts = block_weights(lay, groups, io.w, S == 1, w_off);
+  const int64_t wlen = static_cast<int64_t>(wts.size());
   std::vector<double> wpart(nb * wlen, 0.0);
   const int64_t x_row = (sh.W + 2 * P) * lay.Cp, d_row = (sh.Wo + 2 * P) * lay.Cp;
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
@@ -1068,8 +1083,7 @@ void bwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const BwdIO
           const Block& blk = lay.blocks[i];
           const Group& grp = groups[blk.g];
           const int64_t p = grp.k / 2;
-          const T* w = io.w[blk.g];
-          T* wt = scratch<T>(4, grp.k * grp.k * 16);
+          const T* wt = wts.data() + w_off[i];
           const T* d = dt + P * d_row + P * lay.Cp + blk.off;
           const T* in = xt + (P - p) * x_row + (P - p) * lay.Cp + blk.off;
           with_kernel(grp.k, S, [&](auto K, auto Sc) {
@@ -1079,12 +1093,10 @@ void bwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const BwdIO
               wgrad_nhwc<kK, kS, kV>(d, d_row, in, x_row, grp.k, R, sh.Wo, lay.Cp,
                                      &wpart[bi * wlen + w_off[i]]);
               if constexpr (kS == 1) {
-                block_weights(blk, grp, w, true, wt);
                 const T* dd = dt + (P - p) * d_row + (P - p) * lay.Cp + blk.off;
                 correlate_nhwc<kK, 1, kV, false>(dd, d_row, wt, grp.k, R, sh.W, lay.Cp,
                                                  dx + blk.off);
               } else {
-                block_weights(blk, grp, w, false, wt);
                 scatter_stride2_nhwc<kV>(dt + (d0 - b.ho0 + P) * d_row + P * lay.Cp + blk.off,
                                          d_row, d0, d1, wt, grp.k, sh.Wo, lay.Cp, hx0, hx1, P,
                                          x_row, dx + blk.off);
