@@ -894,8 +894,11 @@ template <typename T>
 std::vector<T> periodic(const std::vector<std::vector<double>>& values, int64_t C) {
   const int64_t period = kLanes * C;
   std::vector<T> out(values.size() * period);
-  for (size_t a = 0; a < values.size(); ++a) {
-    for (int64_t j = 0; j < period; ++j) out[a * period + j] = static_cast<T>(values[a][j % C]);
+  T* o = out.data();
+  for (const std::vector<double>& v : values) {  // kLanes copies of v (no modulo per element)
+    for (int64_t i = 0; i < kLanes; ++i, o += C) {
+      for (int64_t c = 0; c < C; ++c) o[c] = static_cast<T>(v[c]);
+    }
   }
   return out;
 }
