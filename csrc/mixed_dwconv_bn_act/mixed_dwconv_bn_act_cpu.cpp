@@ -662,28 +662,46 @@ void with_width(const Block& b, F&& f) {
   }
 }
 
-// A block's kernel rows, [k*k][width] (zero in unused lanes), optionally flipped.
+// Every block's kernel rows, [k*k][width] (zero in unused lanes), optionally flipped, packed in
+// block order, made once per call; block i's start in off[i] (also the layout of the weight
+// gradient's per-task partials).
 template <typename T>
-const T* block_weights(const Block& b, const Group& grp, const T* w, bool flip, T* wt) {
-  const int64_t kk = grp.k * grp.k;
-  std::fill(wt, wt + kk * b.width, T(0));
-  for (int64_t l = 0; l < b.lanes; ++l) {
-    const T* row = w + (b.c0 - grp.begin + l) * kk;
-    for (int64_t i = 0; i < kk; ++i) wt[i * b.width + l] = row[flip ? kk - 1 - i : i];
+std::vector<T> block_weights(const Layout& lay, const std::vector<Group>& groups,
+                             const T* const* w, bool flip, std::vector<int64_t>& off) {
+  off.clear();
+  int64_t len = 0;
+  for (const Block& b : lay.blocks) {
+    off.push_back(len);
+    len += groups[b.g].k * groups[b.g].k * b.width;
   }
-  return wt;
+  std::vector<T> packed(len, T(0));
+  for (size_t i = 0; i < lay.blocks.size(); ++i) {
+    const Block& b = lay.blocks[i];
+    const Group& grp = groups[b.g];
+    const int64_t kk = grp.k * grp.k;
+    for (int64_t l = 0; l < b.lanes; ++l) {
+      const T* row = w[b.g] + (b.c0 - grp.begin + l) * kk;
+      T* dst = packed.data() + off[i] + l;
+      for (int64_t j = 0; j < kk; ++j) dst[j * b.width] = row[flip ? kk - 1 - j : j];
+    }
+  }
+  return packed;
 }
 
 // out[r][wo][:V] = sum_{kh,kw} wt[kh][kw][:] * in[r*S + kh][wo*S + kw][:]  for r < R, wo < Wo.
 // Pixels are `pitch` elements apart in `in` and `out`, rows in_row and Wo * pitch apart. kPix
 // neighbouring outputs are computed together from one window of input pixels per kernel row,
-// so each loaded input pixel serves up to k taps.
-template <int K, int S, int V, typename T>
+// so each loaded input pixel serves up to k taps. With kSums, also s[l] += sum of out[..][l] and
+// q[l] += sum of its squares for l < lanes (the BatchNorm sums, from registers: no second read).
+template <int K, int S, int V, bool kSums, typename T>
 HRNAS_TARGET_CLONES void correlate_nhwc(const T* __restrict in, int64_t in_row,
                                         const T* __restrict wt, int64_t k_rt, int64_t R,
-                                        int64_t Wo, int64_t pitch, T* __restrict out) {
+                                        int64_t Wo, int64_t pitch, T* __restrict out,
+                                        int64_t lanes = 0, double* __restrict s = nullptr,
+                                        double* __restrict q = nullptr) {
   using W = VecW<T, V>;
   const int64_t k = K > 0 ? K : k_rt;
+  W sa = {}, sq = {};
   for (int64_t r = 0; r < R; ++r) {
     T* o = out + r * Wo * pitch;
     int64_t wo = 0;
@@ -697,10 +715,16 @@ HRNAS_TARGET_CLONES void correlate_nhwc(const T* __restrict in, int64_t in_row,
           for (int i = 0; i < kWin; ++i) win[i] = loadw<V>(xr + i * pitch);
           for (int kw = 0; kw < K; ++kw) {
             const W wv = loadw<V>(wt + (kh * K + kw) * V);
-            for (int q = 0; q < kPix; ++q) acc[q] += wv * win[q * S + kw];
+            for (int j = 0; j < kPix; ++j) acc[j] += wv * win[j * S + kw];
           }
         }
-        for (int q = 0; q < kPix; ++q) storew<V>(o + (wo + q) * pitch, acc[q]);
+        for (int j = 0; j < kPix; ++j) {
+          storew<V>(o + (wo + j) * pitch, acc[j]);
+          if constexpr (kSums) {
+            sa += acc[j];
+            sq += acc[j] * acc[j];
+          }
+        }
       }
     }
     for (; wo < Wo; ++wo) {
@@ -712,6 +736,16 @@ HRNAS_TARGET_CLONES void correlate_nhwc(const T* __restrict in, int64_t in_row,
         }
       }
       storew<V>(o + wo * pitch, acc);
+      if constexpr (kSums) {
+        sa += acc;
+        sq += acc * acc;
+      }
+    }
+  }
+  if constexpr (kSums) {
+    for (int64_t l = 0; l < lanes; ++l) {
+      s[l] += sa[l];
+      q[l] += sq[l];
     }
   }
 }
@@ -780,23 +814,6 @@ HRNAS_TARGET_CLONES void scatter_stride2_nhwc(const T* __restrict d, int64_t d_r
         }
       }
     }
-  }
-}
-
-// Per-block statistics of a band's conv (tile pixels): s[c] += sum, q[c] += sum of squares.
-template <int V, typename T>
-HRNAS_TARGET_CLONES void block_sums(const T* __restrict v, int64_t npix, int64_t pitch,
-                                    int64_t lanes, double* __restrict s, double* __restrict q) {
-  using W = VecW<T, V>;
-  W a = {}, b = {};
-  for (int64_t i = 0; i < npix; ++i) {
-    const W x = loadw<V>(v + i * pitch);
-    a += x;
-    b += x * x;
-  }
-  for (int64_t l = 0; l < lanes; ++l) {
-    s[l] += a[l];
-    q[l] += b[l];
   }
 }
 
@@ -877,8 +894,11 @@ template <typename T>
 std::vector<T> periodic(const std::vector<std::vector<double>>& values, int64_t C) {
   const int64_t period = kLanes * C;
   std::vector<T> out(values.size() * period);
-  for (size_t a = 0; a < values.size(); ++a) {
-    for (int64_t j = 0; j < period; ++j) out[a * period + j] = static_cast<T>(values[a][j % C]);
+  T* o = out.data();
+  for (const std::vector<double>& v : values) {  // kLanes copies of v (no modulo per element)
+    for (int64_t i = 0; i < kLanes; ++i, o += C) {
+      for (int64_t c = 0; c < C; ++c) o[c] = static_cast<T>(v[c]);
+    }
   }
   return out;
 }
@@ -895,6 +915,8 @@ void fwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const FwdIO
   const int64_t nb = static_cast<int64_t>(bands.size()), C = sh.C, S = sh.stride;
   const int64_t x_row = (sh.W + 2 * lay.P) * lay.Cp;
   std::vector<double> part(nb * 2 * C, 0.0);  // per task: sums, sums of squares
+  std::vector<int64_t> w_off;
+  const std::vector<T> wts = block_weights(lay, groups, io.w, false, w_off);
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t bi = b0; bi < b1; ++bi) {
       const Band& task = bands[bi];
@@ -911,19 +933,19 @@ void fwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const FwdIO
                                 });
         T* conv = io.conv + (b.n * sh.Ho + b.ho0) * sh.Wo * C;
         T* out = lay.dense ? conv : scratch<T>(1, npix * lay.Cp);
-        for (const Block& blk : lay.blocks) {
+        for (size_t i = 0; i < lay.blocks.size(); ++i) {
+          const Block& blk = lay.blocks[i];
           const Group& grp = groups[blk.g];
           const int64_t p = grp.k / 2;
-          const T* wt =
-              block_weights(blk, grp, io.w[blk.g], false, scratch<T>(2, grp.k * grp.k * 16));
+          const T* wt = wts.data() + w_off[i];
           const T* in = xt + (lay.P - p) * x_row + (lay.P - p) * lay.Cp + blk.off;
           with_kernel(grp.k, S, [&](auto K, auto Sc) {
             with_width(blk, [&](auto V) {
               constexpr int kK = decltype(K)::value, kS = decltype(Sc)::value;
               constexpr int kV = decltype(V)::value;
-              correlate_nhwc<kK, kS, kV>(in, x_row, wt, grp.k, R, sh.Wo, lay.Cp, out + blk.off);
-              block_sums<kV>(out + blk.off, npix, lay.Cp, blk.lanes, &part[bi * 2 * C + blk.c0],
-                             &part[(bi * 2 + 1) * C + blk.c0]);
+              correlate_nhwc<kK, kS, kV, true>(in, x_row, wt, grp.k, R, sh.Wo, lay.Cp,
+                                               out + blk.off, blk.lanes, &part[bi * 2 * C + blk.c0],
+                                               &part[(bi * 2 + 1) * C + blk.c0]);
             });
           });
         }
@@ -1018,12 +1040,11 @@ void bwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const BwdIO
   const std::vector<T> pc = periodic<T>(coef, C);
   // Pass B: per band, d(conv) on the band's rows and a halo of P rows (zero-bordered tile),
   // then the weight gradient (band rows only) and the input gradient of the band's input rows.
-  std::vector<int64_t> w_off;  // per block, its part of a task's weight-gradient partial
-  int64_t wlen = 0;
-  for (const Block& blk : lay.blocks) {
-    w_off.push_back(wlen);
-    wlen += groups[blk.g].k * groups[blk.g].k * blk.width;
-  }
+  // Kernels flipped for the stride-1 input gradient (a correlation), unflipped for stride 2's
+  // scatter; block i's kernel and its part of a task's weight-gradient partial start at w_off[i].
+  std::vector<int64_t> w_off;
+  const std::vector<T> wts = block_weights(lay, groups, io.w, S == 1, w_off);
+  const int64_t wlen = static_cast<int64_t>(wts.size());
   std::vector<double> wpart(nb * wlen, 0.0);
   const int64_t x_row = (sh.W + 2 * P) * lay.Cp, d_row = (sh.Wo + 2 * P) * lay.Cp;
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
@@ -1065,8 +1086,7 @@ void bwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const BwdIO
           const Block& blk = lay.blocks[i];
           const Group& grp = groups[blk.g];
           const int64_t p = grp.k / 2;
-          const T* w = io.w[blk.g];
-          T* wt = scratch<T>(4, grp.k * grp.k * 16);
+          const T* wt = wts.data() + w_off[i];
           const T* d = dt + P * d_row + P * lay.Cp + blk.off;
           const T* in = xt + (P - p) * x_row + (P - p) * lay.Cp + blk.off;
           with_kernel(grp.k, S, [&](auto K, auto Sc) {
@@ -1076,11 +1096,10 @@ void bwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const BwdIO
               wgrad_nhwc<kK, kS, kV>(d, d_row, in, x_row, grp.k, R, sh.Wo, lay.Cp,
                                      &wpart[bi * wlen + w_off[i]]);
               if constexpr (kS == 1) {
-                block_weights(blk, grp, w, true, wt);
                 const T* dd = dt + (P - p) * d_row + (P - p) * lay.Cp + blk.off;
-                correlate_nhwc<kK, 1, kV>(dd, d_row, wt, grp.k, R, sh.W, lay.Cp, dx + blk.off);
+                correlate_nhwc<kK, 1, kV, false>(dd, d_row, wt, grp.k, R, sh.W, lay.Cp,
+                                                 dx + blk.off);
               } else {
-                block_weights(blk, grp, w, false, wt);
                 scatter_stride2_nhwc<kV>(dt + (d0 - b.ho0 + P) * d_row + P * lay.Cp + blk.off,
                                          d_row, d0, d1, wt, grp.k, sh.Wo, lay.Cp, hx0, hx1, P,
                                          x_row, dx + blk.off);

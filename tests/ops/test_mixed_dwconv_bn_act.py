@@ -621,6 +621,7 @@ def test_backward_is_deterministic_and_thread_count_invariant():
 # tensors in place) and run as 16- or 8-lane blocks. Tall cases cross task and band edges.
 TALL_CASES = [
     Case(2, (16, 8, 24), (3, 5, 7), 35, 13, 1),  # dense; bands 8+8+2 and 8+8+1
+    Case(2, (8, 16), (5, 3), 37, 11, 2),  # dense, stride 2: Ho 19 (bands 8+8+3), Wo 6
     Case(2, (12, 5, 9), (3, 5, 7), 67, 10, 2),  # padded lanes; stride 2, Ho 34
     Case(1, (8, 3), (9, 1), 40, 6, 1),  # runtime kernel sizes, 8-lane blocks
 ]
@@ -656,16 +657,20 @@ def test_channels_last_tall_images_match_reference_and_thread_counts(case, train
     _assert_fp32_close(out, grads, rm_k, rv_k, ref, ref_grads, rm64, rv64)
 
 
+@pytest.mark.parametrize("dense", [False, True], ids=["padded", "dense"])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_gradcheck_float64_channels_last_across_bands(stride):
+def test_gradcheck_float64_channels_last_across_bands(stride, dense):
     """float64 gradcheck of the channels_last CPU kernel on an image tall enough for two tasks
-    of several bands (the sliding tiles' kept halo rows), with a dead channel."""
+    of several bands (the sliding tiles' kept halo rows): with a dead channel (groups padded to
+    8 lanes), and with 8-channel groups all alive (dense: tensors read and written in place)."""
     if runnable("native", "cpu"):
         pytest.skip(runnable("native", "cpu"))
-    case = Case(1, (3, 2), (3, 5), 33 * stride, 3, stride)
+    case = Case(1, (8, 8) if dense else (3, 2), (3, 5), 33 * stride, 3, stride)
     ws, gamma, beta, _, _ = _params(case, torch.float64, "cpu", seed=3)
-    index = torch.tensor([0, 2, 3, 4])  # channel 1 of the k=3 group is dead
-    x = randn((1, 4, case.h, 3), dtype=torch.float64, seed=2, memory_format=torch.channels_last)
+    # padded: channel 1 of the k=3 group is dead
+    index = None if dense else torch.tensor([0, 2, 3, 4])
+    alive = case.c if dense else 4
+    x = randn((1, alive, case.h, 3), dtype=torch.float64, seed=2, memory_format=torch.channels_last)
 
     def f(x, gamma, beta, *ws):
         return mixed_dwconv_bn_act(
