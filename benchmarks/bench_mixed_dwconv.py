@@ -5,7 +5,9 @@ Shape: batch 8, 56x56, fp32 by default, NCHW and channels_last, 1 and 2 threads:
 
 * C=96 as 32 channels each of k=3/5/7; C=96 all k=3; C=96 all k=7; the mixed case at stride 2;
 * the mixed case with 50%, 25% and 10% of the channels alive, the same fraction of every
-  kernel-size group (seeded choice). Alive channels are passed compactly, as the shrinking
+  kernel-size group (seeded choice), and with uneven alive counts per group (13/5/9 of 32),
+  the kind a search leaves: counts that are not multiples of 8 take the channels_last path's
+  padded tile layout. Alive channels are passed compactly, as the shrinking
   supernet does: ``x`` holds only the A alive channels and ``channel_index`` lists them; the
   parameters and running statistics stay full size.
 
@@ -58,6 +60,7 @@ CASES = [
     dict(_MIXED, alive=0.5),
     dict(_MIXED, alive=0.25),
     dict(_MIXED, alive=0.1),
+    dict(_MIXED, alive=(13, 5, 9)),
 ]
 # Smoke runs: the masked mixed case (gathered parameters, compact channels, the compiled
 # reference's graph break) at a quarter of the pixels and a quarter of the channels. One case
@@ -88,14 +91,16 @@ def group_sizes(case: dict) -> list[int]:
 
 def alive_index(case: dict) -> tuple[torch.Tensor | None, list[int]]:
     """The alive channels (sorted int64, None when all are alive) and the per-group counts:
-    ``round(alive * C_g)`` channels of every group (at least one), chosen with a fixed seed."""
+    ``alive`` is a fraction (``round(alive * C_g)`` channels of every group, at least one) or a
+    tuple of per-group counts; the channels are chosen with a fixed seed."""
     sizes = group_sizes(case)
-    if case["alive"] >= 1.0:
+    alive = case["alive"]
+    if not isinstance(alive, tuple) and alive >= 1.0:
         return None, sizes
+    wanted = alive if isinstance(alive, tuple) else [max(1, round(alive * n)) for n in sizes]
     gen = torch.Generator().manual_seed(0)
     picks, counts, offset = [], [], 0
-    for size in sizes:
-        count = max(1, round(case["alive"] * size))
+    for size, count in zip(sizes, wanted, strict=True):
         picks.append(torch.randperm(size, generator=gen)[:count].sort().values + offset)
         counts.append(count)
         offset += size
@@ -105,9 +110,11 @@ def alive_index(case: dict) -> tuple[torch.Tensor | None, list[int]]:
 def label(case: dict) -> str:
     ks = "/".join(str(k) for k in case["kernel_sizes"])
     _, counts = alive_index(case)
+    alive = case["alive"]
+    share = "/".join(map(str, alive)) if isinstance(alive, tuple) else f"{round(100 * alive)}%"
     return (
         f"N{case['N']} C{case['C']} k{ks} {case['H']}x{case['W']} s{case['stride']} "
-        f"alive {round(100 * case['alive'])}% (A={sum(counts)})"
+        f"alive {share} (A={sum(counts)})"
     )
 
 

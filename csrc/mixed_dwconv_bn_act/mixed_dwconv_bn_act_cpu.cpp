@@ -172,18 +172,33 @@ HRNAS_TARGET_CLONES void wgrad_plane(const A* __restrict d, int64_t ld, const A*
 }
 
 // Stride-2 input gradient by scattering into a zero-bordered tile of the input's size:
-// tile[ho*2 + kh][wo*2 + kw] += wt[kh][kw] * d[ho][wo].
-template <typename A>
+// tile[ho*2 + kh][wo*2 + kw] += wt[kh][kw] * d[ho][wo], every tile row written whole. Worked
+// one tile row at a time and per column parity: tap kw lands on column 2 * (wo + kw / 2) +
+// kw % 2, so within the half row of parity kw % 2 the update is contiguous in wo (a plain
+// vector multiply-add over the d row), and the two half rows are interleaved into the tile row
+// at the end. kK is the kernel size when known at compile time (0: g.k). `half` holds 2 * (Wo +
+// p) values.
+template <int kK, typename A>
 HRNAS_TARGET_CLONES void scatter_stride2(const A* __restrict d, const A* __restrict wt,
-                                         const Geom g, A* __restrict tile) {
-  for (int64_t ho = 0; ho < g.Ho; ++ho) {
-    for (int64_t wo = 0; wo < g.Wo; ++wo) {
-      const A dv = d[ho * g.Wo + wo];
-      for (int64_t kh = 0; kh < g.k; ++kh) {
-        A* t = tile + (ho * 2 + kh) * g.Wp + wo * 2;
-        for (int64_t kw = 0; kw < g.k; ++kw) t[kw] += wt[kh * g.k + kw] * dv;
+                                         const Geom g, A* __restrict tile, A* __restrict half) {
+  const int64_t k = kK ? kK : g.k, Wh = g.Wo + g.p;
+  A* __restrict h0 = half;
+  A* __restrict h1 = half + Wh;
+  for (int64_t r = 0; r < g.Hp; ++r) {
+    std::fill(half, half + 2 * Wh, A(0));
+    for (int64_t kh = r % 2; kh < k; kh += 2) {  // rows ho = (r - kh) / 2 reach tile row r
+      const int64_t ho = (r - kh) / 2;
+      if (ho < 0) break;
+      if (ho >= g.Ho) continue;
+      const A* __restrict dr = d + ho * g.Wo;
+      for (int64_t kw = 0; kw < k; ++kw) {
+        const A w = wt[kh * k + kw];
+        A* __restrict dst = (kw % 2 ? h1 : h0) + kw / 2;
+        for (int64_t wo = 0; wo < g.Wo; ++wo) dst[wo] += w * dr[wo];
       }
     }
+    A* __restrict row = tile + r * g.Wp;
+    for (int64_t c = 0; c < g.Wp; ++c) row[c] = (c % 2 ? h1 : h0)[c / 2];
   }
 }
 
@@ -505,14 +520,16 @@ void bwd_task(const Problem<T, A>& pr, const std::vector<Group>& groups, const B
     }
     gather(io.x, pr, n, t, pr.H, pr.W, xtile, g.Wp, g.p * g.Wp + g.p);
     const A* dconv = dtile + dl * dpitch + dl;
-    if (scatter_dx) std::fill(dx, dx + tile_size, A(0));
     with_kernel(g.k, g.s, [&](auto K, auto S) {
       constexpr int kK = decltype(K)::value, kS = decltype(S)::value;
       wgrad_plane<kK, kS>(dconv, dpitch, xtile, g, dw.data());
-      if constexpr (kS == 1) correlate_plane<kK, 1>(dtile, wt, make_geom(g.Ho, g.Wo, g.k, 1), dx);
+      if constexpr (kS == 1) {
+        correlate_plane<kK, 1>(dtile, wt, make_geom(g.Ho, g.Wo, g.k, 1), dx);
+      } else {
+        scatter_stride2<kK>(dconv, wt, g, dx, scratch<A>(6, 2 * (g.Wo + g.p)));
+      }
     });
     if (scatter_dx) {
-      scatter_stride2(dconv, wt, g, dx);
       // the interior of the scatter tile is the input gradient; compact it in place
       for (int64_t h = 0; h < pr.H; ++h) {
         const A* src = dx + (h + g.p) * g.Wp + g.p;
