@@ -10,6 +10,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
+
 #include "common/checks.h"
 
 namespace hrnas {
@@ -70,6 +72,31 @@ inline void check_layer(at::TensorList w, int64_t d, const at::Tensor& ref) {
                 kOp, ": layer weight ", i, " has shape ", w[i].sizes());
     check_same(kOp, "a layer weight", w[i], ref);
   }
+}
+
+// The weights' shapes, their agreement with each other and with `ref` (dtype, device), for the
+// g x g grid of coords; shared by the CPU and CUDA kernels.
+inline void check_weights(const at::Tensor& coords, const at::Tensor& w_in, at::TensorList encoder,
+                          const std::optional<at::Tensor>& query, at::TensorList decoder,
+                          const at::Tensor& w_out, int64_t heads, const at::Tensor& ref) {
+  TORCH_CHECK(coords.dim() == 3 && coords.size(0) == 2 && coords.size(1) == coords.size(2), kOp,
+              ": coords must be [2, g, g], got ", coords.sizes());
+  const int64_t d = coords.size(1) * coords.size(1);
+  TORCH_CHECK(w_in.dim() == 2 && w_in.size(1) >= 2 && w_out.dim() == 2 &&
+                  w_out.size(1) == w_in.size(0),
+              kOp, ": input_proj_weight [L, C + 2] and reverse_proj_weight [C_out, L] disagree: ",
+              w_in.sizes(), " vs ", w_out.sizes());
+  TORCH_CHECK(heads >= 1 && d % heads == 0, kOp, ": num_heads ", heads, " does not divide ", d);
+  check_layer(encoder, d, ref);
+  TORCH_CHECK(query.has_value() == !decoder.empty(), kOp,
+              ": query_embed and decoder go together");
+  if (query.has_value()) {
+    check_layer(decoder, d, ref);
+    TORCH_CHECK(query->dim() == 2 && query->size(0) == w_in.size(0) && query->size(1) == d, kOp,
+                ": query_embed must be [L, d], got ", query->sizes());
+    check_same(kOp, "query_embed", *query, ref);
+  }
+  for (const at::Tensor* t : {&coords, &w_in, &w_out}) check_same(kOp, "a weight", *t, ref);
 }
 
 }  // namespace token_transformer
