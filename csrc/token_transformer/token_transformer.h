@@ -19,6 +19,18 @@ namespace token_transformer {
 
 constexpr const char* kOp = "token_transformer";
 
+// Lays quantities out one after another in one flat buffer, each a contiguous [N, ...] block:
+// take(per_sample) returns the next block's offset; `at` ends as the total size.
+struct BlockLayout {
+  int64_t N;
+  int64_t at = 0;
+  int64_t take(int64_t per_sample) {
+    const int64_t offset = at;
+    at += N * per_sample;
+    return offset;
+  }
+};
+
 // Offsets (in values, already multiplied by N) of each saved quantity of one layer.
 struct LayerTape {
   int64_t qkv;                          // [N, L, 3d] the query, key and value projections
@@ -38,27 +50,22 @@ struct TapeLayout {
 inline TapeLayout make_tape_layout(int64_t N, int64_t C, int64_t L, int64_t d, int64_t heads,
                                    int64_t layers, int64_t C_out) {
   TapeLayout t{};
-  int64_t at = 0;
-  auto take = [&](int64_t per_sample) {
-    const int64_t offset = at;
-    at += N * per_sample;
-    return offset;
-  };
-  t.f = take(C * d);
-  t.uhat = take(L * d);
+  BlockLayout b{N};
+  t.f = b.take(C * d);
+  t.uhat = b.take(L * d);
   for (int64_t i = 0; i < layers; ++i) {
     LayerTape& l = t.layer[i];
-    l.qkv = take(3 * L * d);
-    l.o = take(L * d);
-    l.t1hat = take(L * d);
-    l.h = take(L * d);
-    l.t2hat = take(L * d);
-    l.p = take(heads * L * L);
-    l.rstd1 = take(L);
-    l.rstd2 = take(L);
+    l.qkv = b.take(3 * L * d);
+    l.o = b.take(L * d);
+    l.t1hat = b.take(L * d);
+    l.h = b.take(L * d);
+    l.t2hat = b.take(L * d);
+    l.p = b.take(heads * L * L);
+    l.rstd1 = b.take(L);
+    l.rstd2 = b.take(L);
   }
-  t.zhat = take(C_out * d);
-  t.total = at;
+  t.zhat = b.take(C_out * d);
+  t.total = b.at;
   return t;
 }
 

@@ -173,23 +173,18 @@ struct FwdWork {
 
 inline FwdWork make_fwd_work(int64_t N, int64_t L, int64_t d, int64_t Co) {
   FwdWork w{};
-  int64_t at = 0;
-  auto take = [&](int64_t per_sample) {
-    const int64_t o = at;
-    at += N * per_sample;
-    return o;
-  };
-  w.u = take(L * d);
-  w.in_part = take(2 * L);
-  w.in_stat = take(2 * L);
-  w.s = take(L * L);
-  w.a = take(L * d);
-  w.t1 = take(L * d);
-  w.m = take(L * d);
-  w.o = take(L * d);
-  w.z = take(Co * d);
-  w.out_part = take(2 * Co);
-  w.total = at;
+  BlockLayout b{N};
+  w.u = b.take(L * d);
+  w.in_part = b.take(2 * L);
+  w.in_stat = b.take(2 * L);
+  w.s = b.take(L * L);
+  w.a = b.take(L * d);
+  w.t1 = b.take(L * d);
+  w.m = b.take(L * d);
+  w.o = b.take(L * d);
+  w.z = b.take(Co * d);
+  w.out_part = b.take(2 * Co);
+  w.total = b.at;
   return w;
 }
 
@@ -210,21 +205,16 @@ struct BwdWork {
 inline BwdWork make_bwd_work(int64_t N, int64_t C, int64_t L, int64_t d, int64_t g, int64_t Co,
                              int64_t Ho) {
   BwdWork w{};
-  int64_t at = 0;
-  auto take = [&](int64_t per_sample) {
-    const int64_t o = at;
-    at += N * per_sample;
-    return o;
-  };
-  w.cols = take(Co * Ho * g);
-  w.gz = take(Co * d);
+  BlockLayout b{N};
+  w.cols = b.take(Co * Ho * g);
+  w.gz = b.take(Co * d);
   for (int64_t* p : {&w.o, &w.m, &w.t0, &w.go, &w.gm, &w.gt0, &w.r2, &w.gh, &w.t1, &w.gt1,
                      &w.r1, &w.gheads})
-    *p = take(L * d);
-  w.gqkv = take(3 * L * d);
-  w.dp = take(L * L);
-  w.gf = take(C * d);
-  w.total = at;
+    *p = b.take(L * d);
+  w.gqkv = b.take(3 * L * d);
+  w.dp = b.take(L * L);
+  w.gf = b.take(C * d);
+  w.total = b.at;
   return w;
 }
 
