@@ -14,7 +14,7 @@
 // Backward: one pass reduces sum(dz) and sum(dz * x_hat) per channel (dz = grad_y masked by the
 // activation, taken from y); a second pass forms d(conv) per image and runs the weight gradient
 // (correlate x with d(conv)) and the input gradient (correlate d(conv) with the flipped kernel for
-// stride 1, a local scatter for stride 2).
+// stride 1; stride 2: NCHW a local scatter, channels_last a gather per input pixel).
 // Kernel sizes 3, 5 and 7 and both strides are compiled as constants; other odd sizes use the
 // same loops with a runtime size.
 #include <ATen/Dispatch.h>
@@ -806,29 +806,75 @@ HRNAS_TARGET_CLONES void wgrad_nhwc(const T* __restrict d, int64_t d_row, const 
   }
 }
 
-// Stride-2 input gradient of one block: dx[h - h0][w + P][:] += wt[kh][kw][:] * d[ho][wo][:] for
-// h = 2*ho + kh - p in [h0, h1), w = 2*wo + kw - p (dx has a border of P >= p columns). d holds
-// output rows [d0, d1), pixels `pitch` apart, rows d_row apart; dx rows are dx_row apart.
-template <int V, typename T>
-HRNAS_TARGET_CLONES void scatter_stride2_nhwc(const T* __restrict d, int64_t d_row, int64_t d0,
-                                              int64_t d1, const T* __restrict wt, int64_t k,
-                                              int64_t Wo, int64_t pitch, int64_t h0, int64_t h1,
-                                              int64_t P, int64_t dx_row, T* __restrict dx) {
-  using W = VecW<T, V>;
-  const int64_t p = k / 2;
-  for (int64_t ho = d0; ho < d1; ++ho) {
-    for (int64_t kh = 0; kh < k; ++kh) {
-      const int64_t h = 2 * ho + kh - p;
-      if (h < h0 || h >= h1) continue;
-      const T* dr = d + (ho - d0) * d_row;
-      T* xr = dx + (h - h0) * dx_row + (P - p) * pitch;
-      for (int64_t wo = 0; wo < Wo; ++wo) {
-        const W dv = loadw<V>(dr + wo * pitch);
-        T* xp = xr + 2 * wo * pitch;
-        for (int64_t kw = 0; kw < k; ++kw) {
-          storew<V>(xp + kw * pitch,
-                    loadw<V>(xp + kw * pitch) + loadw<V>(wt + (kh * k + kw) * V) * dv);
+// Stride-2 input gradient of one block, gathered: every input pixel sums the output pixels that
+// read it, dx[h][w][:] = sum of wt[kh][kw][:] * d[(h + p - kh) / 2][(w + p - kw) / 2][:] over the
+// taps with h + p - kh and w + p - kw even, and is written once (no read-modify-write of a
+// scratch image, which for wide rows of many channels outgrew the caches). The taps' parities
+// follow those of h + p and w + p, so each of the four parity classes gets its own unrolled tap
+// list: QH, QW are the smallest kh, kw of the class, and dr0 points at the output pixel they read.
+template <int K, int V, int QH, int QW, typename T>
+HRNAS_INLINE VecW<T, V> gather_taps2(const T* __restrict dr0, int64_t d_row, int64_t pitch,
+                                     const T* __restrict wt) {
+  VecW<T, V> acc = {};
+  for (int i = 0; QH + 2 * i < K; ++i) {
+    for (int j = 0; QW + 2 * j < K; ++j) {
+      acc += loadw<V>(wt + ((QH + 2 * i) * K + QW + 2 * j) * V) *
+             loadw<V>(dr0 - i * d_row - j * pitch);
+    }
+  }
+  return acc;
+}
+
+// Input rows [h0, h1), all W columns, into dx (rows dx_row apart, pixels `pitch` apart). d is
+// the block's output row ho_base at column 0 of a zero-bordered tile that holds every output
+// pixel the rows read (rows d_row apart, pixels `pitch` apart).
+template <int K, int V, typename T>
+HRNAS_TARGET_CLONES void gather_stride2_nhwc(const T* __restrict d, int64_t ho_base,
+                                             int64_t d_row, const T* __restrict wt, int64_t k_rt,
+                                             int64_t h0, int64_t h1, int64_t W, int64_t pitch,
+                                             T* __restrict dx, int64_t dx_row) {
+  using Wv = VecW<T, V>;
+  const int64_t k = K > 0 ? K : k_rt, p = k / 2;
+  for (int64_t h = h0; h < h1; ++h) {
+    T* o = dx + (h - h0) * dx_row;
+    const int64_t qh = (h + p) & 1;
+    const T* dr = d + ((h + p - qh) / 2 - ho_base) * d_row;  // output row of tap kh = qh
+    if constexpr (K > 0) {
+      constexpr int kP = K / 2;
+      // w + p even: taps kw = 0, 2, ..; odd: kw = 1, 3, ..; the tap kw = q reads column
+      // (w + p - q) / 2.
+      auto pixel = [&](int64_t w, auto QH, auto QW) {
+        const T* at = dr + (w + kP - decltype(QW)::value) / 2 * pitch;
+        storew<V>(o + w * pitch, gather_taps2<K, V, decltype(QH)::value, decltype(QW)::value>(
+                                     at, d_row, pitch, wt));
+      };
+      const std::integral_constant<int, kP % 2> even;
+      const std::integral_constant<int, 1 - kP % 2> odd;
+      auto row = [&](auto QH) {
+        int64_t w = 0;
+        for (; w + 2 <= W; w += 2) {
+          pixel(w, QH, even);
+          pixel(w + 1, QH, odd);
         }
+        if (w < W) pixel(w, QH, even);
+      };
+      if (qh == 0) {
+        row(std::integral_constant<int, 0>{});
+      } else {
+        row(std::integral_constant<int, 1>{});
+      }
+    } else {
+      for (int64_t w = 0; w < W; ++w) {
+        const int64_t qw = (w + p) & 1;
+        const T* at = dr + (w + p - qw) / 2 * pitch;
+        Wv acc = {};
+        for (int64_t i = 0; qh + 2 * i < k; ++i) {
+          for (int64_t j = 0; qw + 2 * j < k; ++j) {
+            acc += loadw<V>(wt + ((qh + 2 * i) * k + qw + 2 * j) * V) *
+                   loadw<V>(at - i * d_row - j * pitch);
+          }
+        }
+        storew<V>(o + w * pitch, acc);
       }
     }
   }
@@ -1058,7 +1104,7 @@ void bwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const BwdIO
   // Pass B: per band, d(conv) on the band's rows and a halo of P rows (zero-bordered tile),
   // then the weight gradient (band rows only) and the input gradient of the band's input rows.
   // Kernels flipped for the stride-1 input gradient (a correlation), unflipped for stride 2's
-  // scatter; block i's kernel and its part of a task's weight-gradient partial start at w_off[i].
+  // gather; block i's kernel and its part of a task's weight-gradient partial start at w_off[i].
   std::vector<int64_t> w_off;
   const std::vector<T> wts = block_weights(lay, groups, io.w, S == 1, w_off);
   const int64_t wlen = static_cast<int64_t>(wts.size());
@@ -1088,17 +1134,10 @@ void bwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const BwdIO
         const T* xt = xtile.rows(b.ho0 * S - P, (b.ho1 - 1) * S + P + 1, [&](int64_t h, T* dst) {
           relayout<true>(img + h * sh.W * C, sh.W, lay, groups, dst);
         });
-        const int64_t d0 = std::max<int64_t>(0, b.ho0 - P), d1 = std::min(sh.Ho, b.ho1 + P);
         // input rows [hx0, hx1) of this band's input gradient
         const int64_t hx0 = b.ho0 * S, hx1 = std::min(sh.H, b.ho1 * S);
         T* gx = io.gx + (b.n * sh.H + hx0) * sh.W * C;
-        T* dx = nullptr;
-        if (S == 2) {
-          dx = scratch<T>(3, (hx1 - hx0) * x_row);
-          std::fill(dx, dx + (hx1 - hx0) * x_row, T(0));
-        } else {
-          dx = lay.dense ? gx : scratch<T>(3, R * sh.W * lay.Cp);
-        }
+        T* dx = lay.dense ? gx : scratch<T>(3, (hx1 - hx0) * sh.W * lay.Cp);
         for (size_t i = 0; i < lay.blocks.size(); ++i) {
           const Block& blk = lay.blocks[i];
           const Group& grp = groups[blk.g];
@@ -1117,21 +1156,14 @@ void bwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const BwdIO
                 correlate_nhwc<kK, 1, kV, false>(dd, d_row, wt, grp.k, R, sh.W, lay.Cp,
                                                  dx + blk.off);
               } else {
-                scatter_stride2_nhwc<kV>(dt + (d0 - b.ho0 + P) * d_row + P * lay.Cp + blk.off,
-                                         d_row, d0, d1, wt, grp.k, sh.Wo, lay.Cp, hx0, hx1, P,
-                                         x_row, dx + blk.off);
+                gather_stride2_nhwc<kK, kV>(dt + P * lay.Cp + blk.off, b.ho0 - P, d_row, wt,
+                                            grp.k, hx0, hx1, sh.W, lay.Cp, dx + blk.off,
+                                            sh.W * lay.Cp);
               }
             });
           });
         }
-        if (S == 2) {
-          for (int64_t h = hx0; h < hx1; ++h) {
-            relayout<false>(dx + (h - hx0) * x_row + P * lay.Cp, sh.W, lay, groups,
-                            gx + (h - hx0) * sh.W * C);
-          }
-        } else if (!lay.dense) {
-          relayout<false>(dx, R * sh.W, lay, groups, gx);
-        }
+        if (!lay.dense) relayout<false>(dx, (hx1 - hx0) * sh.W, lay, groups, gx);
       }
     }
   });

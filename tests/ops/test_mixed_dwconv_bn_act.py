@@ -68,7 +68,8 @@ class Case:
 # The CPU kernel vectorizes 16 lanes along W (NCHW) or along the channels of a group (NHWC), and
 # compiles k = 3/5/7 with both strides as constants. Cases: group sizes above, below and not a
 # multiple of 16, Wo with and without a vector tail, images smaller than the kernel, 1x1 images,
-# single kernel sizes, and runtime kernel sizes 1 and 9.
+# single kernel sizes, runtime kernel sizes 1 and 9, and group sizes that are multiples of 8 (the
+# channels_last kernels' dense layout, no padding lanes) with stride 2 over odd and even sizes.
 CASES = [
     Case(2, (5, 6, 7), (3, 5, 7), 9, 11, 1),
     Case(2, (19, 2, 17), (3, 5, 7), 7, 37, 2),
@@ -78,6 +79,7 @@ CASES = [
     Case(2, (6, 3, 5), (1, 9, 5), 2, 17, 2),
     Case(2, (3, 2, 4), (3, 5, 7), 5, 6, 2),
     Case(2, (4, 3), (3, 5), 7, 9, 1),
+    Case(2, (16, 8), (3, 7), 9, 10, 2),
 ]
 # The cases the Triton interpreter runs: mixed 3/5/7 with stride 2 and images smaller than the
 # kernel, two groups with stride 1, and 1x1 images.
