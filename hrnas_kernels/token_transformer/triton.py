@@ -270,6 +270,24 @@ def _layer(
 
 
 @triton.jit
+def _batch_stats(ptr, tile, ok, N, stride, D, ROWS: tl.constexpr, ACC: tl.constexpr):
+    """BatchNorm statistics of each of ROWS rows over N samples: the row's D values of sample m
+    are ``ptr + m * stride + tile`` (masked by ``ok``). Two passes in sample order (the mean, then
+    the squared deviations; biased variance), so every program that calls this on the same data
+    gets the same values."""
+    total = tl.zeros((ROWS,), dtype=ACC)
+    for m in range(N):
+        total += tl.sum(tl.load(ptr + m * stride + tile, mask=ok, other=0.0), axis=1)
+    mean = total / (N * D)
+    sq = tl.zeros((ROWS,), dtype=ACC)
+    for m in range(N):
+        values = tl.load(ptr + m * stride + tile, mask=ok, other=0.0)
+        dev = tl.where(ok, values - mean[:, None], 0.0)
+        sq += tl.sum(dev * dev, axis=1)
+    return mean, sq / (N * D)
+
+
+@triton.jit
 def _layers_kernel(
     u_ptr,
     tape_ptr,
@@ -335,18 +353,7 @@ def _layers_kernel(
     ok = row_ok[:, None] & col_ok[None, :]
     tile = rows[:, None] * D + cols[None, :]
     if USE_BATCH:
-        # Two passes over the batch (mean, then squared deviations), in sample order.
-        total = tl.zeros((BL,), dtype=ACC)
-        for m in range(N):
-            um = tl.load(u_ptr + m * L * D + tile, mask=ok, other=0.0)
-            total += tl.sum(um, axis=1)
-        mean = total / (N * D)
-        sq = tl.zeros((BL,), dtype=ACC)
-        for m in range(N):
-            um = tl.load(u_ptr + m * L * D + tile, mask=ok, other=0.0)
-            dev = tl.where(ok, um - mean[:, None], 0.0)
-            sq += tl.sum(dev * dev, axis=1)
-        var = sq / (N * D)
+        mean, var = _batch_stats(u_ptr, tile, ok, N, L * D, D, BL, ACC)
         if n == 0:
             tl.store(mean_ptr + rows, mean, mask=row_ok)
             tl.store(var_ptr + rows, var, mask=row_ok)
@@ -471,17 +478,7 @@ def _detokenize_kernel(
     ok = ch_ok[:, None] & (cols < D)[None, :]
     tile = ch[:, None] * D + cols[None, :]
     if USE_BATCH:
-        # Every sample's program reduces the same values in the same order: identical stats.
-        total = tl.zeros((BCO,), dtype=ACC)
-        for m in range(N):
-            total += tl.sum(tl.load(z_ptr + m * C_OUT * D + tile, mask=ok, other=0.0), axis=1)
-        mean = total / (N * D)
-        sq = tl.zeros((BCO,), dtype=ACC)
-        for m in range(N):
-            zm = tl.load(z_ptr + m * C_OUT * D + tile, mask=ok, other=0.0)
-            dev = tl.where(ok, zm - mean[:, None], 0.0)
-            sq += tl.sum(dev * dev, axis=1)
-        var = sq / (N * D)
+        mean, var = _batch_stats(z_ptr, tile, ok, N, C_OUT * D, D, BCO, ACC)
         if n == 0:
             tl.store(mean_ptr + ch, mean, mask=ch_ok)
             tl.store(var_ptr + ch, var, mask=ch_ok)
