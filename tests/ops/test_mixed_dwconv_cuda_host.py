@@ -14,17 +14,17 @@ deliberate bugs must fail. Not covered: what only a GPU decides (launch limits, 
 sizes, the device code nvcc generates, timing); the kernels use no warp-level primitives.
 """
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils import cpp_extension
 
 from hrnas_kernels._layout import output_memory_format
 from hrnas_kernels._testing import assert_close_to_reference, randn, upcast
 from hrnas_kernels.mixed_dwconv_bn_act import api, reference
+from tests.ops import host_replay
+from tests.ops.host_replay import CSRC
 from tests.ops.test_mixed_dwconv_bn_act import (
     FORMATS,
     Case,
@@ -35,7 +35,6 @@ from tests.ops.test_mixed_dwconv_bn_act import (
 )
 
 DRIVER = Path(__file__).with_name("mixed_dwconv_cuda_host.cpp")
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
 DEVICE_HEADER = CSRC / "mixed_dwconv_bn_act" / "mixed_dwconv_bn_act_device.h"
 IMPL = "cuda_host"
 
@@ -56,30 +55,9 @@ CASES = [
 MASKS = ["none-given", "random", "group-dead"]
 
 
-def _build(build_dir, namespace, include_first=()):
-    """Compiles the replay (g++ through torch's extension loader) and returns its op namespace.
-    ``include_first``: directories searched before csrc/, for a changed copy of a header.
-    HRNAS_REPLAY_SANITIZE=address builds it with AddressSanitizer (every read and write of the
-    kernels bounds-checked); python must then start with the runtime preloaded:
-    LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so.6)"
-    ASAN_OPTIONS=detect_leaks=0 (libstdc++ too, or exceptions thrown inside torch abort)."""
-    sanitize = os.environ.get("HRNAS_REPLAY_SANITIZE")
-    flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"] if sanitize else []
-    cpp_extension.load(
-        name=namespace,
-        sources=[str(DRIVER)],
-        extra_include_paths=[*map(str, include_first), str(CSRC)],
-        extra_cflags=["-O1", "-std=c++20", f"-DHRNAS_REPLAY_NS={namespace}", *flags],
-        extra_ldflags=flags[:1],
-        build_directory=str(build_dir),
-        is_python_module=False,
-    )
-    return getattr(torch.ops, namespace)
-
-
 @pytest.fixture(scope="module")
 def replay(tmp_path_factory):
-    return _build(tmp_path_factory.mktemp("cuda_host"), "hrnas_cuda_host")
+    return host_replay.build(DRIVER, tmp_path_factory.mktemp("cuda_host"), "hrnas_cuda_host")
 
 
 @pytest.fixture
@@ -292,7 +270,9 @@ def test_replay_catches_deliberate_bugs(tmp_path, monkeypatch):
     include.mkdir(parents=True)
     (include / DEVICE_HEADER.name).write_text(text)
     (tmp_path / "build").mkdir()
-    broken = _build(tmp_path / "build", "hrnas_cuda_host_mutant", [include.parent])
+    broken = host_replay.build(
+        DRIVER, tmp_path / "build", "hrnas_cuda_host_mutant", [include.parent]
+    )
     monkeypatch.setitem(api._OPS, IMPL, (broken.fwd, broken.bwd))
     for _, _, case, check in MUTATIONS:
         with pytest.raises(AssertionError, match=f"^{check} "):

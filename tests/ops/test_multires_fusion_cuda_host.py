@@ -20,15 +20,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils import cpp_extension
 
 from hrnas_kernels import multires_fusion
 from hrnas_kernels._layout import output_memory_format
 from hrnas_kernels._testing import assert_close_to_reference, randn, runnable, upcast
 from hrnas_kernels.multires_fusion import api
+from tests.ops import host_replay
+from tests.ops.host_replay import CSRC
 
 DRIVER = Path(__file__).with_name("multires_fusion_cuda_host.cpp")
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
 DEVICE_HEADER = CSRC / "multires_fusion" / "multires_fusion_device.h"
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
@@ -63,23 +63,11 @@ def _case_id(case):
     return f"N{n}C{c}-{size[0]}x{size[1]}<-" + ",".join(f"{h}x{w}" for h, w in ins)
 
 
-def _build(build_dir, namespace, include_first=(), opt="-O1"):
-    """Compiles the replay (g++ through torch's extension loader) and returns its op namespace.
-    ``include_first``: directories searched before csrc/, for an altered copy of a header."""
-    cpp_extension.load(
-        name=namespace,
-        sources=[str(DRIVER)],
-        extra_include_paths=[*map(str, include_first), str(CSRC)],
-        extra_cflags=[opt, "-std=c++20", f"-DHRNAS_REPLAY_NS={namespace}"],
-        build_directory=str(build_dir),
-        is_python_module=False,
-    )
-    return getattr(torch.ops, namespace)
-
-
 @pytest.fixture(scope="module")
 def replay(tmp_path_factory):
-    return _build(tmp_path_factory.mktemp("multires_cuda_host"), "hrnas_multires_cuda_host")
+    return host_replay.build(
+        DRIVER, tmp_path_factory.mktemp("multires_cuda_host"), "hrnas_multires_cuda_host"
+    )
 
 
 @pytest.fixture
@@ -336,7 +324,9 @@ def test_replay_catches_deliberate_bugs(tmp_path, monkeypatch):
     include.mkdir(parents=True)
     (include / DEVICE_HEADER.name).write_text(text)
     (tmp_path / "build").mkdir()
-    broken = _build(tmp_path / "build", "hrnas_multires_cuda_host_mutant", [include.parent], "-O0")
+    broken = host_replay.build(
+        DRIVER, tmp_path / "build", "hrnas_multires_cuda_host_mutant", [include.parent], "-O0"
+    )
     monkeypatch.setitem(api._OPS, "native", (broken.fwd, broken.bwd))
     for _, _, case, fmt, check in MUTATIONS:
         with pytest.raises(AssertionError, match=f"^{check}"):
