@@ -6,6 +6,7 @@ fails to load is reported by ``available_impls()`` instead of breaking the impor
 """
 
 from . import _impl
+from . import memory as _memory  # noqa: F401  (its schema before the kernels)
 from .mixed_dwconv_bn_act import ops as _mixed_dwconv_bn_act_ops  # noqa: F401  (schemas before kernels)
 from .multires_fusion import ops as _multires_fusion_ops  # noqa: F401
 from .token_transformer import ops as _token_transformer_ops  # noqa: F401
@@ -19,6 +20,7 @@ else:
 
 from . import nn  # noqa: E402
 from ._impl import available_impls  # noqa: E402
+from .memory import cpu_output_pool_info, release_cpu_output_pool  # noqa: E402
 from .mixed_dwconv_bn_act import mixed_dwconv_bn_act  # noqa: E402
 from .multires_fusion import multires_fusion  # noqa: E402
 from .token_transformer import token_transformer  # noqa: E402
@@ -26,8 +28,10 @@ from .token_transformer import token_transformer  # noqa: E402
 __version__ = "0.1.0"
 __all__ = [
     "available_impls",
+    "cpu_output_pool_info",
     "mixed_dwconv_bn_act",
     "multires_fusion",
     "nn",
+    "release_cpu_output_pool",
     "token_transformer",
 ]

@@ -30,6 +30,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/output_pool.h"
 #include "common/scratch.h"
 #include "common/simd.h"
 #include "mixed_dwconv_bn_act/mixed_dwconv_bn_act.h"
@@ -1199,8 +1200,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
   const at::Tensor x = x_in.contiguous(fmt);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
-  at::Tensor y = at::empty({N, C, Ho, Wo}, x.options().memory_format(fmt));
-  at::Tensor conv = at::empty({N, C, Ho, Wo}, x.options().memory_format(fmt));
+  at::Tensor y = pooled_empty({N, C, Ho, Wo}, x.options(), fmt);
+  at::Tensor conv = pooled_empty({N, C, Ho, Wo}, x.options(), fmt);
   const auto stats_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor mean = at::empty({C}, x.options().dtype(stats_type));
   at::Tensor var = at::empty({C}, x.options().dtype(stats_type));
@@ -1248,7 +1249,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> bwd_cpu(
   const at::MemoryFormat fmt = output_memory_format(x_in);
   const at::Tensor x = x_in.contiguous(fmt), gy = grad_y.contiguous(fmt), y = y_in.contiguous(fmt),
                    conv = conv_in.contiguous(fmt);
-  at::Tensor gx = at::empty({N, C, H, W}, x.options().memory_format(fmt));
+  at::Tensor gx = pooled_empty({N, C, H, W}, x.options(), fmt);
   std::vector<at::Tensor> gw;
   std::vector<at::Tensor> w;
   for (const at::Tensor& t : weights) {

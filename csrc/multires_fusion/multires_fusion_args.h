@@ -45,16 +45,18 @@ inline void check_forward(at::TensorList inputs, c10::IntArrayRef size) {
   }
 }
 
-// The input gradients of the backward, laid out like out; also the index of the first input that
-// is already at the output size (its gradient is the masked grad_out itself), or -1.
-inline std::pair<std::vector<at::Tensor>, int> allocate_input_grads(const at::Tensor& out,
-                                                                    c10::IntArrayRef input_sizes,
-                                                                    at::MemoryFormat fmt) {
+// The input gradients of the backward, laid out like out, each from empty(sizes, options, fmt);
+// also the index of the first input that is already at the output size (its gradient is the
+// masked grad_out itself), or -1.
+template <typename Empty>
+std::pair<std::vector<at::Tensor>, int> allocate_input_grads(const at::Tensor& out,
+                                                             c10::IntArrayRef input_sizes,
+                                                             at::MemoryFormat fmt, Empty&& empty) {
   std::vector<at::Tensor> grads;
   int first_identity = -1;
   for (size_t j = 0; j < input_sizes.size() / 2; ++j) {
     const int64_t h = input_sizes[2 * j], w = input_sizes[2 * j + 1];
-    grads.push_back(at::empty({out.size(0), out.size(1), h, w}, out.options().memory_format(fmt)));
+    grads.push_back(empty({out.size(0), out.size(1), h, w}, out.options(), fmt));
     if (first_identity < 0 && h == out.size(2) && w == out.size(3)) {
       first_identity = static_cast<int>(j);
     }

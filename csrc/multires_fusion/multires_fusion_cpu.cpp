@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/output_pool.h"
 #include "common/scratch.h"
 #include "common/simd.h"
 #include "multires_fusion/multires_fusion_args.h"
@@ -600,8 +601,7 @@ at::Tensor fwd_cpu(at::TensorList inputs, c10::SymIntArrayRef sym_size, std::str
   const at::Tensor& x0 = inputs[0];
   TORCH_CHECK(x0.device().is_cpu(), kOp, ": the CPU kernel got a tensor on ", x0.device());
   const at::MemoryFormat fmt = output_memory_format(x0);
-  at::Tensor out = at::empty({x0.size(0), x0.size(1), size[0], size[1]},
-                             x0.options().memory_format(fmt));
+  at::Tensor out = pooled_empty({x0.size(0), x0.size(1), size[0], size[1]}, x0.options(), fmt);
   if (out.numel() == 0) return out;
   std::vector<at::Tensor> xs;
   xs.reserve(n);
@@ -655,7 +655,7 @@ std::vector<at::Tensor> bwd_cpu(const at::Tensor& grad_out, const at::Tensor& ou
   const at::MemoryFormat fmt = output_memory_format(out);
   const int64_t N = out.size(0), C = out.size(1), Ho = out.size(2), Wo = out.size(3);
 
-  auto grads = allocate_input_grads(out, input_sizes, fmt).first;
+  auto grads = allocate_input_grads(out, input_sizes, fmt, pooled_empty).first;
   if (out.numel() == 0) return grads;
   const at::Tensor g = grad_out.contiguous(fmt);
   const at::Tensor o = out.contiguous(fmt);

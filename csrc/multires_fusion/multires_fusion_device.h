@@ -810,7 +810,11 @@ std::vector<at::Tensor> backward(L& launch, const at::Tensor& grad_out, const at
   check_backward(grad_out, out, input_sizes);
   launch.on_device(out);
   const at::MemoryFormat fmt = output_memory_format(out);
-  auto [grads, first_identity] = allocate_input_grads(out, input_sizes, fmt);
+  auto [grads, first_identity] = allocate_input_grads(
+      out, input_sizes, fmt,
+      [](at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat f) {
+        return at::empty(sizes, options.memory_format(f));
+      });
   for (const at::Tensor& gx : grads) launch.uninitialised(gx);
   if (out.numel() == 0) return grads;
   const at::Tensor g = grad_out.contiguous(fmt);

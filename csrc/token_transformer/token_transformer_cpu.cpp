@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/output_pool.h"
 #include "common/scratch.h"
 #include "common/simd.h"
 #include "token_transformer/token_transformer.h"
@@ -778,8 +779,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                    w_in = w_in_in.contiguous(), w_out = w_out_in.contiguous();
   const std::vector<at::Tensor> enc = contiguous(encoder_in), dec = contiguous(decoder_in);
   const TapeLayout layout = make_tape_layout(N, C, L, d, heads, s.layers, Co);
-  at::Tensor tape = at::empty({layout.total}, x.options());
-  at::Tensor y = at::empty({N, Co, Ho, Wo}, x.options());
+  at::Tensor tape = pooled_empty({layout.total}, x.options());
+  at::Tensor y = pooled_empty({N, Co, Ho, Wo}, x.options());
   at::Tensor mean_in = at::empty({L}, x.options()), var_in = at::empty({L}, x.options());
   at::Tensor mean_out = at::empty({Co}, x.options()), var_out = at::empty({Co}, x.options());
   if (N == 0) {  // eval on an empty batch: nothing to compute, the statistics are the running
@@ -944,7 +945,7 @@ bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& tape, const at::Tensor&
     const at::Tensor f = tape.narrow(0, layout.f, N * C * d).view({N, C, d});
     g_w_in = at::cat({sum_outer(g_u, f), at::mm(at::sum(g_u, 0), coords.view({2, d}).t())}, 1);
     const at::Tensor g_f = left_multiply(w_in.narrow(1, 0, C).t(), g_u);
-    g_x = at::empty({N, C, s.H, s.W}, opt);
+    g_x = pooled_empty({N, C, s.H, s.W}, opt);
     resize_to_grid_backward<T>(g_f.const_data_ptr<T>(), N * C, s.H, s.W, g,
                                residual ? gy.const_data_ptr<T>() : nullptr,
                                g_x.mutable_data_ptr<T>());

@@ -1,0 +1,28 @@
+// Output tensors of the CPU kernels, allocated from a pool of reused blocks.
+//
+// A training step allocates the same large outputs (activations, tapes, gradients) every
+// iteration and frees them after backward. glibc returns such blocks to the kernel (mmap'd
+// chunks, or the trimmed top of the heap), so each new one costs a page fault and a zeroed page
+// per 4 KiB on first touch: on the development VM that was 10-25% of a fused op's time at
+// 56x56x96. Blocks of at least kMinPooledBytes freed by their tensors go to an idle list instead
+// and are handed out again for a request of the same size; the idle list is bounded (oldest
+// blocks are freed first) by HRNAS_CPU_POOL_MB, read once, default 256; 0 turns pooling off.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace hrnas {
+
+constexpr int64_t kMinPooledBytes = int64_t(1) << 20;
+
+// at::empty(sizes, options.memory_format(fmt)) for a CPU tensor, its storage from the pool.
+at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options,
+                        at::MemoryFormat fmt = at::MemoryFormat::Contiguous);
+
+// {idle bytes, idle blocks, hits, misses, limit bytes}; with release, idle blocks are freed first.
+std::vector<int64_t> output_pool_info(bool release);
+
+}  // namespace hrnas
