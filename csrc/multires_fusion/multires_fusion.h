@@ -20,7 +20,9 @@ enum class Mode : int { kBilinear = 0, kNearest = 1 };
 // At most this many inputs (the public API enforces the same bound).
 constexpr int kMaxInputs = 8;
 
-// Bilinear source taps of output index `dst` along one axis: out = l0 * x[i0] + l1 * x[i1].
+// Bilinear source taps of output index `dst` along one axis: out = l0 * x[i0] + l1 * x[i1]. An
+// axis of equal sizes reads x[dst] alone (i1 = i0, l1 = 0), as ATen's
+// compute_source_index_and_lambda does, so a NaN next to it does not leak in through 0 * NaN.
 template <typename opmath_t>
 HRNAS_HD void bilinear_tap(int64_t dst, int64_t in_size, int64_t out_size, int64_t* i0,
                            int64_t* i1, opmath_t* l0, opmath_t* l1) {
@@ -33,7 +35,7 @@ HRNAS_HD void bilinear_tap(int64_t dst, int64_t in_size, int64_t out_size, int64
   opmath_t lambda = src - static_cast<opmath_t>(idx);
   lambda = lambda < opmath_t(0) ? opmath_t(0) : (lambda > opmath_t(1) ? opmath_t(1) : lambda);
   *i0 = idx;
-  *i1 = idx + (idx < in_size - 1 ? 1 : 0);
+  *i1 = idx + (idx < in_size - 1 && in_size != out_size ? 1 : 0);
   *l1 = lambda;
   *l0 = opmath_t(1) - lambda;
 }

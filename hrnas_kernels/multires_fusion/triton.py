@@ -13,7 +13,9 @@ multires_fusion.h`` does, so the Triton, C++ and eager results pick the same pix
   ``scale = in / out`` in the opmath type (float32 for fp16/bf16/fp32, float64 for fp64),
   ``src = max(scale * (dst + 0.5) - 0.5, 0)``, ``i0 = min(floor(float32(src)), in - 1)`` (ATen
   floors through ``floorf`` even for double), ``l1 = clamp(src - i0, 0, 1)``, ``l0 = 1 - l1``,
-  ``i1 = i0 + (i0 < in - 1)``; the output is ``l0 * x[i0] + l1 * x[i1]`` per axis.
+  ``i1 = i0 + (i0 < in - 1)`` (``i1 = i0`` when ``in == out``, as ATen's
+  ``compute_source_index_and_lambda``, so a neighbouring NaN does not leak in through ``0 * NaN``);
+  the output is ``l0 * x[i0] + l1 * x[i1]`` per axis.
 * nearest (legacy ``nearest_idx``, not "nearest-exact"): ``dst`` if ``out == in``, ``dst >> 1``
   if ``out == 2 * in``, else ``min(floor(float32(dst) * float32(in / out)), in - 1)``.
 * act is none, relu (``v < 0 ? 0 : v``) or relu6 (clamp to [0, 6]); NaN propagates. The
@@ -89,7 +91,7 @@ def _bilinear_tap(dst, in_size, out_size, ACC: tl.constexpr):
     i0 = tl.minimum(tl.floor(src.to(tl.float32)).to(tl.int64), in_size - 1)
     lam = src - i0.to(ACC)
     lam = tl.where(lam < 0.0, 0.0, tl.where(lam > 1.0, 1.0, lam)).to(ACC)
-    i1 = i0 + (i0 < in_size - 1).to(tl.int64)
+    i1 = i0 + ((i0 < in_size - 1) & (in_size != out_size)).to(tl.int64)
     return i0, i1, (1.0 - lam).to(ACC), lam
 
 
@@ -506,7 +508,7 @@ def _window(in_size: int, out_size: int, bilinear: bool, fp64: bool) -> tuple[in
         scale = torch.tensor(in_size, dtype=ft) / torch.tensor(out_size, dtype=ft)
         src = (scale * (dst.to(ft) + 0.5) - 0.5).clamp_min(0)
         i0 = torch.floor(src.to(f32)).to(torch.int64).clamp_max(in_size - 1)
-        taps = (i0, i0 + (i0 < in_size - 1).to(torch.int64))
+        taps = (i0, i0 + ((i0 < in_size - 1) & (in_size != out_size)).to(torch.int64))
     elif out_size == in_size:
         taps = (dst,)
     elif out_size == 2 * in_size:

@@ -216,11 +216,18 @@ def test_empty(impl_device, shape):
     assert [tuple(g.shape) for g in grads] == [(n, c, 4, 4), (n, c, 2, 2)]
 
 
-def test_nan_propagates_like_eager(impl_device):
+@pytest.mark.parametrize(
+    "sizes",
+    [[(6, 6), (3, 3)], [(6, 6), (3, 6), (6, 4)]],
+    ids=["both-axes", "one-axis-kept"],  # an axis of equal sizes reads one pixel, as ATen
+)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_nan_propagates_like_eager(impl_device, sizes, fmt):
     impl, device = impl_device
-    xs = _inputs([(6, 6), (3, 3)], device=device)
+    xs = _inputs(sizes, device=device, fmt=fmt)
     with torch.no_grad():
-        xs[1][0, 1, 1, 2] = float("nan")
+        for x in xs[1:]:
+            x[0, 1, 1, 2] = float("nan")
         xs[0][1, 2, 0, 0] = float("nan")
     out, grads = _fwd_bwd(xs, impl, None, "bilinear", "relu")
     ref, ref_grads = _fwd_bwd(upcast(xs), "reference", (6, 6), "bilinear", "relu")
