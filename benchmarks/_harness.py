@@ -29,10 +29,13 @@ Modes (``autograd_call`` builds them from a forward closure; inputs always requi
 Gradients are returned by ``torch.autograd.grad``, never accumulated into ``.grad``.
 
 Timing: CUDA uses ``triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])``, which flushes L2
-before each call (CUDA events with the same flush when Triton is missing); CPU uses
-``torch.utils.benchmark.Timer(...).blocked_autorange(min_run_time=...)`` under the requested
-thread count, repeated until there are at least ``MIN_CPU_SAMPLES`` blocks, and p20/p50/p80 are
-taken over the per-call means of the blocks.
+before each call (CUDA events with the same flush when Triton is missing). CPU uses
+``torch.utils.benchmark.Timer(...).blocked_autorange(...)`` under the requested thread count,
+interleaved: the providers of one (case, mode) are prepared together and timed in
+``CPU_ROUNDS`` rounds of ``min_run_time / CPU_ROUNDS`` each, the order rotating every round, until
+each has at least ``MIN_CPU_SAMPLES`` blocks; p20/p50/p80 are taken over the per-call means of
+the blocks. On a machine whose speed drifts within seconds (a shared VM), the baseline and the
+providers then see the same drift, and the ratios in a row stay comparable.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ CSV_COLUMNS = (
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MIN_CPU_SAMPLES = 5
+CPU_ROUNDS = 5
 DEFAULT_MIN_RUN_TIME = 1.0
 QUICK_MIN_RUN_TIME = 0.2
 # Peak HBM bandwidth used for frac_peak on CUDA: about what an H100 80GB HBM3 reaches on a
@@ -193,13 +197,45 @@ def _with_grad_reset(fn, grad_to_none):
     return call
 
 
-def _time_cpu(fn, threads: int, min_run_time: float) -> tuple[float, float, float]:
-    timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-    times: list[float] = []
-    while len(times) < MIN_CPU_SAMPLES:
-        times.extend(timer.blocked_autorange(min_run_time=min_run_time).times)
+def _quantiles_ms(times: Sequence[float]) -> tuple[float, float, float]:
     p20, p50, p80 = np.quantile(np.asarray(times) * 1e3, [0.2, 0.5, 0.8])
     return float(p20), float(p50), float(p80)
+
+
+def measure_cpu_interleaved(
+    prepared: dict[str, Prepared], threads: int, min_run_time: float
+) -> dict[str, _Result | Exception]:
+    """Time several providers of one (case, mode) on CPU in alternating rounds (see the module
+    docstring); a provider whose call raises gets its exception and leaves the rounds."""
+    out: dict[str, _Result | Exception] = {}
+    timers, times = {}, {}
+    for name, prep in prepared.items():
+        fn = _with_grad_reset(prep.fn, prep.grad_to_none)
+        try:
+            with prep.context():
+                fn()  # warm-up
+        except Exception as error:  # reported by the caller; the others go on
+            out[name] = error
+            continue
+        timers[name] = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+        times[name] = []
+    names = list(timers)
+    rounds = 0
+    while names and (rounds < CPU_ROUNDS or min(len(times[n]) for n in names) < MIN_CPU_SAMPLES):
+        for name in names[rounds % len(names) :] + names[: rounds % len(names)]:
+            if name in out:
+                continue
+            try:
+                with prepared[name].context():
+                    blocks = timers[name].blocked_autorange(min_run_time=min_run_time / CPU_ROUNDS)
+                times[name].extend(blocks.times)
+            except Exception as error:
+                out[name] = error
+        names = [n for n in names if n not in out]
+        rounds += 1
+    for name in names:
+        out[name] = _Result(*_quantiles_ms(times[name]), None, prepared[name].nbytes)
+    return out
 
 
 def _time_cuda(fn, grad_to_none, min_run_time: float) -> tuple[float, float, float]:
@@ -257,7 +293,7 @@ def _peak_mem_mb(fn) -> float:
 
 
 def measure(prepared: Prepared, device: str, threads: int, min_run_time: float) -> _Result:
-    """Warm up once, then time ``prepared.fn``; exceptions from the op propagate."""
+    """Warm up once, then time ``prepared.fn`` alone; exceptions from the op propagate."""
     fn = _with_grad_reset(prepared.fn, prepared.grad_to_none)
     with prepared.context():
         fn()
@@ -267,7 +303,10 @@ def measure(prepared: Prepared, device: str, threads: int, min_run_time: float) 
             p20, p50, p80 = _time_cuda(prepared.fn, prepared.grad_to_none, min_run_time)
         else:
             peak = None
-            p20, p50, p80 = _time_cpu(fn, threads, min_run_time)
+            result = measure_cpu_interleaved({"fn": prepared}, threads, min_run_time)["fn"]
+            if isinstance(result, Exception):
+                raise result
+            p20, p50, p80 = result.p20, result.p50, result.p80
     return _Result(p20, p50, p80, peak, prepared.nbytes)
 
 
@@ -385,28 +424,47 @@ def _measure_block(
     cases, labels, providers, modes, setup, device, dtype, fmt, threads, min_run_time
 ):
     """Results of one (threads, dtype, memory format) block: cells keyed (label, mode, provider)
-    holding a ``_Result`` or a footnote marker, the footnotes, and the number of errors."""
+    holding a ``_Result`` or a footnote marker, the footnotes, and the number of errors. On CPU
+    the providers of a (case, mode) are set up together and timed interleaved; on CUDA one at a
+    time."""
     cells, notes, errors = {}, [], 0
+
+    def footnote(key, kind, note):
+        if note not in notes:
+            notes.append(note)
+        cells[key] = f"{kind}[{notes.index(note) + 1}]"
+
+    def error_note(provider, mode, error):
+        return f"{provider} {mode}: error: {type(error).__name__}: {error}"
+
     for case, case_label in zip(cases, labels):
-        for provider in providers:
-            for mode in modes:
+        for mode in modes:
+            ready = {}
+            for provider in providers:
+                key = (case_label, mode, provider)
                 try:
                     prepared = setup(case, provider, mode, device, dtype, MEMORY_FORMATS[fmt])
-                    if not isinstance(prepared, str):
-                        cells[case_label, mode, provider] = measure(
-                            prepared, device, threads, min_run_time
-                        )
-                        continue
-                    kind, note = "skip", f"{provider}: skipped: {prepared}"
+                    if isinstance(prepared, str):
+                        footnote(key, "skip", f"{provider}: skipped: {prepared}")
+                    elif device == "cpu":
+                        ready[provider] = prepared
+                    else:
+                        cells[key] = measure(prepared, device, threads, min_run_time)
                 except Exception as error:  # reported in the table; the run goes on
                     errors += 1
-                    kind = "error"
-                    note = f"{provider} {mode}: error: {type(error).__name__}: {error}"
+                    footnote(key, "error", error_note(provider, mode, error))
                 finally:
                     prepared = None  # free the inputs and graphs before the next setup
-                if note not in notes:
-                    notes.append(note)
-                cells[case_label, mode, provider] = f"{kind}[{notes.index(note) + 1}]"
+            if ready:
+                results = measure_cpu_interleaved(ready, threads, min_run_time)
+                ready = None
+                for provider, result in results.items():
+                    key = (case_label, mode, provider)
+                    if isinstance(result, Exception):
+                        errors += 1
+                        footnote(key, "error", error_note(provider, mode, result))
+                    else:
+                        cells[key] = result
     return cells, notes, errors
 
 
