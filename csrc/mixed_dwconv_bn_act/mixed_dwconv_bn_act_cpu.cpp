@@ -357,6 +357,19 @@ HRNAS_TARGET_CLONES void gather(const T* src, const Problem<T, A>& pr, int64_t n
   }
 }
 
+// Requests image n's plane of the task's channel (HW values of an [N, C, H, W] tensor) into the
+// caches, for reading or (kWrite) writing, while the image before it is worked on; nothing past
+// the last image. A plane spans a few pages, and the hardware prefetcher stops at every page
+// boundary, so without this each page's first lines wait on memory.
+template <bool kWrite, typename T>
+HRNAS_INLINE void prefetch_plane(const T* base, int64_t N, int64_t C, int64_t n, int64_t c,
+                                 int64_t HW) {
+  if (n >= N) return;
+  const char* p = reinterpret_cast<const char*>(base + (n * C + c) * HW);
+  const int64_t bytes = HW * static_cast<int64_t>(sizeof(T));
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, kWrite ? 1 : 0, 3);
+}
+
 // The reverse of gather for a dense plane of HW values.
 template <typename T, typename A>
 HRNAS_TARGET_CLONES void scatter(const A* src, const Problem<T, A>& pr, int64_t n, const Task& t,
@@ -411,6 +424,8 @@ void fwd_task(const Problem<T, A>& pr, const std::vector<Group>& groups, const F
   Vec<A> s = {}, q = {};
   for (int64_t n = 0; n < pr.N; ++n) {
     gather(io.x, pr, n, t, pr.H, pr.W, tile, g.Wp, g.p * g.Wp + g.p);
+    prefetch_plane<false>(io.x, pr.N, pr.C, n + 1, t.c, pr.H * pr.W);
+    prefetch_plane<true>(io.conv, pr.N, pr.C, n, t.c, HWo);
     with_kernel(g.k, g.s, [&](auto K, auto S) {
       correlate_plane<decltype(K)::value, decltype(S)::value>(tile, wt, g, out);
     });
@@ -437,6 +452,7 @@ void fwd_task(const Problem<T, A>& pr, const std::vector<Group>& groups, const F
                           simd::splat<A>(static_cast<A>(io.gamma[c]) / std::sqrt(v + pr.eps)),
                           simd::splat<A>(static_cast<A>(io.beta[c]))};
   for (int64_t n = 0; n < pr.N; ++n) {  // BN + activation from the tape, still in cache
+    prefetch_plane<true>(io.y, pr.N, pr.C, n + 1, t.c, HWo);
     gather(io.conv, pr, n, t, g.Ho, g.Wo, out, g.Wo, 0);
     batch_norm_act(out, out, len, coef, pr.act);
     scatter(out, pr, n, t, HWo, io.y);
@@ -476,6 +492,9 @@ void bwd_task(const Problem<T, A>& pr, const std::vector<Group>& groups, const B
     gather(io.gy, pr, n, t, g.Ho, g.Wo, gy, g.Wo, 0);
     gather(io.y, pr, n, t, g.Ho, g.Wo, y, g.Wo, 0);
     gather(io.conv, pr, n, t, g.Ho, g.Wo, cv, g.Wo, 0);
+    prefetch_plane<false>(io.gy, pr.N, pr.C, n + 1, t.c, HWo);
+    prefetch_plane<false>(io.y, pr.N, pr.C, n + 1, t.c, HWo);
+    prefetch_plane<false>(io.conv, pr.N, pr.C, n + 1, t.c, HWo);
   };
 
   // Pass A: sums of dz and dz * (conv - mean) over the channel.
@@ -520,6 +539,8 @@ void bwd_task(const Problem<T, A>& pr, const std::vector<Group>& groups, const B
                     dtile + (ho + dl) * dpitch + dl);
     }
     gather(io.x, pr, n, t, pr.H, pr.W, xtile, g.Wp, g.p * g.Wp + g.p);
+    prefetch_plane<false>(io.x, pr.N, pr.C, n + 1, t.c, pr.H * pr.W);
+    prefetch_plane<true>(io.gx, pr.N, pr.C, n, t.c, pr.H * pr.W);
     const A* dconv = dtile + dl * dpitch + dl;
     with_kernel(g.k, g.s, [&](auto K, auto S) {
       constexpr int kK = decltype(K)::value, kS = decltype(S)::value;
