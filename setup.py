@@ -44,6 +44,7 @@ def _extensions():
         "-fopenmp",
         "-Wall",
         "-Wno-unknown-pragmas",
+        "-Wno-psabi",  # double vectors wider than a register: always inlined, no ABI crosses
         "-DPy_LIMITED_API=0x030A0000",
     ]
     macros = [("HRNAS_WITH_CUDA", "1" if with_cuda else "0")]

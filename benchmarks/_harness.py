@@ -57,6 +57,8 @@ import numpy as np
 import torch
 from torch.utils import benchmark as torch_benchmark
 
+import hrnas_kernels
+
 MODES = ("forward", "backward", "full")
 MEMORY_FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 CSV_COLUMNS = (
@@ -533,8 +535,9 @@ def run(
     sha = git_sha()
     out_path = args.out or RESULTS_DIR / f"{op}_{device_slug(dev_name)}.csv"
 
+    isa = f" | CPU kernels at {hrnas_kernels.cpu_isa()}" if device == "cpu" else ""
     print(
-        f"{op} | {dev_name} ({device}) | torch {torch.__version__} | git {sha}\n"
+        f"{op} | {dev_name} ({device}) | torch {torch.__version__} | git {sha}{isa}\n"
         f"loadavg at start: {loadavg()} | min_run_time {min_run_time:g} s | modes "
         f"{' '.join(args.modes)}\n"
         f"cells: p50 ms, speedup vs {baseline} (its p50 / this p50), GB/s of compulsory bytes "

@@ -19,7 +19,7 @@ else:
     _impl._set_native(_C, None)
 
 from . import nn  # noqa: E402
-from ._impl import available_impls  # noqa: E402
+from ._impl import available_impls, cpu_isa  # noqa: E402
 from .memory import cpu_output_pool_info, release_cpu_output_pool  # noqa: E402
 from .mixed_dwconv_bn_act import mixed_dwconv_bn_act  # noqa: E402
 from .multires_fusion import multires_fusion  # noqa: E402
@@ -28,6 +28,7 @@ from .token_transformer import token_transformer  # noqa: E402
 __version__ = "0.1.0"
 __all__ = [
     "available_impls",
+    "cpu_isa",
     "cpu_output_pool_info",
     "mixed_dwconv_bn_act",
     "multires_fusion",

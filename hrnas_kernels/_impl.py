@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from typing import Callable, Iterable
 
 import torch
@@ -35,10 +36,35 @@ _native_module = None
 _native_error = "hrnas_kernels._C has not been loaded"
 
 
+CPU_ISAS = ("base", "avx2", "avx512")
+
+
 def _set_native(module, error: str | None) -> None:
     """Record the outcome of loading ``hrnas_kernels._C`` (called once by the package init)."""
     global _native_module, _native_error
     _native_module, _native_error = module, error
+    wanted = os.environ.get("HRNAS_CPU_ISA")
+    if module is not None and wanted and wanted != module.cpu_isa:
+        why = (
+            f"not one of {CPU_ISAS}"
+            if wanted not in CPU_ISAS
+            else "more than this machine (or this build) supports"
+        )
+        warnings.warn(
+            f"HRNAS_CPU_ISA={wanted!r} is {why}; the CPU kernels run at {module.cpu_isa!r}",
+            stacklevel=3,
+        )
+
+
+def cpu_isa() -> str | None:
+    """The instruction-set level the C++ CPU kernels run at: ``"avx512"`` (x86-64-v4),
+    ``"avx2"`` (x86-64-v3) or ``"base"``; None when the extension is not built.
+
+    The extension holds a copy of the kernels per level, each with vectors one register wide, and
+    registers the highest level the machine supports when it is loaded; the environment variable
+    ``HRNAS_CPU_ISA`` (set before import) picks a lower one, for comparisons and tests.
+    """
+    return None if _native_module is None else _native_module.cpu_isa
 
 
 def native_reasons(device_type: str) -> list[str]:

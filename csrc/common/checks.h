@@ -35,22 +35,3 @@ inline void check_same(const char* op, const char* name, const at::Tensor& t,
 }
 
 }  // namespace hrnas
-
-// Hot loops are compiled once per ISA level and picked at load time (GCC function
-// multiversioning through an ifunc resolver), so one portable build runs AVX2/AVX-512 loops on
-// machines that have them without -march=native. Elsewhere the plain build is used.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
-    __GNUC__ >= 11 && !defined(__CUDACC__)
-#define HRNAS_TARGET_CLONES \
-  __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-#else
-#define HRNAS_TARGET_CLONES
-#endif
-
-// For helpers called from HRNAS_TARGET_CLONES functions: a helper left out of line is compiled
-// for the baseline ISA only, so its vector code would run as SSE inside the AVX-512 clone.
-#if defined(__GNUC__)
-#define HRNAS_INLINE inline __attribute__((always_inline))
-#else
-#define HRNAS_INLINE inline
-#endif

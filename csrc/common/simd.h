@@ -1,21 +1,27 @@
 // Fixed-width SIMD through GCC/Clang vector extensions.
 //
-// A Vec<T> holds kWidth (16) lanes; the compiler lowers it to one zmm register in the AVX-512
-// clone of a function, two ymm in the AVX2 clone and four xmm in the baseline build (see
-// HRNAS_TARGET_CLONES in checks.h). Writing the hot loops with explicit vectors keeps their shape
-// under our control: left to itself GCC vectorised some of our lane loops along the wrong axis
-// (with a transpose per chunk), several times slower.
+// A Vec<T> holds kWidth lanes, one register of the ISA level its copy of the kernels is compiled
+// for (common/cpu_isa.h): 16 (zmm) under AVX-512, 8 (ymm) under AVX2, 4 (xmm) in the baseline
+// build. Writing the hot loops with explicit vectors keeps their shape under our control: left to
+// itself GCC vectorised some of our lane loops along the wrong axis (with a transpose per chunk),
+// several times slower.
+//
+// Include this after HRNAS_CPU_ISA_BEGIN: everything here is compiled for the copy's level and
+// sits in a namespace of that level, so the copies' inline functions never merge at link time.
 #pragma once
 
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "common/activation.h"
+#include "common/cpu_isa.h"
 
 namespace hrnas {
 namespace simd {
+inline namespace HRNAS_CPU_ISA_NS {
 
-constexpr int64_t kWidth = 16;
+constexpr int64_t kWidth = HRNAS_CPU_ISA_LEVEL == 2 ? 16 : HRNAS_CPU_ISA_LEVEL == 1 ? 8 : 4;
 
 template <typename T>
 struct VecOf;
@@ -55,13 +61,15 @@ inline T sum(Vec<T> v) {
   return s;
 }
 
+template <typename T, std::size_t... I>
+HRNAS_INLINE Vec<T> pick_lanes(Vec<T> a, Vec<T> b, std::index_sequence<I...>) {
+  return __builtin_shufflevector(a, b, (2 * I)...);
+}
+
 // Lanes 0, 2, 4, ... of the 2 * kWidth values a:b (the stride-2 samples of a contiguous run).
 template <typename T>
 inline Vec<T> even_lanes(Vec<T> a, Vec<T> b) {
-  using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
-  typedef I Mask __attribute__((vector_size(kWidth * sizeof(I))));
-  const Mask even = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
-  return __builtin_shuffle(a, b, even);
+  return pick_lanes<T>(a, b, std::make_index_sequence<kWidth>{});
 }
 
 // The activation on a vector; NaN compares false, so it propagates as in the scalar version.
@@ -84,5 +92,6 @@ inline Vec<T> grad_through(Vec<T> gy, Vec<T> y, Activation act) {
   return stop ? zero : gy;
 }
 
+}  // namespace HRNAS_CPU_ISA_NS
 }  // namespace simd
 }  // namespace hrnas

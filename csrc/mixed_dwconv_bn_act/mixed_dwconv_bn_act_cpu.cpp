@@ -32,8 +32,12 @@
 
 #include "common/output_pool.h"
 #include "common/scratch.h"
-#include "common/simd.h"
 #include "mixed_dwconv_bn_act/mixed_dwconv_bn_act.h"
+#include "common/cpu_isa.h"
+
+#if HRNAS_CPU_ISA_ENABLED
+HRNAS_CPU_ISA_BEGIN
+#include "common/simd.h"
 
 namespace hrnas {
 namespace mixed_dwconv {
@@ -76,8 +80,8 @@ inline Vec<A> load_strided(const A* p) {
 constexpr int64_t kRows = 4;
 
 template <int K, int S, typename A>
-HRNAS_TARGET_CLONES void correlate_plane(const A* __restrict tile, const A* __restrict wt,
-                                         const Geom g, A* __restrict out) {
+void correlate_plane(const A* __restrict tile, const A* __restrict wt, const Geom g,
+                     A* __restrict out) {
   const int64_t k = K > 0 ? K : g.k;
   if (g.Wo < kLanes) {  // narrow planes: scalar
     for (int64_t ho = 0; ho < g.Ho; ++ho) {
@@ -126,8 +130,8 @@ HRNAS_TARGET_CLONES void correlate_plane(const A* __restrict tile, const A* __re
 
 // dw[kh][kw] += sum_{ho,wo} d[ho][wo] * tile[ho*S + kh][wo*S + kw]   (d rows ld apart)
 template <int K, int S, typename A>
-HRNAS_TARGET_CLONES void wgrad_plane(const A* __restrict d, int64_t ld, const A* __restrict tile,
-                                     const Geom g, double* __restrict dw) {
+void wgrad_plane(const A* __restrict d, int64_t ld, const A* __restrict tile, const Geom g,
+                 double* __restrict dw) {
   constexpr int64_t kMaxK = K > 0 ? K : 1;
   const int64_t k = K > 0 ? K : g.k;
   if (K == 0) {  // other kernel sizes: plain loops
@@ -180,8 +184,8 @@ HRNAS_TARGET_CLONES void wgrad_plane(const A* __restrict d, int64_t ld, const A*
 // at the end. kK is the kernel size when known at compile time (0: g.k). `half` holds 2 * (Wo +
 // p) values.
 template <int kK, typename A>
-HRNAS_TARGET_CLONES void scatter_stride2(const A* __restrict d, const A* __restrict wt,
-                                         const Geom g, A* __restrict tile, A* __restrict half) {
+void scatter_stride2(const A* __restrict d, const A* __restrict wt, const Geom g,
+                     A* __restrict tile, A* __restrict half) {
   const int64_t k = kK ? kK : g.k, Wh = g.Wo + g.p;
   A* __restrict h0 = half;
   A* __restrict h1 = half + Wh;
@@ -227,8 +231,7 @@ void with_kernel(int64_t k, int64_t s, F&& f) {
 // of kLanes; per-channel coefficients are vectors of equal slots.
 
 template <typename A>
-HRNAS_TARGET_CLONES void sum_and_square(const A* __restrict v, int64_t len, Vec<A>* s,
-                                        Vec<A>* q) {
+void sum_and_square(const A* __restrict v, int64_t len, Vec<A>* s, Vec<A>* q) {
   Vec<A> a = {}, b = {};
   for (int64_t c = 0; c < len; c += kLanes) {
     const Vec<A> x = simd::load(v + c);
@@ -241,10 +244,9 @@ HRNAS_TARGET_CLONES void sum_and_square(const A* __restrict v, int64_t len, Vec<
 
 // out = act((conv - mean) * scale + beta); out may be conv itself.
 template <typename A>
-HRNAS_TARGET_CLONES void batch_norm_act(const A* conv, A* out, int64_t len, const Vec<A>* coef,
-                                        Activation act) {
-  // coef: mean, scale, beta (passed by pointer: GCC 12 has an internal error on wide vector
-  // arguments to multiversioned functions)
+void batch_norm_act(const A* conv, A* out, int64_t len, const Vec<A>* coef, Activation act) {
+  // coef: mean, scale, beta (passed by pointer: a vector argument wider than the baseline's
+  // registers would change the call's ABI)
   const Vec<A> mean = coef[0], scale = coef[1], beta = coef[2];
   for (int64_t c = 0; c < len; c += kLanes) {
     simd::store(out + c, simd::activate<A>((simd::load(conv + c) - mean) * scale + beta, act));
@@ -253,10 +255,8 @@ HRNAS_TARGET_CLONES void batch_norm_act(const A* conv, A* out, int64_t len, cons
 
 // s += dz; q += dz * (conv - mean), with dz = grad_y masked by the activation
 template <typename A>
-HRNAS_TARGET_CLONES void masked_grad_sums(const A* __restrict gy, const A* __restrict y,
-                                          const A* __restrict cv, int64_t len,
-                                          const Vec<A>* mean_in, Activation act, Vec<A>* s,
-                                          Vec<A>* q) {
+void masked_grad_sums(const A* __restrict gy, const A* __restrict y, const A* __restrict cv,
+                      int64_t len, const Vec<A>* mean_in, Activation act, Vec<A>* s, Vec<A>* q) {
   const Vec<A> mean = *mean_in;
   Vec<A> a = {}, b = {};
   for (int64_t c = 0; c < len; c += kLanes) {
@@ -272,9 +272,8 @@ HRNAS_TARGET_CLONES void masked_grad_sums(const A* __restrict gy, const A* __res
 // starts at a vector boundary of the flat buffers and may end mid-vector (all slots share their
 // coefficients, so the tail uses slot 0 onwards safely).
 template <typename A>
-HRNAS_TARGET_CLONES void conv_grad_row(const A* __restrict gy, const A* __restrict y,
-                                       const A* __restrict cv, int64_t len, Activation act,
-                                       const Vec<A>* coef, A* __restrict out) {
+void conv_grad_row(const A* __restrict gy, const A* __restrict y, const A* __restrict cv,
+                   int64_t len, Activation act, const Vec<A>* coef, A* __restrict out) {
   const Vec<A> k_dz = coef[0], k_conv = coef[1], mean = coef[2], k_const = coef[3];
   int64_t c = 0;
   for (; c + kLanes <= len; c += kLanes) {
@@ -348,8 +347,8 @@ void run_tasks(const std::vector<Task>& tasks, const std::vector<Group>& groups,
 // Image n's plane of the task's channel of an [N, C, H, W] tensor into a buffer whose rows are
 // `pitch` apart and start `offset` in (a tile interior, or 0 and W for dense).
 template <typename T, typename A>
-HRNAS_TARGET_CLONES void gather(const T* src, const Problem<T, A>& pr, int64_t n, const Task& t,
-                                int64_t H, int64_t W, A* dst, int64_t pitch, int64_t offset) {
+void gather(const T* src, const Problem<T, A>& pr, int64_t n, const Task& t, int64_t H, int64_t W,
+            A* dst, int64_t pitch, int64_t offset) {
   const T* s = src + (n * pr.C + t.c) * H * W;
   for (int64_t h = 0; h < H; ++h) {
     A* d = dst + offset + h * pitch;
@@ -372,8 +371,7 @@ HRNAS_INLINE void prefetch_plane(const T* base, int64_t N, int64_t C, int64_t n,
 
 // The reverse of gather for a dense plane of HW values.
 template <typename T, typename A>
-HRNAS_TARGET_CLONES void scatter(const A* src, const Problem<T, A>& pr, int64_t n, const Task& t,
-                                 int64_t HW, T* dst) {
+void scatter(const A* src, const Problem<T, A>& pr, int64_t n, const Task& t, int64_t HW, T* dst) {
   T* d = dst + (n * pr.C + t.c) * HW;
   for (int64_t i = 0; i < HW; ++i) d[i] = static_cast<T>(src[i]);
 }
@@ -571,11 +569,12 @@ void bwd_task(const Problem<T, A>& pr, const std::vector<Group>& groups, const B
 // and no per-channel gathers or repacking are needed; the tape is conv in y's own layout. Tile
 // rows are made once, as bands need them, so the halo rows bands share are not made twice.
 // Each group's channels are padded to a multiple of 8 in the tile and processed in blocks of
-// 16 (one AVX-512 vector) or 8 lanes, so compact inputs of few channels per group cost in
-// proportion. BatchNorm sums and weight gradients are per-task partials reduced in task order
-// afterwards: deterministic, independent of the thread count.
+// kBlockMax lanes (16, one zmm, under AVX-512; 8, one ymm, below) or 8, so compact inputs of few
+// channels per group cost in proportion. BatchNorm sums and weight gradients are per-task
+// partials reduced in task order afterwards: deterministic, independent of the thread count.
 
 constexpr int64_t kBand = 8;
+constexpr int64_t kBlockMax = simd::kWidth >= 16 ? 16 : 8;
 
 template <typename T, int V>
 struct VecOfWidth {
@@ -596,7 +595,7 @@ HRNAS_INLINE void storew(T* p, VecW<T, V> v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
 
-// Channels [c0, c0 + lanes) of group g sit at tile lanes [off, off + width), width 16 or 8.
+// Channels [c0, c0 + lanes) of group g sit at tile lanes [off, off + width), width kBlockMax or 8.
 struct Block {
   int64_t c0, lanes, off, width, g;
 };
@@ -616,8 +615,8 @@ Layout make_layout(const std::vector<Group>& groups) {
   for (size_t g = 0; g < groups.size(); ++g) {
     const Group& grp = groups[g];
     lay.group_off.push_back(lay.Cp);
-    for (int64_t c = 0; c < grp.count; c += 16) {
-      const int64_t width = grp.count - c > 8 ? 16 : 8;
+    for (int64_t c = 0; c < grp.count; c += kBlockMax) {
+      const int64_t width = grp.count - c > 8 ? kBlockMax : 8;
       lay.blocks.push_back({grp.begin + c, std::min(width, grp.count - c), lay.Cp + c, width,
                             static_cast<int64_t>(g)});
     }
@@ -694,11 +693,10 @@ struct RowTile {
 // Calls f(std::integral_constant<int, V>) with the block's width.
 template <typename F>
 void with_width(const Block& b, F&& f) {
-  if (b.width == 16) {
-    f(std::integral_constant<int, 16>{});
-  } else {
-    f(std::integral_constant<int, 8>{});
+  if constexpr (kBlockMax == 16) {
+    if (b.width == 16) return f(std::integral_constant<int, 16>{});
   }
+  f(std::integral_constant<int, 8>{});
 }
 
 // Every block's kernel rows, [k*k][width] (zero in unused lanes), optionally flipped, packed in
@@ -733,11 +731,9 @@ std::vector<T> block_weights(const Layout& lay, const std::vector<Group>& groups
 // so each loaded input pixel serves up to k taps. With kSums, also s[l] += sum of out[..][l] and
 // q[l] += sum of its squares for l < lanes (the BatchNorm sums, from registers: no second read).
 template <int K, int S, int V, bool kSums, typename T>
-HRNAS_TARGET_CLONES void correlate_nhwc(const T* __restrict in, int64_t in_row,
-                                        const T* __restrict wt, int64_t k_rt, int64_t R,
-                                        int64_t Wo, int64_t pitch, T* __restrict out,
-                                        int64_t lanes = 0, double* __restrict s = nullptr,
-                                        double* __restrict q = nullptr) {
+void correlate_nhwc(const T* __restrict in, int64_t in_row, const T* __restrict wt, int64_t k_rt,
+                    int64_t R, int64_t Wo, int64_t pitch, T* __restrict out, int64_t lanes = 0,
+                    double* __restrict s = nullptr, double* __restrict q = nullptr) {
   using W = VecW<T, V>;
   const int64_t k = K > 0 ? K : k_rt;
   W sa = {}, sq = {};
@@ -792,9 +788,8 @@ HRNAS_TARGET_CLONES void correlate_nhwc(const T* __restrict in, int64_t in_row,
 // dw[kh][kw][:V] += sum_{r<R, wo<Wo} d[r][wo][:] * in[r*S + kh][wo*S + kw][:]
 // (pixels `pitch` apart in both, rows d_row and in_row apart). Sums of one band run in T.
 template <int K, int S, int V, typename T>
-HRNAS_TARGET_CLONES void wgrad_nhwc(const T* __restrict d, int64_t d_row, const T* __restrict in,
-                                    int64_t in_row, int64_t k_rt, int64_t R, int64_t Wo,
-                                    int64_t pitch, double* __restrict dw) {
+void wgrad_nhwc(const T* __restrict d, int64_t d_row, const T* __restrict in, int64_t in_row,
+                int64_t k_rt, int64_t R, int64_t Wo, int64_t pitch, double* __restrict dw) {
   using W = VecW<T, V>;
   constexpr int kAcc = K > 0 ? K : 1;
   const int64_t k = K > 0 ? K : k_rt;
@@ -851,10 +846,9 @@ HRNAS_INLINE VecW<T, V> gather_taps2(const T* __restrict dr0, int64_t d_row, int
 // the block's output row ho_base at column 0 of a zero-bordered tile that holds every output
 // pixel the rows read (rows d_row apart, pixels `pitch` apart).
 template <int K, int V, typename T>
-HRNAS_TARGET_CLONES void gather_stride2_nhwc(const T* __restrict d, int64_t ho_base,
-                                             int64_t d_row, const T* __restrict wt, int64_t k_rt,
-                                             int64_t h0, int64_t h1, int64_t W, int64_t pitch,
-                                             T* __restrict dx, int64_t dx_row) {
+void gather_stride2_nhwc(const T* __restrict d, int64_t ho_base, int64_t d_row,
+                         const T* __restrict wt, int64_t k_rt, int64_t h0, int64_t h1, int64_t W,
+                         int64_t pitch, T* __restrict dx, int64_t dx_row) {
   using Wv = VecW<T, V>;
   const int64_t k = K > 0 ? K : k_rt, p = k / 2;
   for (int64_t h = h0; h < h1; ++h) {
@@ -908,9 +902,8 @@ HRNAS_TARGET_CLONES void gather_stride2_nhwc(const T* __restrict d, int64_t ho_b
 
 // y = act((conv - mean) * scale + beta)
 template <typename T>
-HRNAS_TARGET_CLONES void bn_act_nhwc(const T* __restrict conv, int64_t len,
-                                     const T* __restrict coef, int64_t period, Activation act,
-                                     T* __restrict y) {
+void bn_act_nhwc(const T* __restrict conv, int64_t len, const T* __restrict coef, int64_t period,
+                 Activation act, T* __restrict y) {
   const T *mean = coef, *scale = coef + period, *beta = coef + 2 * period;
   for (int64_t i0 = 0; i0 < len; i0 += period) {
     const int64_t n = std::min(period, len - i0);
@@ -926,10 +919,9 @@ HRNAS_TARGET_CLONES void bn_act_nhwc(const T* __restrict conv, int64_t len,
 
 // s[j] += dz, q[j] += dz * (conv - mean) at period position j (dz: grad_y through the activation)
 template <typename T>
-HRNAS_TARGET_CLONES void grad_sums_nhwc(const T* __restrict gy, const T* __restrict y,
-                                        const T* __restrict conv, int64_t len,
-                                        const T* __restrict mean, int64_t period, Activation act,
-                                        T* __restrict s, T* __restrict q) {
+void grad_sums_nhwc(const T* __restrict gy, const T* __restrict y, const T* __restrict conv,
+                    int64_t len, const T* __restrict mean, int64_t period, Activation act,
+                    T* __restrict s, T* __restrict q) {
   for (int64_t i0 = 0; i0 < len; i0 += period) {
     const int64_t n = std::min(period, len - i0);
     int64_t j = 0;
@@ -950,10 +942,9 @@ HRNAS_TARGET_CLONES void grad_sums_nhwc(const T* __restrict gy, const T* __restr
 
 // d(conv) = k_dz * dz + k_conv * (conv - mean) + k_const
 template <typename T>
-HRNAS_TARGET_CLONES void conv_grad_nhwc(const T* __restrict gy, const T* __restrict y,
-                                        const T* __restrict conv, int64_t len,
-                                        const T* __restrict coef, int64_t period, Activation act,
-                                        T* __restrict out) {
+void conv_grad_nhwc(const T* __restrict gy, const T* __restrict y, const T* __restrict conv,
+                    int64_t len, const T* __restrict coef, int64_t period, Activation act,
+                    T* __restrict out) {
   const T *k_dz = coef, *k_conv = coef + period, *mean = coef + 2 * period,
           *k_const = coef + 3 * period;
   for (int64_t i0 = 0; i0 < len; i0 += period) {
@@ -1316,11 +1307,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> bwd_cpu(
 }
 
 }  // namespace
+HRNAS_CPU_ISA_END
 
 TORCH_LIBRARY_IMPL(hrnas_kernels, CPU, m) {
+  if (!HRNAS_CPU_ISA_SELECTED()) return;
   m.impl("mixed_dwconv_bn_act_fwd", &fwd_cpu);
   m.impl("mixed_dwconv_bn_act_bwd", &bwd_cpu);
 }
 
 }  // namespace mixed_dwconv
 }  // namespace hrnas
+#endif  // HRNAS_CPU_ISA_ENABLED

@@ -7,7 +7,7 @@
 //        output row is summed in an L1 accumulator row (same-size rows, then two blended buffer
 //        rows per resampled input), then activated and written once.
 //   NHWC (one output row at a time): each resampled input's two source rows are blended into one
-//        buffer row; each output pixel sums, 16 channels per vector in registers, the same-size
+//        buffer row; each output pixel sums, one vector of channels in registers, the same-size
 //        pixels and two weighted buffer pixels per resampled input, activates and stores.
 // Backward, per plane (NCHW) or image (NHWC): gm = grad_out * act'(out) is formed once (in a
 // same-size input's gradient when there is one); each resampled input's gradient is then gathered
@@ -30,8 +30,12 @@
 #include "common/checks.h"
 #include "common/output_pool.h"
 #include "common/scratch.h"
-#include "common/simd.h"
 #include "multires_fusion/multires_fusion_args.h"
+#include "common/cpu_isa.h"
+
+#if HRNAS_CPU_ISA_ENABLED
+HRNAS_CPU_ISA_BEGIN
+#include "common/simd.h"
 
 namespace hrnas {
 namespace multires_fusion {
@@ -201,6 +205,7 @@ RowMap<opmath_t> make_row_map(int64_t src_len, int64_t dst_len, int64_t K, Taps&
   m.idx.assign(dst_len * K, 0);
   m.w.assign(dst_len * K, opmath_t(0));
   std::vector<int64_t> lo(dst_len, src_len), hi(dst_len, -1);
+  bool scalar = false;
   for (int64_t d = 0; d < dst_len; ++d) {
     int64_t t = 0;
     taps(d, [&](int64_t i, opmath_t w) {
@@ -212,8 +217,9 @@ RowMap<opmath_t> make_row_map(int64_t src_len, int64_t dst_len, int64_t K, Taps&
     });
     for (; t < K; ++t) m.idx[d * K + t] = t > 0 ? m.idx[d * K] : 0;
     if (hi[d] < 0) lo[d] = hi[d] = m.idx[d * K];
-    if (hi[d] - lo[d] >= kWindow) return m;  // scalar form
+    scalar = scalar || hi[d] - lo[d] >= kWindow;
   }
+  if (scalar) return m;  // every destination's taps are in idx and w
   for (int64_t d = 0; d < dst_len;) {
     int64_t a = lo[d], b = hi[d], lanes = 1;
     while (lanes < simd::kWidth && d + lanes < dst_len &&
@@ -391,8 +397,7 @@ HRNAS_INLINE void finish_row(scalar_t* __restrict out, const opmath_t* __restric
 // W into a per-thread buffer (one row map per source row); each output row is then the
 // same-size rows plus two blended buffer rows per resampled input.
 template <typename scalar_t, typename opmath_t>
-HRNAS_TARGET_CLONES void fwd_nchw_planes(const Plan<scalar_t, opmath_t>& p, scalar_t* out,
-                                         int64_t begin, int64_t end) {
+void fwd_nchw_planes(const Plan<scalar_t, opmath_t>& p, scalar_t* out, int64_t begin, int64_t end) {
   const int64_t Ho = p.Ho, Wo = p.Wo, Wp = whole_vectors(Wo);
   const bool bilinear = p.mode == Mode::kBilinear;
   int64_t at[kMaxInputs] = {}, size = Wp;  // the accumulator row, then each input's rows
@@ -430,12 +435,11 @@ HRNAS_TARGET_CLONES void fwd_nchw_planes(const Plan<scalar_t, opmath_t>& p, scal
 
 // The NHWC forward, one output row at a time. Each resampled input is first blended vertically:
 // its two source rows (set by the output row) become one row at the input's width in a
-// per-thread buffer. Each output pixel then sums, 16 channels per vector, the same-size inputs'
+// per-thread buffer. Each output pixel then sums, one vector of channels at a time, the same-size inputs'
 // pixels and two horizontally weighted buffer pixels per resampled input, activates and writes
 // once.
 template <typename scalar_t, typename opmath_t>
-HRNAS_TARGET_CLONES void fwd_nhwc_rows(const Plan<scalar_t, opmath_t>& p, scalar_t* out,
-                                       int64_t begin, int64_t end) {
+void fwd_nhwc_rows(const Plan<scalar_t, opmath_t>& p, scalar_t* out, int64_t begin, int64_t end) {
   using V = simd::Vec<opmath_t>;
   const int64_t C = p.C, Ho = p.Ho, Wo = p.Wo;
   const bool bilinear = p.mode == Mode::kBilinear;
@@ -531,8 +535,8 @@ HRNAS_TARGET_CLONES void fwd_nhwc_rows(const Plan<scalar_t, opmath_t>& p, scalar
 // one thread and every sum has a fixed order: no atomics, results independent of the thread
 // count.
 template <typename scalar_t, typename opmath_t>
-HRNAS_TARGET_CLONES void bwd_units(const Plan<scalar_t, opmath_t>& p, const scalar_t* g,
-                                   const scalar_t* out, int64_t L, int64_t begin, int64_t end) {
+void bwd_units(const Plan<scalar_t, opmath_t>& p, const scalar_t* g, const scalar_t* out, int64_t L,
+               int64_t begin, int64_t end) {
   const int64_t R = p.Wo * L, U = p.Ho * R;
   int holder = -1;  // the same-size input whose gradient holds gm
   if constexpr (std::is_same_v<scalar_t, opmath_t>) {
@@ -693,11 +697,14 @@ std::vector<at::Tensor> bwd_cpu(const at::Tensor& grad_out, const at::Tensor& ou
 }
 
 }  // namespace
+HRNAS_CPU_ISA_END
 
 TORCH_LIBRARY_IMPL(hrnas_kernels, CPU, m) {
+  if (!HRNAS_CPU_ISA_SELECTED()) return;
   m.impl("multires_fusion_fwd", &fwd_cpu);
   m.impl("multires_fusion_bwd", &bwd_cpu);
 }
 
 }  // namespace multires_fusion
 }  // namespace hrnas
+#endif  // HRNAS_CPU_ISA_ENABLED

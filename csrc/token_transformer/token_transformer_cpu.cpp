@@ -41,8 +41,12 @@
 #include "common/checks.h"
 #include "common/output_pool.h"
 #include "common/scratch.h"
-#include "common/simd.h"
 #include "token_transformer/token_transformer.h"
+#include "common/cpu_isa.h"
+
+#if HRNAS_CPU_ISA_ENABLED
+HRNAS_CPU_ISA_BEGIN
+#include "common/simd.h"
 
 namespace hrnas {
 namespace token_transformer {
@@ -140,7 +144,7 @@ void bn_backward(const T* grad, const T* xhat, const T* gamma, const T* var, boo
 // out = LayerNorm(a + res) per row of d values; x_hat and 1 / std go to the tape. Serial: it
 // runs inside the per-sample loop.
 template <typename T>
-HRNAS_TARGET_CLONES void add_layer_norm(const T* a, const T* res, const T* gamma, const T* beta, int64_t rows,
+void add_layer_norm(const T* a, const T* res, const T* gamma, const T* beta, int64_t rows,
                     int64_t d, T* xhat, T* rstd_out, T* out) {
   using A = at::opmath_type<T>;
   {
@@ -172,8 +176,8 @@ HRNAS_TARGET_CLONES void add_layer_norm(const T* a, const T* res, const T* gamma
 
 // Backward of the normalisation in add_layer_norm (gamma applied here, affine grads outside).
 template <typename T>
-HRNAS_TARGET_CLONES void layer_norm_backward(const T* grad, const T* xhat, const T* rstd, const T* gamma,
-                         int64_t rows, int64_t d, T* grad_in) {
+void layer_norm_backward(const T* grad, const T* xhat, const T* rstd, const T* gamma, int64_t rows,
+                         int64_t d, T* grad_in) {
   using A = at::opmath_type<T>;
   {
     for (int64_t i = 0; i < rows; ++i) {
@@ -372,9 +376,8 @@ at::Tensor sum_outer(const at::Tensor& a, const at::Tensor& b) {
 // and four broadcasts of A feed 8 FMAs. The token math is 64 x 64 x 64 products, which a BLAS
 // call would spend on packing and dispatch; these fit in L1 and need neither.
 template <typename T>
-HRNAS_TARGET_CLONES void gemm(int64_t M, int64_t N, int64_t K, const T* __restrict A, int64_t lda,
-                              const T* __restrict B, int64_t ldb, T* __restrict C, int64_t ldc,
-                              bool accumulate) {
+void gemm(int64_t M, int64_t N, int64_t K, const T* __restrict A, int64_t lda,
+          const T* __restrict B, int64_t ldb, T* __restrict C, int64_t ldc, bool accumulate) {
   using V = simd::Vec<T>;
   constexpr int64_t W = simd::kWidth;
   int64_t j = 0;
@@ -435,7 +438,7 @@ HRNAS_TARGET_CLONES void gemm(int64_t M, int64_t N, int64_t K, const T* __restri
 // dst [cols, rows] = src [rows, cols]^T (leading dimensions lds, ldd), in 16 x 16 blocks so the
 // strided side of each block stays in L1.
 template <typename T>
-HRNAS_TARGET_CLONES void transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst, int64_t ldd) {
+void transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst, int64_t ldd) {
   constexpr int64_t kB = 16;
   for (int64_t i0 = 0; i0 < rows; i0 += kB) {
     const int64_t i1 = std::min(rows, i0 + kB);
@@ -449,13 +452,13 @@ HRNAS_TARGET_CLONES void transpose(int64_t rows, int64_t cols, const T* src, int
 }
 
 // p = softmax(scale * p) along each of `rows` rows of n values, in place. Float rows take the
-// exponential 16 lanes at a time: n = round(x / ln 2), r = x - n ln 2 (two-part ln 2), e^r by
+// exponential a vector at a time: n = round(x / ln 2), r = x - n ln 2 (two-part ln 2), e^r by
 // its degree-6 Taylor polynomial (|r| <= 0.35: relative error about 1e-7, float's own), times
 // 2^n built in the exponent bits, x clamped to where the result is a normal float (written
 // inline: a helper taking vectors would be compiled for the baseline ISA and change the ABI).
 // Double rows, and the tail of a row, use std::exp.
 template <typename T>
-HRNAS_TARGET_CLONES void softmax_rows(T* p, int64_t rows, int64_t n, T scale) {
+void softmax_rows(T* p, int64_t rows, int64_t n, T scale) {
   using A = at::opmath_type<T>;
   constexpr int64_t W = simd::kWidth;
   for (int64_t i = 0; i < rows; ++i) {
@@ -505,7 +508,7 @@ HRNAS_TARGET_CLONES void softmax_rows(T* p, int64_t rows, int64_t n, T scale) {
 
 // g (of the probabilities p) -> scale * d(scores), in place, per row of n values.
 template <typename T>
-HRNAS_TARGET_CLONES void softmax_rows_backward(T* g, const T* p, int64_t rows, int64_t n, T scale) {
+void softmax_rows_backward(T* g, const T* p, int64_t rows, int64_t n, T scale) {
   using A = at::opmath_type<T>;
   for (int64_t i = 0; i < rows; ++i) {
     A dot = 0;
@@ -955,11 +958,14 @@ bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& tape, const at::Tensor&
 }
 
 }  // namespace
+HRNAS_CPU_ISA_END
 
 TORCH_LIBRARY_IMPL(hrnas_kernels, CPU, m) {
+  if (!HRNAS_CPU_ISA_SELECTED()) return;
   m.impl("token_transformer_fwd", &fwd_cpu);
   m.impl("token_transformer_bwd", &bwd_cpu);
 }
 
 }  // namespace token_transformer
 }  // namespace hrnas
+#endif  // HRNAS_CPU_ISA_ENABLED

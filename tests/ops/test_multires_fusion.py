@@ -23,6 +23,9 @@ CASES = [
     # Rows of 32+ elements take the CPU kernel's vector row maps (windows that slide, several
     # chunks per row); a 1-pixel input's transposed taps span the whole row (scalar fallback).
     ((5, 70), [(5, 70), (3, 35), (2, 17), (5, 33), (1, 1), (9, 140), (4, 105)]),
+    # Upsampling by 20 along W: each input column's transposed taps span 40 output columns, more
+    # than any vector window, so the row map takes its scalar form for every input column.
+    ((3, 80), [(3, 80), (2, 4)]),
 ]
 MODE_ACT = [("bilinear", "relu"), ("bilinear", "relu6"), ("bilinear", None), ("nearest", "relu")]
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}

@@ -1,0 +1,3 @@
+// mixed_dwconv_bn_act_cpu.cpp compiled for x86-64-v3 (AVX2, FMA); see common/cpu_isa.h.
+#define HRNAS_CPU_ISA_LEVEL 1
+#include "mixed_dwconv_bn_act/mixed_dwconv_bn_act_cpu.cpp"

@@ -1,0 +1,3 @@
+// token_transformer_cpu.cpp compiled for x86-64-v4 (AVX-512); see common/cpu_isa.h.
+#define HRNAS_CPU_ISA_LEVEL 2
+#include "token_transformer/token_transformer_cpu.cpp"
