@@ -20,6 +20,34 @@ SUPPORTED = {
 _OP = "token_transformer"
 
 
+def _forward_op(meta, x, coords, w_in, bn_in_w, bn_in_b, query, w_out, bn_out_w, bn_out_b, *rest):
+    """The forward op of ``meta``'s impl on the autograd function's argument list: y, the tape
+    and the four batch statistics."""
+    impl, num_heads, out_size, residual, eps, n_enc = meta
+    rm_in, rv_in, rm_out, rv_out, *layers = rest
+    return _OPS[impl][0](
+        x,
+        coords,
+        w_in,
+        bn_in_w,
+        bn_in_b,
+        rm_in,
+        rv_in,
+        layers[:n_enc],
+        query,
+        layers[n_enc:],
+        w_out,
+        bn_out_w,
+        bn_out_b,
+        rm_out,
+        rv_out,
+        num_heads,
+        out_size,
+        residual,
+        eps,
+    )
+
+
 class _TokenTransformer(torch.autograd.Function):
     """Autograd over the compact-token op pair; the statistics come out for the running-average
     update and are not differentiable."""
@@ -30,27 +58,8 @@ class _TokenTransformer(torch.autograd.Function):
     ):
         impl, num_heads, out_size, residual, eps, n_enc = meta
         rm_in, rv_in, rm_out, rv_out, *layers = rest
-        encoder, decoder = layers[:n_enc], layers[n_enc:]
-        y, tape, mean_in, var_in, mean_out, var_out = _OPS[impl][0](
-            x,
-            coords,
-            w_in,
-            bn_in_w,
-            bn_in_b,
-            rm_in,
-            rv_in,
-            encoder,
-            query,
-            decoder,
-            w_out,
-            bn_out_w,
-            bn_out_b,
-            rm_out,
-            rv_out,
-            num_heads,
-            out_size,
-            residual,
-            eps,
+        y, tape, mean_in, var_in, mean_out, var_out = _forward_op(
+            meta, x, coords, w_in, bn_in_w, bn_in_b, query, w_out, bn_out_w, bn_out_b, *rest
         )
         ctx.save_for_backward(
             tape, coords, w_in, bn_in_w, bn_in_b, var_in, query, w_out, bn_out_w, var_out, *layers
@@ -350,8 +359,7 @@ def fused_forward(
     enc = list(encoder)
     dec = [] if decoder is None else list(decoder)
     meta = (impl, num_heads, out_size, residual, float(eps), len(enc))
-    y, mean_in, var_in, mean_out, var_out = _TokenTransformer.apply(
-        meta,
+    op_args = (
         x.contiguous(),
         coords.contiguous(),
         w_in.contiguous(),
@@ -365,6 +373,12 @@ def fused_forward(
         *enc,
         *dec,
     )
+    if torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in op_args
+    ):
+        y, mean_in, var_in, mean_out, var_out = _TokenTransformer.apply(meta, *op_args)
+    else:  # nothing to differentiate (inference): the op alone, no autograd node or saved tape
+        y, _tape, mean_in, var_in, mean_out, var_out = _forward_op(meta, *op_args)
     if training and input_running_mean is not None:
         count = n * coords.shape[-1] * coords.shape[-2]
         with torch.no_grad():

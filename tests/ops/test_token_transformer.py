@@ -578,6 +578,24 @@ def test_thread_count_invariant():
     torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_inference_call_matches_the_autograd_call(impl_device, training):
+    """With nothing to differentiate the forward op runs without the autograd function: the same
+    output and running-statistics update as a call that records a graph."""
+    impl, device = impl_device
+    case = (4, 6, None, 12, 10, 16, 8, 2, False, True)
+    x = randn((4, 6, 12, 10), seed=1, device=device)
+    results = []
+    for grad in (True, False):
+        m = _module(case, impl, torch.float32, device).train(training)
+        with torch.set_grad_enabled(grad):
+            y = m(x)
+        assert y.requires_grad == grad
+        results.append((y.detach(), *(t.clone() for t in m.buffers())))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 
