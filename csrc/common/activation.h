@@ -1,5 +1,6 @@
 // The activations the fused ops end with (none, relu, relu6), shared by host and device code.
 #pragma once
+#define HRNAS_COMMON_ACTIVATION_H 1
 
 #include <string>
 #include <string_view>

@@ -13,7 +13,11 @@
 // level; that code must have internal linkage (an anonymous namespace) or live in the per-level
 // namespace simd.h opens, and nothing in it may run before the level is selected (no dynamic
 // initialisers, no TORCH_LIBRARY_IMPL: that goes after HRNAS_CPU_ISA_END). Headers of shared,
-// level-independent code are included before HRNAS_CPU_ISA_BEGIN.
+// level-independent code are included before HRNAS_CPU_ISA_BEGIN. Library templates the region
+// instantiates (std::vector<float>::resize, say) are compiled for the level under their shared
+// names, and the linker keeps the first copy of each: the objects link in path order, so an op's
+// baseline object, which instantiates the same templates, comes before its level copies
+// (tests/ops/test_cpu_isa.py checks the built library for wide registers outside our code).
 #pragma once
 
 namespace hrnas {

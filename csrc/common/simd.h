@@ -14,8 +14,13 @@
 #include <type_traits>
 #include <utility>
 
-#include "common/activation.h"
 #include "common/cpu_isa.h"
+
+// Included inside a level's region, a header's inline functions would be compiled for that level
+// under the same names in every copy, and the linker keeps one of them: it must come first.
+#ifndef HRNAS_COMMON_ACTIVATION_H
+#error "include common/activation.h before HRNAS_CPU_ISA_BEGIN"
+#endif
 
 namespace hrnas {
 namespace simd {

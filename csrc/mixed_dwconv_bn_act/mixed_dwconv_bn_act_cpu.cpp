@@ -33,6 +33,7 @@
 #include "common/output_pool.h"
 #include "common/scratch.h"
 #include "mixed_dwconv_bn_act/mixed_dwconv_bn_act.h"
+#include "common/activation.h"
 #include "common/cpu_isa.h"
 
 #if HRNAS_CPU_ISA_ENABLED

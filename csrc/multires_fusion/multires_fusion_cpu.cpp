@@ -31,6 +31,7 @@
 #include "common/output_pool.h"
 #include "common/scratch.h"
 #include "multires_fusion/multires_fusion_args.h"
+#include "common/activation.h"
 #include "common/cpu_isa.h"
 
 #if HRNAS_CPU_ISA_ENABLED

@@ -42,6 +42,7 @@
 #include "common/output_pool.h"
 #include "common/scratch.h"
 #include "token_transformer/token_transformer.h"
+#include "common/activation.h"
 #include "common/cpu_isa.h"
 
 #if HRNAS_CPU_ISA_ENABLED

@@ -8,6 +8,8 @@ so its tails, windows and channel blocks fall at other sizes).
 
 import os
 import platform
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +77,36 @@ def test_variable_selects_a_lower_level_and_warns_on_bad_names():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [hrnas_kernels.cpu_isa()]
     assert "HRNAS_CPU_ISA='sse9' is not one of" in proc.stderr
+
+
+def test_only_per_level_code_uses_wide_registers():
+    """The copies share by name the library templates they instantiate (std::vector's resize,
+    say), each compiled for its copy's level; the linker keeps one, and it must be the baseline's
+    (objects link in path order: <op>_cpu.o first) or a machine without the level faults in it.
+    So in the built library only our per-level code (anonymous namespaces, the simd level
+    namespaces) may touch ymm/zmm registers."""
+    objdump = shutil.which("objdump")
+    if objdump is None or platform.machine() != "x86_64":
+        pytest.skip("needs objdump on x86-64")
+    from hrnas_kernels import _C
+
+    listing = subprocess.run(
+        [objdump, "-d", "--no-show-raw-insn", "-C", _C.__file__],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    ).stdout
+    allowed = ("(anonymous namespace)", "::avx2::", "::avx512::")
+    name, offenders, functions = None, set(), 0
+    for line in listing.splitlines():
+        header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if header:
+            name, functions = header.group(1), functions + 1
+        elif name and ("%ymm" in line or "%zmm" in line) and not any(a in name for a in allowed):
+            offenders.add(name)
+    assert functions > 100, "objdump listed too few functions"
+    assert not offenders, sorted(offenders)[:20]
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
