@@ -6,7 +6,7 @@
 // level is a compile-time constant in each copy, so simd::kWidth, and the register blocking built
 // on it, matches the registers the copy runs on: one zmm per vector under AVX-512, one ymm under
 // AVX2. (One copy with per-function clones could not do that: GCC keeps a vector wider than the
-// ISA's registers in memory, which made the AVX2 clones of the AVX-512-wide kernels 3-10x slower
+// ISA's registers in memory, which made the AVX2 clones of the AVX-512-wide kernels 3-13x slower
 // on an AVX2-only machine.) At load, only the copy of the selected level registers its kernels.
 //
 // Inside a copy, the code between HRNAS_CPU_ISA_BEGIN and HRNAS_CPU_ISA_END is compiled for its
