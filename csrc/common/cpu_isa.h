@@ -66,7 +66,7 @@ const char* cpu_isa_name(CpuIsa isa);
 #define HRNAS_CPU_ISA_SELECTED() \
   (::hrnas::selected_cpu_isa() == static_cast<::hrnas::CpuIsa>(HRNAS_CPU_ISA_LEVEL))
 
-// Helpers called from the kernels are forced inline so they are compiled with their caller.
+// Small helpers of the hot loops are forced inline, so their vectors stay in registers.
 #if defined(__GNUC__)
 #define HRNAS_INLINE inline __attribute__((always_inline))
 #else

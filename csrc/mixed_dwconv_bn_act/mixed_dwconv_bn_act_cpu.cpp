@@ -246,8 +246,7 @@ void sum_and_square(const A* __restrict v, int64_t len, Vec<A>* s, Vec<A>* q) {
 // out = act((conv - mean) * scale + beta); out may be conv itself.
 template <typename A>
 void batch_norm_act(const A* conv, A* out, int64_t len, const Vec<A>* coef, Activation act) {
-  // coef: mean, scale, beta (passed by pointer: a vector argument wider than the baseline's
-  // registers would change the call's ABI)
+  // coef: mean, scale, beta
   const Vec<A> mean = coef[0], scale = coef[1], beta = coef[2];
   for (int64_t c = 0; c < len; c += kLanes) {
     simd::store(out + c, simd::activate<A>((simd::load(conv + c) - mean) * scale + beta, act));

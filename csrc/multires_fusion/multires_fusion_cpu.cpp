@@ -436,9 +436,9 @@ void fwd_nchw_planes(const Plan<scalar_t, opmath_t>& p, scalar_t* out, int64_t b
 
 // The NHWC forward, one output row at a time. Each resampled input is first blended vertically:
 // its two source rows (set by the output row) become one row at the input's width in a
-// per-thread buffer. Each output pixel then sums, one vector of channels at a time, the same-size inputs'
-// pixels and two horizontally weighted buffer pixels per resampled input, activates and writes
-// once.
+// per-thread buffer. Each output pixel then sums, one vector of channels at a time, the
+// same-size inputs' pixels and two horizontally weighted buffer pixels per resampled input,
+// activates and writes once.
 template <typename scalar_t, typename opmath_t>
 void fwd_nhwc_rows(const Plan<scalar_t, opmath_t>& p, scalar_t* out, int64_t begin, int64_t end) {
   using V = simd::Vec<opmath_t>;

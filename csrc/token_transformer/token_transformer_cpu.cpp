@@ -455,9 +455,8 @@ void transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst, in
 // p = softmax(scale * p) along each of `rows` rows of n values, in place. Float rows take the
 // exponential a vector at a time: n = round(x / ln 2), r = x - n ln 2 (two-part ln 2), e^r by
 // its degree-6 Taylor polynomial (|r| <= 0.35: relative error about 1e-7, float's own), times
-// 2^n built in the exponent bits, x clamped to where the result is a normal float (written
-// inline: a helper taking vectors would be compiled for the baseline ISA and change the ABI).
-// Double rows, and the tail of a row, use std::exp.
+// 2^n built in the exponent bits, x clamped to where the result is a normal float. Double
+// rows, and the tail of a row, use std::exp.
 template <typename T>
 void softmax_rows(T* p, int64_t rows, int64_t n, T scale) {
   using A = at::opmath_type<T>;

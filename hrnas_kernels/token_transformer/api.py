@@ -56,8 +56,8 @@ class _TokenTransformer(torch.autograd.Function):
     def forward(
         ctx, meta, x, coords, w_in, bn_in_w, bn_in_b, query, w_out, bn_out_w, bn_out_b, *rest
     ):
-        impl, num_heads, out_size, residual, eps, n_enc = meta
-        rm_in, rv_in, rm_out, rv_out, *layers = rest
+        impl, num_heads, _out_size, residual, eps, n_enc = meta
+        rm_in, _rv_in, _rm_out, _rv_out, *layers = rest
         y, tape, mean_in, var_in, mean_out, var_out = _forward_op(
             meta, x, coords, w_in, bn_in_w, bn_in_b, query, w_out, bn_out_w, bn_out_b, *rest
         )
