@@ -282,82 +282,72 @@ void resize_to_grid_backward(const T* grad, int64_t P, int64_t H, int64_t W, int
   });
 }
 
-// The growth writes every output value, and a GEMM does its width direction best: the rows of
-// each plane are blended first (two taps, vectorised along the row of g values), then one GEMM
-// over all P * Ho rows with the dense [Wo, g] width matrix writes the output, the residual
-// folded in as the GEMM's addend. Its backward is the same two steps transposed.
+// The growth writes every output value once and reads the residual once, one plane per task:
+// the plane's g rows are first widened to Wo columns (two taps per column, g * Wo values in
+// thread scratch), then each output row blends two widened rows, the residual added in the same
+// contiguous pass: F.interpolate's order (width, then height). Its backward runs the two steps
+// transposed: each gradient row goes onto its two widened rows, which are then narrowed back.
 
-// The dense [out, in] matrix of the taps.
-at::Tensor resize_matrix(int64_t out, int64_t in, const at::TensorOptions& opt) {
-  const Taps<double> t = make_taps<double>(out, in);
-  at::Tensor m = at::zeros({out, in}, opt.dtype(at::kDouble));
-  double* p = m.mutable_data_ptr<double>();
-  for (int64_t i = 0; i < out; ++i) {
-    p[i * in + t.i0[i]] += t.w0[i];
-    p[i * in + t.i1[i]] += t.w1[i];
-  }
-  return m.to(opt.dtype());
-}
-
-// Height direction on [P, rows, B] planes with the taps of a resize from `in` to `out` rows:
-// forward y [P, out, B] = blend of x's rows; adjoint (the backward) y [P, in, B] gathers each
-// output row's gradient back onto its two source rows (per plane, in order: no atomics).
+// z [P, g, g] -> out [P, Ho, Wo] (+ add [P, Ho, Wo] when not null).
 template <typename T>
-at::Tensor blend_rows(const at::Tensor& x, const Taps<T>& taps, int64_t in, bool adjoint) {
-  const int64_t P = x.size(0), B = x.size(2), out = static_cast<int64_t>(taps.i0.size());
-  at::Tensor y = adjoint ? at::zeros({P, in, B}, x.options()) : at::empty({P, out, B}, x.options());
-  const T* xp = x.const_data_ptr<T>();
-  T* yp = y.mutable_data_ptr<T>();
-  const int64_t x_rows = adjoint ? out : in, y_rows = adjoint ? in : out;
+void resize_from_grid(const T* z, int64_t P, int64_t g, int64_t Ho, int64_t Wo, const T* add,
+                      T* out) {
+  const Taps<T> r = make_taps<T>(Ho, g), c = make_taps<T>(Wo, g);
   at::parallel_for(0, P, 1, [&](int64_t pb, int64_t pe) {
+    T* wide = scratch<T>(0, g * Wo);
     for (int64_t p = pb; p < pe; ++p) {
-      const T* xs = xp + p * x_rows * B;
-      T* ys = yp + p * y_rows * B;
-      for (int64_t i = 0; i < out; ++i) {
-        const T w0 = taps.w0[i], w1 = taps.w1[i];
-        if (adjoint) {
-          const T* g = xs + i * B;
-          T* a = ys + taps.i0[i] * B;
-          T* b = ys + taps.i1[i] * B;
+      const T* zp = z + p * g * g;
+      for (int64_t a = 0; a < g; ++a) {
+        for (int64_t j = 0; j < Wo; ++j)
+          wide[a * Wo + j] = c.w0[j] * zp[a * g + c.i0[j]] + c.w1[j] * zp[a * g + c.i1[j]];
+      }
+      for (int64_t i = 0; i < Ho; ++i) {
+        const T* ra = wide + r.i0[i] * Wo;
+        const T* rb = wide + r.i1[i] * Wo;
+        const T w0 = r.w0[i], w1 = r.w1[i];
+        T* o = out + (p * Ho + i) * Wo;
+        if (add != nullptr) {
+          const T* ad = add + (p * Ho + i) * Wo;
 #pragma omp simd
-          for (int64_t j = 0; j < B; ++j) a[j] += w0 * g[j];
-#pragma omp simd
-          for (int64_t j = 0; j < B; ++j) b[j] += w1 * g[j];
+          for (int64_t j = 0; j < Wo; ++j) o[j] = (w0 * ra[j] + w1 * rb[j]) + ad[j];
         } else {
-          const T* a = xs + taps.i0[i] * B;
-          const T* b = xs + taps.i1[i] * B;
-          T* o = ys + i * B;
 #pragma omp simd
-          for (int64_t j = 0; j < B; ++j) o[j] = w0 * a[j] + w1 * b[j];
+          for (int64_t j = 0; j < Wo; ++j) o[j] = w0 * ra[j] + w1 * rb[j];
         }
       }
     }
   });
-  return y;
 }
 
-// z [P, g, g] -> out [P, Ho, Wo] (+ add [P, Ho, Wo] when defined).
+// Adjoint of resize_from_grid: grad [P, Ho, Wo] -> out [P, g, g].
 template <typename T>
-void resize_from_grid(const at::Tensor& z, int64_t Ho, int64_t Wo, const at::Tensor& add,
-                      const at::Tensor& out) {
-  const int64_t P = z.size(0), g = z.size(1);
-  const at::Tensor rows = blend_rows<T>(z, make_taps<T>(Ho, g), g, false).view({P * Ho, g});
-  const at::Tensor r = resize_matrix(Wo, g, z.options()).t();
-  at::Tensor y = out.view({P * Ho, Wo});
-  if (add.defined()) {
-    at::addmm_out(y, add.reshape({P * Ho, Wo}), rows, r);
-  } else {
-    at::mm_out(y, rows, r);
-  }
-}
-
-// Adjoint of resize_from_grid: grad [P, Ho, Wo] -> [P, g, g].
-template <typename T>
-at::Tensor resize_from_grid_backward(const at::Tensor& grad, int64_t g) {
-  const int64_t P = grad.size(0), Ho = grad.size(1), Wo = grad.size(2);
-  const at::Tensor cols =
-      at::mm(grad.reshape({P * Ho, Wo}), resize_matrix(Wo, g, grad.options())).view({P, Ho, g});
-  return blend_rows<T>(cols, make_taps<T>(Ho, g), g, true);
+void resize_from_grid_backward(const T* grad, int64_t P, int64_t g, int64_t Ho, int64_t Wo,
+                               T* out) {
+  const Taps<T> r = make_taps<T>(Ho, g), c = make_taps<T>(Wo, g);
+  at::parallel_for(0, P, 1, [&](int64_t pb, int64_t pe) {
+    T* wide = scratch<T>(0, g * Wo);
+    for (int64_t p = pb; p < pe; ++p) {
+      std::fill(wide, wide + g * Wo, T(0));
+      for (int64_t i = 0; i < Ho; ++i) {
+        const T* gi = grad + (p * Ho + i) * Wo;
+        T* ra = wide + r.i0[i] * Wo;
+        T* rb = wide + r.i1[i] * Wo;
+        const T w0 = r.w0[i], w1 = r.w1[i];
+#pragma omp simd
+        for (int64_t j = 0; j < Wo; ++j) ra[j] += w0 * gi[j];
+#pragma omp simd
+        for (int64_t j = 0; j < Wo; ++j) rb[j] += w1 * gi[j];
+      }
+      T* op = out + p * g * g;
+      std::fill(op, op + g * g, T(0));
+      for (int64_t a = 0; a < g; ++a) {
+        for (int64_t j = 0; j < Wo; ++j) {
+          op[a * g + c.i0[j]] += c.w0[j] * wide[a * Wo + j];
+          op[a * g + c.i1[j]] += c.w1[j] * wide[a * Wo + j];
+        }
+      }
+    }
+  });
 }
 
 // W [R, K] times every sample of v [N, K, d] -> [N, R, d], one batched GEMM (W broadcast).
@@ -843,8 +833,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                   rmo.const_data_ptr<T>(), rvo.const_data_ptr<T>(), batch_stats, eps, N, Co, d,
                   tape.mutable_data_ptr<T>() + layout.zhat, y8.mutable_data_ptr<T>(),
                   mean_out.mutable_data_ptr<T>(), var_out.mutable_data_ptr<T>());
-    resize_from_grid<T>(y8.view({N * Co, g, g}), Ho, Wo,
-                        residual ? x.view({N * C, Ho, Wo}) : at::Tensor(), y);
+    resize_from_grid<T>(y8.const_data_ptr<T>(), N * Co, g, Ho, Wo,
+                        residual ? x.const_data_ptr<T>() : nullptr, y.mutable_data_ptr<T>());
   });
   return {y, tape, mean_in, var_in, mean_out, var_out};
 }
@@ -890,7 +880,9 @@ bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& tape, const at::Tensor&
   at::Tensor g_w_out, g_bn_out_w = at::empty({Co}, opt), g_bn_out_b = at::empty({Co}, opt);
   AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "token_transformer_bwd", [&] {
     using T = scalar_t;
-    const at::Tensor g8 = resize_from_grid_backward<T>(gy.view({N * Co, Ho, Wo}), g);
+    at::Tensor g8 = at::empty({N, Co, d}, opt);
+    resize_from_grid_backward<T>(gy.const_data_ptr<T>(), N * Co, g, Ho, Wo,
+                                 g8.mutable_data_ptr<T>());
     at::Tensor g_z = at::empty({N, Co, d}, opt);
     bn_backward<T>(g8.const_data_ptr<T>(), tape.const_data_ptr<T>() + layout.zhat,
                    bn_out_w.const_data_ptr<T>(), var_out.const_data_ptr<T>(), use_batch_stats, eps,
