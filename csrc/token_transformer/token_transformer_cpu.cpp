@@ -18,20 +18,15 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/TensorOperators.h>
-#include <ATen/ops/addcmul.h>
-#include <ATen/ops/bmm.h>
-#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/addmm.h>
-#include <ATen/ops/mm.h>
-#include <ATen/ops/sum.h>
-#include <ATen/ops/zeros.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <type_traits>
 #include <optional>
@@ -60,16 +55,17 @@ constexpr double kLayerNormEps = 1e-5;  // nn.LayerNorm's default, as the author
 // The inner loops run over the d (or L) values of one row: `omp simd` lets the compiler
 // vectorise their sums (a fixed lane order, so results stay independent of the thread count).
 
-// BatchNorm over channels r of z [N, R, d] + bias [R, d]: statistics over (N, d), or the
-// running ones; writes x_hat to xhat and gamma * x_hat + beta to out.
+// BatchNorm over channels r of z [N, R, d] + bias (row r at bias + r * bias_stride, d values):
+// statistics over (N, d), or the running ones; writes x_hat to xhat and gamma * x_hat + beta
+// to out.
 template <typename T>
-void bn_forward(const T* z, const T* bias, const T* gamma, const T* beta, const T* run_mean,
+void bn_forward(const T* z, const T* bias, int64_t bias_stride, const T* gamma, const T* beta, const T* run_mean,
                 const T* run_var, bool batch_stats, double eps, int64_t N, int64_t R, int64_t d,
                 T* xhat, T* out, T* mean_out, T* var_out) {
   using A = at::opmath_type<T>;
   at::parallel_for(0, R, 1, [&](int64_t rb, int64_t re) {
     for (int64_t r = rb; r < re; ++r) {
-      const T* b = bias + r * d;
+      const T* b = bias + r * bias_stride;
       A mean, var;
       if (batch_stats) {
         A s = 0;
@@ -202,6 +198,25 @@ void layer_norm_backward(const T* grad, const T* xhat, const T* rstd, const T* g
 }
 
 
+// dst [rows, d] = xhat * w + b: per column (w, b [d]: a LayerNorm's affine) or per row
+// (per_row; w, b [rows]: a BatchNorm's over tokens).
+template <typename T>
+void affine_rows(const T* xhat, const T* w, const T* b, int64_t rows, int64_t d, bool per_row,
+                 T* dst) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* x = xhat + i * d;
+    T* o = dst + i * d;
+    if (per_row) {
+      const T wi = w[i], bi = b[i];
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) o[j] = x[j] * wi + bi;
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) o[j] = x[j] * w[j] + b[j];
+    }
+  }
+}
+
 // ---- resizing ---------------------------------------------------------------------------------
 // Bilinear resizing (align_corners=False) is separable with two taps per output in each
 // direction (precomputed below). The shrink to the grid is a direct loop over planes that
@@ -233,53 +248,45 @@ Taps<T> make_taps(int64_t out, int64_t in) {
   return t;
 }
 
-// x [P, H, W] -> out [P, g, g]: each row pair blended after its columns.
+// One plane x [H, W] -> out [g, g] (r, c: the taps of the rows and columns): each row pair
+// blended after its columns.
 template <typename T>
-void resize_to_grid(const T* x, int64_t P, int64_t H, int64_t W, int64_t g, T* out) {
-  const Taps<T> r = make_taps<T>(g, H), c = make_taps<T>(g, W);
-  at::parallel_for(0, P, 1, [&](int64_t pb, int64_t pe) {
-    for (int64_t p = pb; p < pe; ++p) {
-      for (int64_t i = 0; i < g; ++i) {
-        const T* a = x + (p * H + r.i0[i]) * W;
-        const T* b = x + (p * H + r.i1[i]) * W;
-        T* o = out + (p * g + i) * g;
-        for (int64_t j = 0; j < g; ++j) {
-          const T ta = c.w0[j] * a[c.i0[j]] + c.w1[j] * a[c.i1[j]];
-          const T tb = c.w0[j] * b[c.i0[j]] + c.w1[j] * b[c.i1[j]];
-          o[j] = r.w0[i] * ta + r.w1[i] * tb;
-        }
-      }
+void shrink_plane(const T* x, int64_t W, const Taps<T>& r, const Taps<T>& c, T* out) {
+  const int64_t g = static_cast<int64_t>(r.i0.size());
+  for (int64_t i = 0; i < g; ++i) {
+    const T* a = x + r.i0[i] * W;
+    const T* b = x + r.i1[i] * W;
+    T* o = out + i * g;
+    for (int64_t j = 0; j < g; ++j) {
+      const T ta = c.w0[j] * a[c.i0[j]] + c.w1[j] * a[c.i1[j]];
+      const T tb = c.w0[j] * b[c.i0[j]] + c.w1[j] * b[c.i1[j]];
+      o[j] = r.w0[i] * ta + r.w1[i] * tb;
     }
-  });
+  }
 }
 
-// Adjoint of resize_to_grid: grad [P, g, g] -> out [P, H, W] = add (or 0) + the taps' share.
+// Adjoint of shrink_plane: grad [g, g] -> out [H, W] = add (or 0 when null) + the taps' share.
 template <typename T>
-void resize_to_grid_backward(const T* grad, int64_t P, int64_t H, int64_t W, int64_t g,
-                             const T* add, T* out) {
-  const Taps<T> r = make_taps<T>(g, H), c = make_taps<T>(g, W);
-  at::parallel_for(0, P, 1, [&](int64_t pb, int64_t pe) {
-    for (int64_t p = pb; p < pe; ++p) {
-      T* o = out + p * H * W;
-      if (add != nullptr) {
-        std::copy(add + p * H * W, add + (p + 1) * H * W, o);
-      } else {
-        std::fill(o, o + H * W, T(0));
-      }
-      for (int64_t i = 0; i < g; ++i) {
-        T* a = o + r.i0[i] * W;
-        T* b = o + r.i1[i] * W;
-        for (int64_t j = 0; j < g; ++j) {
-          const T v = grad[(p * g + i) * g + j];
-          const T va = r.w0[i] * v, vb = r.w1[i] * v;
-          a[c.i0[j]] += c.w0[j] * va;
-          a[c.i1[j]] += c.w1[j] * va;
-          b[c.i0[j]] += c.w0[j] * vb;
-          b[c.i1[j]] += c.w1[j] * vb;
-        }
-      }
+void shrink_plane_backward(const T* grad, int64_t H, int64_t W, const Taps<T>& r,
+                           const Taps<T>& c, const T* add, T* out) {
+  const int64_t g = static_cast<int64_t>(r.i0.size());
+  if (add != nullptr) {
+    std::copy(add, add + H * W, out);
+  } else {
+    std::fill(out, out + H * W, T(0));
+  }
+  for (int64_t i = 0; i < g; ++i) {
+    T* a = out + r.i0[i] * W;
+    T* b = out + r.i1[i] * W;
+    for (int64_t j = 0; j < g; ++j) {
+      const T v = grad[i * g + j];
+      const T va = r.w0[i] * v, vb = r.w1[i] * v;
+      a[c.i0[j]] += c.w0[j] * va;
+      a[c.i1[j]] += c.w1[j] * va;
+      b[c.i0[j]] += c.w0[j] * vb;
+      b[c.i1[j]] += c.w1[j] * vb;
     }
-  });
+  }
 }
 
 // The growth writes every output value once and reads the residual once, one plane per task:
@@ -350,25 +357,18 @@ void resize_from_grid_backward(const T* grad, int64_t P, int64_t g, int64_t Ho, 
   });
 }
 
-// W [R, K] times every sample of v [N, K, d] -> [N, R, d], one batched GEMM (W broadcast).
-at::Tensor left_multiply(const at::Tensor& w, const at::Tensor& v) {
-  return at::bmm(w.unsqueeze(0).expand({v.size(0), w.size(0), w.size(1)}), v);
-}
-
-// sum over samples of a[n] b[n]^T for a [N, R, d], b [N, K, d] -> [R, K].
-at::Tensor sum_outer(const at::Tensor& a, const at::Tensor& b) {
-  return at::sum(at::bmm(a, b.transpose(1, 2)), 0);
-}
-
 // ---- small GEMMs ------------------------------------------------------------------------------
 
-// C [M, N] = (accumulate ? C : 0) + A [M, K] B [K, N], all row-major with leading dimensions.
-// Register blocks of 4 rows x 2 vectors (8 accumulators): per k, two vector loads of B's row
-// and four broadcasts of A feed 8 FMAs. The token math is 64 x 64 x 64 products, which a BLAS
-// call would spend on packing and dispatch; these fit in L1 and need neither.
-template <typename T>
+// C [M, N] = (accumulate ? C : 0) + op(A) B with op(A) = A [M, K], or A^T for A [K, M] when
+// kTransA (the weight gradients: sums over rows of two row-major operands), B [K, N], all
+// row-major with leading dimensions. Register blocks of 4 rows x 2 vectors (8 accumulators):
+// per k, two vector loads of B's row and four broadcasts of op(A) feed 8 FMAs. The token math
+// is 64 x 64 x 64 products, which a BLAS call would spend on packing and dispatch; these fit
+// in L1 and need neither.
+template <typename T, bool kTransA = false>
 void gemm(int64_t M, int64_t N, int64_t K, const T* __restrict A, int64_t lda,
           const T* __restrict B, int64_t ldb, T* __restrict C, int64_t ldc, bool accumulate) {
+  const auto a_at = [&](int64_t i, int64_t k) { return kTransA ? A[k * lda + i] : A[i * lda + k]; };
   using V = simd::Vec<T>;
   constexpr int64_t W = simd::kWidth;
   int64_t j = 0;
@@ -384,7 +384,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* __restrict A, int64_t lda,
       for (int64_t k = 0; k < K; ++k) {
         const V b0 = simd::load(B + k * ldb + j), b1 = simd::load(B + k * ldb + j + W);
         for (int r = 0; r < 4; ++r) {
-          const T a = A[(i + r) * lda + k];
+          const T a = a_at(i + r, k);
           c[r][0] += a * b0;
           c[r][1] += a * b1;
         }
@@ -398,7 +398,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* __restrict A, int64_t lda,
       T* cr = C + i * ldc + j;
       V c0 = accumulate ? simd::load(cr) : V{}, c1 = accumulate ? simd::load(cr + W) : V{};
       for (int64_t k = 0; k < K; ++k) {
-        const T a = A[i * lda + k];
+        const T a = a_at(i, k);
         c0 += a * simd::load(B + k * ldb + j);
         c1 += a * simd::load(B + k * ldb + j + W);
       }
@@ -410,7 +410,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* __restrict A, int64_t lda,
     for (int64_t i = 0; i < M; ++i) {
       T* cr = C + i * ldc + j;
       V c0 = accumulate ? simd::load(cr) : V{};
-      for (int64_t k = 0; k < K; ++k) c0 += A[i * lda + k] * simd::load(B + k * ldb + j);
+      for (int64_t k = 0; k < K; ++k) c0 += a_at(i, k) * simd::load(B + k * ldb + j);
       simd::store(cr, c0);
     }
   }
@@ -419,7 +419,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* __restrict A, int64_t lda,
       T* cr = C + i * ldc;
       for (int64_t jj = j; jj < N; ++jj) {
         T acc = accumulate ? cr[jj] : T(0);
-        for (int64_t k = 0; k < K; ++k) acc += A[i * lda + k] * B[k * ldb + jj];
+        for (int64_t k = 0; k < K; ++k) acc += a_at(i, k) * B[k * ldb + jj];
         cr[jj] = acc;
       }
     }
@@ -511,30 +511,6 @@ void softmax_rows_backward(T* g, const T* p, int64_t rows, int64_t n, T scale) {
 }
 
 // ---- one encoder/decoder layer, one sample at a time -------------------------------------------
-
-struct LayerViews {
-  at::Tensor qkv, q, k, v, o, t1hat, h, t2hat, p, rstd1, rstd2;  // q, k, v: column blocks of qkv
-};
-
-LayerViews layer_views(const at::Tensor& tape, const LayerTape& lt, int64_t N, int64_t L,
-                       int64_t d, int64_t heads) {
-  auto blk = [&](int64_t off, at::IntArrayRef sizes) {
-    int64_t count = 1;
-    for (int64_t s : sizes) count *= s;
-    return tape.narrow(0, off, count).view(sizes);
-  };
-  const at::Tensor qkv = blk(lt.qkv, {N, L, 3 * d});
-  return {qkv,                      qkv.narrow(2, 0, d),      qkv.narrow(2, d, d),
-          qkv.narrow(2, 2 * d, d),  blk(lt.o, {N, L, d}),     blk(lt.t1hat, {N, L, d}), blk(lt.h, {N, L, d}),
-          blk(lt.t2hat, {N, L, d}), blk(lt.p, {heads, N, L, L}), blk(lt.rstd1, {N, L}),
-          blk(lt.rstd2, {N, L})};
-}
-
-// The affine output of a LayerNorm from its tape: x_hat * gamma + beta.
-at::Tensor norm_output(const at::Tensor& xhat, const at::Tensor& gamma, const at::Tensor& beta) {
-  return at::addcmul(beta, xhat, gamma);
-}
-
 
 // A layer's weights as the per-sample code reads them: the originals ([out, in], for the
 // backward's dX = dY W) and their transposes ([in, out], for the forward's Y = X W^T).
@@ -689,35 +665,111 @@ void layer_backward(const LayerW<T>& w, const LayerSample<T>& t, bool shared_q, 
   }
 }
 
-// The layer's weight gradients from the per-sample gradients (GEMMs over all N * L rows), in
-// reference::LAYER_WEIGHTS order, and the shared queries' gradient ([0] for the encoder).
-// g_out: the layer's incoming gradient; mem: its memory input; query: [L, d] or undefined.
-std::pair<std::vector<at::Tensor>, at::Tensor> layer_weight_grads(
-    const LayerViews& t, const at::Tensor& g_out, const at::Tensor& mem, const at::Tensor& query,
-    const at::Tensor& qkv_weight, const at::Tensor& r2, const at::Tensor& gh,
-    const at::Tensor& t1, const at::Tensor& gt1, const at::Tensor& r1, const at::Tensor& gqkv) {
-  const int64_t d = mem.size(2), rows = mem.size(0) * mem.size(1);
-  auto flat = [&](const at::Tensor& x) { return x.reshape({rows, x.size(2)}); };
-  const at::Tensor g_out2 = flat(g_out), t2hat = flat(t.t2hat), t1hat = flat(t.t1hat);
-  const at::Tensor gt12 = flat(gt1), gqkv2 = flat(gqkv);
-  at::Tensor g_in, g_query;
-  if (query.defined()) {
-    const at::Tensor g_qs = at::sum(gqkv.narrow(2, 0, d), 0);
-    g_in = at::cat({at::mm(g_qs.t(), query), at::mm(gqkv2.narrow(1, d, 2 * d).t(), flat(mem))}, 0);
-    g_query = at::mm(g_qs, qkv_weight.narrow(0, 0, d));
-  } else {
-    g_in = at::mm(gqkv2.t(), flat(mem));
-    g_query = at::empty({0}, mem.options());
+// ---- the weight gradients -------------------------------------------------------------------
+// Each weight gradient sums over the samples. They are formed after the per-sample loop from the
+// kept per-sample gradients: one list of tasks, each writing a block of output rows with a fixed
+// summation order (deterministic, independent of the thread count), run by one parallel region
+// whose threads take the next task as they finish (the blocks differ in cost).
+
+using Tasks = std::vector<std::function<void()>>;
+
+template <typename F>
+void run_tasks(int64_t count, const F& run) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(count, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t t = next.fetch_add(1); t < count; t = next.fetch_add(1)) run(t);
+  });
+}
+
+constexpr int64_t kRowBlock = 16;  // output rows per task
+
+// C [M, N] = A^T B for A [K, M], B [K, N] (leading dimensions lda, ldb, ldc), by row blocks.
+template <typename T>
+void add_sum_tasks(Tasks& tasks, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
+                   const T* B, int64_t ldb, T* C, int64_t ldc) {
+  for (int64_t r0 = 0; r0 < M; r0 += kRowBlock) {
+    const int64_t m = std::min(kRowBlock, M - r0);
+    tasks.push_back([=] { gemm<T, true>(m, N, K, A + r0, lda, B, ldb, C + r0 * ldc, ldc, false); });
   }
-  std::vector<at::Tensor> grads = {g_in,
-                                   at::mm(flat(r1).t(), flat(t.o)),
-                                   at::mm(flat(gh).t(), flat(t1)),
-                                   at::mm(flat(r2).t(), flat(t.h)),
-                                   at::sum(gt12 * t1hat, 0),
-                                   at::sum(gt12, 0),
-                                   at::sum(g_out2 * t2hat, 0),
-                                   at::sum(g_out2, 0)};
-  return {grads, g_query};
+}
+
+// One layer's inputs to its weight gradients, each a block of `rows` = N * L rows.
+template <typename T>
+struct LayerGradInputs {
+  const T* g_out;  // [rows, d] the layer's output gradient
+  const T* mem;    // [rows, d] its memory input (keys and values; queries too in the encoder)
+  const T *o, *t1hat, *h, *t2hat;  // [rows, d] from the tape
+  const T* query;  // [L, d] the decoder's learned queries, or null (encoder)
+  const T* wq;     // [d, d] the query rows of in_proj_weight (decoder)
+};
+
+// The tasks of one layer's weight gradients, into out[0..7] in reference::LAYER_WEIGHTS order,
+// and the learned queries' gradient (decoder: summed over samples before its two products).
+template <typename T>
+void add_layer_grad_tasks(Tasks& tasks, const LayerGradInputs<T>& in, const LayerGrads<T>& G,
+                          int64_t N, int64_t L, int64_t d, T* const* out, T* g_query) {
+  const int64_t rows = N * L, ld3 = 3 * d;
+  const T* gqkv = G.qkv.template const_data_ptr<T>();
+  if (in.query == nullptr) {
+    add_sum_tasks<T>(tasks, 3 * d, d, rows, gqkv, ld3, in.mem, d, out[0], d);
+  } else {
+    tasks.push_back([=] {
+      T* g_q = scratch<T>(5, L * d);  // the queries' gradient summed over samples
+      std::fill(g_q, g_q + L * d, T(0));
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t i = 0; i < L; ++i) {
+          const T* src = gqkv + (n * L + i) * ld3;
+#pragma omp simd
+          for (int64_t j = 0; j < d; ++j) g_q[i * d + j] += src[j];
+        }
+      }
+      gemm<T, true>(d, d, L, g_q, d, in.query, d, out[0], d, false);
+      gemm<T>(L, d, d, g_q, d, in.wq, d, g_query, d, false);
+    });
+    add_sum_tasks<T>(tasks, 2 * d, d, rows, gqkv + d, ld3, in.mem, d, out[0] + d * d, d);
+  }
+  add_sum_tasks<T>(tasks, d, d, rows, G.r1.template const_data_ptr<T>(), d, in.o, d, out[1], d);
+  add_sum_tasks<T>(tasks, d, d, rows, G.h.template const_data_ptr<T>(), d,
+                   G.t1.template const_data_ptr<T>(), d, out[2], d);
+  add_sum_tasks<T>(tasks, d, d, rows, G.r2.template const_data_ptr<T>(), d, in.h, d, out[3], d);
+  tasks.push_back([=] {  // the LayerNorms' weights and biases
+    using A = at::opmath_type<T>;
+    const T* gt1 = G.gt1.template const_data_ptr<T>();
+    A* sums = scratch<A>(6, 4 * d);
+    std::fill(sums, sums + 4 * d, A(0));
+    for (int64_t i = 0; i < rows; ++i) {
+      const T *a = gt1 + i * d, *ah = in.t1hat + i * d, *b = in.g_out + i * d,
+              *bh = in.t2hat + i * d;
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) {
+        sums[j] += A(a[j]) * A(ah[j]);
+        sums[d + j] += A(a[j]);
+        sums[2 * d + j] += A(b[j]) * A(bh[j]);
+        sums[3 * d + j] += A(b[j]);
+      }
+    }
+    for (int k = 0; k < 4; ++k) std::copy(sums + k * d, sums + (k + 1) * d, out[4 + k]);
+  });
+}
+
+// grad [R, K] = sum over samples of a[n] b[n]^T for a [N, R, d], b [N, K, d]: per row block,
+// b[n] transposed into scratch ([d, ldb_t], the first K columns; the caller's `extra` columns
+// after them, the same for every sample, filled once) and multiplied in sample order.
+template <typename T>
+void add_outer_sum_tasks(Tasks& tasks, int64_t N, int64_t R, int64_t K, int64_t d, const T* a,
+                         const T* b, const T* extra, int64_t extra_cols, T* grad) {
+  const int64_t cols = K + extra_cols;
+  for (int64_t r0 = 0; r0 < R; r0 += kRowBlock) {
+    const int64_t m = std::min(kRowBlock, R - r0);
+    tasks.push_back([=] {
+      T* bt = scratch<T>(5, d * cols);
+      if (extra_cols > 0) transpose<T>(extra_cols, d, extra, d, bt + K, cols);
+      for (int64_t n = 0; n < N; ++n) {
+        transpose<T>(K, d, b + n * K * d, d, bt, cols);
+        gemm<T>(m, cols, d, a + (n * R + r0) * d, d, bt, cols, grad + r0 * cols, cols, n > 0);
+      }
+    });
+  }
 }
 
 // ---- the op -----------------------------------------------------------------------------------
@@ -785,56 +837,70 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "token_transformer_fwd", [&] {
     using T = scalar_t;
-    at::Tensor f = tape.narrow(0, layout.f, N * C * d).view({N, C, d});
-    resize_to_grid<T>(x.const_data_ptr<T>(), N * C, s.H, s.W, g, f.mutable_data_ptr<T>());
-    const at::Tensor coord_bias = at::mm(w_in.narrow(1, C, 2), coords.view({2, d}));
-    const at::Tensor u = left_multiply(w_in.narrow(1, 0, C), f);
+    T* tp = tape.mutable_data_ptr<T>();
+    const T* xp = x.const_data_ptr<T>();
+    const T* w_in_p = w_in.const_data_ptr<T>();
+    const T* w_out_p = w_out.const_data_ptr<T>();
+    // the coordinate channels' share of the token projection, the same for every sample
+    std::vector<T> coord_bias(L * d);
+    gemm<T>(L, d, 2, w_in_p + C, C + 2, coords.const_data_ptr<T>(), d, coord_bias.data(), d,
+            false);
+    // one sample per task: its planes shrunk to the grid (onto the tape), projected to tokens
+    at::Tensor u = at::empty({N, L, d}, x.options());
+    T* up = u.mutable_data_ptr<T>();
+    const Taps<T> rows = make_taps<T>(g, s.H), cols = make_taps<T>(g, s.W);
+    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) {
+        T* f = tp + layout.f + n * C * d;
+        for (int64_t c = 0; c < C; ++c)
+          shrink_plane<T>(xp + (n * C + c) * s.H * s.W, s.W, rows, cols, f + c * d);
+        gemm<T>(L, d, C, w_in_p, C + 2, f, d, up + n * L * d, d, false);
+      }
+    });
     at::Tensor t0 = at::empty({N, L, d}, x.options());
     const at::Tensor gi = bn_in_w.contiguous(), bi = bn_in_b.contiguous();
     const at::Tensor rmi = batch_stats ? gi : rm_in->contiguous();
     const at::Tensor rvi = batch_stats ? gi : rv_in->contiguous();
-    bn_forward<T>(u.const_data_ptr<T>(), coord_bias.const_data_ptr<T>(), gi.const_data_ptr<T>(),
-                  bi.const_data_ptr<T>(), rmi.const_data_ptr<T>(), rvi.const_data_ptr<T>(),
-                  batch_stats, eps, N, L, d, tape.mutable_data_ptr<T>() + layout.uhat,
-                  t0.mutable_data_ptr<T>(), mean_in.mutable_data_ptr<T>(),
+    bn_forward<T>(up, coord_bias.data(), d, gi.const_data_ptr<T>(), bi.const_data_ptr<T>(),
+                  rmi.const_data_ptr<T>(), rvi.const_data_ptr<T>(), batch_stats, eps, N, L, d,
+                  tp + layout.uhat, t0.mutable_data_ptr<T>(), mean_in.mutable_data_ptr<T>(),
                   var_in.mutable_data_ptr<T>());
-    // the token math, one sample per task: encoder then decoder, all in L1/L2
+    // the token math, one sample per task: encoder, decoder, projection back, all in L1/L2
     const LayerW<T> we = layer_weights<T>(enc);
     const bool decoder = s.layers == 2;
     const LayerW<T> wd = decoder ? layer_weights<T>(dec) : we;
-    const at::Tensor q_shared =
-        decoder ? at::mm(*query_in, dec[0].narrow(0, 0, d).t()).contiguous() : at::Tensor();
-    at::Tensor m = at::empty({N, L, d}, x.options());
-    at::Tensor o = decoder ? at::empty({N, L, d}, x.options()) : m;
-    T* tp = tape.mutable_data_ptr<T>();
+    std::vector<T> q_shared(decoder ? L * d : 0);  // the learned queries projected
+    if (decoder) {
+      gemm<T>(L, d, d, query_in->contiguous().const_data_ptr<T>(), d, wd.qkv_tp, 3 * d,
+              q_shared.data(), d, false);
+    }
+    at::Tensor z = at::empty({N, Co, d}, x.options());
     const T* t0p = t0.const_data_ptr<T>();
-    T* mp = m.mutable_data_ptr<T>();
-    T* op = o.mutable_data_ptr<T>();
-    const T* qp = decoder ? q_shared.const_data_ptr<T>() : nullptr;
+    T* zp = z.mutable_data_ptr<T>();
     at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+      T* m = scratch<T>(3, L * d);  // the encoder's output
+      T* o = decoder ? scratch<T>(4, L * d) : m;  // the block's token output
       for (int64_t n = b; n < e; ++n) {
-        const int64_t off = n * L * d;
-        layer_forward<T>(we, layer_sample<T>(tp, layout.layer[0], n, N, L, d), nullptr, t0p + off,
-                         L, d, heads, mp + off);
+        layer_forward<T>(we, layer_sample<T>(tp, layout.layer[0], n, N, L, d), nullptr,
+                         t0p + n * L * d, L, d, heads, m);
         if (decoder) {
-          layer_forward<T>(wd, layer_sample<T>(tp, layout.layer[1], n, N, L, d), qp, mp + off, L,
-                           d, heads, op + off);
+          layer_forward<T>(wd, layer_sample<T>(tp, layout.layer[1], n, N, L, d), q_shared.data(),
+                           m, L, d, heads, o);
         }
+        gemm<T>(Co, d, L, w_out_p, L, o, d, zp + n * Co * d, d, false);
       }
     });
-    const at::Tensor z = left_multiply(w_out, o);
     at::Tensor y8 = at::empty({N, Co, g, g}, x.options());
     const at::Tensor go = bn_out_w.contiguous(), bo = bn_out_b.contiguous();
     const at::Tensor rmo = batch_stats ? go : rm_out->contiguous();
     const at::Tensor rvo = batch_stats ? go : rv_out->contiguous();
-    const at::Tensor no_bias = at::zeros({Co, d}, x.options());
-    bn_forward<T>(z.const_data_ptr<T>(), no_bias.const_data_ptr<T>(), go.const_data_ptr<T>(),
-                  bo.const_data_ptr<T>(),
+    const std::vector<T> no_bias(d, T(0));
+    bn_forward<T>(zp, no_bias.data(), 0, go.const_data_ptr<T>(), bo.const_data_ptr<T>(),
                   rmo.const_data_ptr<T>(), rvo.const_data_ptr<T>(), batch_stats, eps, N, Co, d,
-                  tape.mutable_data_ptr<T>() + layout.zhat, y8.mutable_data_ptr<T>(),
-                  mean_out.mutable_data_ptr<T>(), var_out.mutable_data_ptr<T>());
-    resize_from_grid<T>(y8.const_data_ptr<T>(), N * Co, g, Ho, Wo,
-                        residual ? x.const_data_ptr<T>() : nullptr, y.mutable_data_ptr<T>());
+                  tp + layout.zhat, y8.mutable_data_ptr<T>(), mean_out.mutable_data_ptr<T>(),
+                  var_out.mutable_data_ptr<T>());
+    resize_from_grid<T>(y8.const_data_ptr<T>(), N * Co, g, Ho, Wo, residual ? xp : nullptr,
+                        y.mutable_data_ptr<T>());
   });
   return {y, tape, mean_in, var_in, mean_out, var_out};
 }
@@ -880,70 +946,109 @@ bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& tape, const at::Tensor&
   at::Tensor g_w_out, g_bn_out_w = at::empty({Co}, opt), g_bn_out_b = at::empty({Co}, opt);
   AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "token_transformer_bwd", [&] {
     using T = scalar_t;
+    T* tp = tape.mutable_data_ptr<T>();
+    const T* gyp = gy.const_data_ptr<T>();
+    // the growth's adjoint, BN over channels
     at::Tensor g8 = at::empty({N, Co, d}, opt);
-    resize_from_grid_backward<T>(gy.const_data_ptr<T>(), N * Co, g, Ho, Wo,
-                                 g8.mutable_data_ptr<T>());
+    resize_from_grid_backward<T>(gyp, N * Co, g, Ho, Wo, g8.mutable_data_ptr<T>());
     at::Tensor g_z = at::empty({N, Co, d}, opt);
-    bn_backward<T>(g8.const_data_ptr<T>(), tape.const_data_ptr<T>() + layout.zhat,
-                   bn_out_w.const_data_ptr<T>(), var_out.const_data_ptr<T>(), use_batch_stats, eps,
-                   N, Co, d, g_z.mutable_data_ptr<T>(), g_bn_out_w.mutable_data_ptr<T>(),
+    bn_backward<T>(g8.const_data_ptr<T>(), tp + layout.zhat, bn_out_w.const_data_ptr<T>(),
+                   var_out.const_data_ptr<T>(), use_batch_stats, eps, N, Co, d,
+                   g_z.mutable_data_ptr<T>(), g_bn_out_w.mutable_data_ptr<T>(),
                    g_bn_out_b.mutable_data_ptr<T>());
+    // the token math backward, one sample per task: projection back, decoder, encoder; the
+    // affine outputs the weight gradients need (the encoder's input and output, the block's
+    // token output) recomputed from the tape on the way
     const bool decoder = s.layers == 2;
-    const LayerViews enc_t = layer_views(tape, layout.layer[0], N, L, d, heads);
-    const at::Tensor memory = norm_output(enc_t.t2hat, enc[6], enc[7]);
-    LayerViews dec_t = enc_t;
-    at::Tensor o = memory;
-    if (decoder) {
-      dec_t = layer_views(tape, layout.layer[1], N, L, d, heads);
-      o = norm_output(dec_t.t2hat, dec[6], dec[7]);
-    }
-    g_w_out = sum_outer(g_z, o);
-    const at::Tensor g_o = left_multiply(w_out.t(), g_z).contiguous();
-    const at::Tensor uhat = tape.narrow(0, layout.uhat, N * L * d).view({N, L, d});
-    const at::Tensor t0 = at::addcmul(bn_in_b.view({L, 1}), uhat, bn_in_w.view({L, 1}));
-    // the token math backward, one sample per task: decoder then encoder
     const LayerW<T> we = layer_weights<T>(enc);
     const LayerW<T> wd = decoder ? layer_weights<T>(dec) : we;
     const LayerGrads<T> ge = layer_grads<T>(N, L, d, opt);
     const LayerGrads<T> gd = decoder ? layer_grads<T>(N, L, d, opt) : ge;
-    const at::Tensor g_m = decoder ? at::empty({N, L, d}, opt) : g_o;
-    at::Tensor g_t0 = at::empty({N, L, d}, opt);
-    T* tp = tape.mutable_data_ptr<T>();
-    const T* gop = g_o.const_data_ptr<T>();
-    T* gmp = g_m.mutable_data_ptr<T>();
-    T* gtp = g_t0.mutable_data_ptr<T>();
+    auto buffer = [&](bool needed) { return at::empty({needed ? N : 0, L, d}, opt); };
+    const at::Tensor g_o = buffer(true), t0 = buffer(true), g_t0 = buffer(true);
+    const at::Tensor memory = buffer(true), out = buffer(decoder), g_m = buffer(decoder);
+    T* g_op = g_o.mutable_data_ptr<T>();
+    T* t0p = t0.mutable_data_ptr<T>();
+    T* g_t0p = g_t0.mutable_data_ptr<T>();
+    T* memp = memory.mutable_data_ptr<T>();
+    T* outp = decoder ? out.mutable_data_ptr<T>() : memp;
+    T* g_mp = decoder ? g_m.mutable_data_ptr<T>() : g_op;
+    const T* uhat = tp + layout.uhat;
+    const T* gzp = g_z.const_data_ptr<T>();
+    const T* w_out_p = w_out.const_data_ptr<T>();
+    const T* bn_w = bn_in_w.const_data_ptr<T>();
+    const T* bn_b = bn_in_b.const_data_ptr<T>();
+    const T* enc_t2 = tp + layout.layer[0].t2hat;
+    const T* dec_t2 = decoder ? tp + layout.layer[1].t2hat : nullptr;
     at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
       for (int64_t n = b; n < e; ++n) {
         const int64_t off = n * L * d;
+        gemm<T, true>(L, d, Co, w_out_p, L, gzp + n * Co * d, d, g_op + off, d, false);
+        affine_rows<T>(enc_t2 + off, we.n2w, we.n2b, L, d, false, memp + off);
+        if (decoder) affine_rows<T>(dec_t2 + off, wd.n2w, wd.n2b, L, d, false, outp + off);
+        affine_rows<T>(uhat + off, bn_w, bn_b, L, d, true, t0p + off);
         if (decoder) {
           layer_backward<T>(wd, layer_sample<T>(tp, layout.layer[1], n, N, L, d), true,
-                            gop + off, n, L, d, heads, gd, gmp + off);
+                            g_op + off, n, L, d, heads, gd, g_mp + off);
         }
         layer_backward<T>(we, layer_sample<T>(tp, layout.layer[0], n, N, L, d), false,
-                          gmp + off, n, L, d, heads, ge, gtp + off);
+                          g_mp + off, n, L, d, heads, ge, g_t0p + off);
       }
     });
-    if (decoder) {
-      auto [grads, g_qe] = layer_weight_grads(dec_t, g_o, memory, query_in->contiguous(), dec[0],
-                                              gd.r2, gd.h, gd.t1, gd.gt1, gd.r1, gd.qkv);
-      g_dec = grads;
-      g_query = g_qe;
+    // every weight gradient of the layers and of the projection back, in one parallel region
+    T* enc_out[8];
+    T* dec_out[8];
+    for (int i = 0; i < 8; ++i) {
+      g_enc.push_back(at::empty_like(enc[i]));
+      enc_out[i] = g_enc.back().mutable_data_ptr<T>();
+      if (decoder) {
+        g_dec.push_back(at::empty_like(dec[i]));
+        dec_out[i] = g_dec.back().mutable_data_ptr<T>();
+      }
     }
-    g_enc = layer_weight_grads(enc_t, g_m, t0, at::Tensor(), enc[0], ge.r2, ge.h, ge.t1, ge.gt1,
-                               ge.r1, ge.qkv)
-                .first;
+    g_w_out = at::empty({Co, L}, opt);
+    Tasks tasks;
+    auto layer_inputs = [&](const LayerTape& lt, const T* g_out, const T* mem, const T* query,
+                            const T* wq) {
+      return LayerGradInputs<T>{g_out, mem, tp + lt.o, tp + lt.t1hat, tp + lt.h, tp + lt.t2hat,
+                                query, wq};
+    };
+    const at::Tensor query = decoder ? query_in->contiguous() : at::Tensor();
+    if (decoder) {
+      add_layer_grad_tasks<T>(
+          tasks, layer_inputs(layout.layer[1], g_op, memp, query.const_data_ptr<T>(), wd.qkv), gd,
+          N, L, d, dec_out, g_query.mutable_data_ptr<T>());
+    }
+    add_layer_grad_tasks<T>(tasks, layer_inputs(layout.layer[0], g_mp, t0p, nullptr, nullptr), ge,
+                            N, L, d, enc_out, nullptr);
+    add_outer_sum_tasks<T>(tasks, N, Co, L, d, gzp, outp, nullptr, 0,
+                           g_w_out.mutable_data_ptr<T>());
+    run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t t) { tasks[t](); });
+    // BN over tokens, then the token projection's gradient and the shrink's adjoint: the
+    // [L, C + 2] weight gradient by row blocks first, then one input plane per task
     at::Tensor g_u = at::empty({N, L, d}, opt);
-    bn_backward<T>(g_t0.const_data_ptr<T>(), uhat.const_data_ptr<T>(),
-                   bn_in_w.const_data_ptr<T>(), var_in.const_data_ptr<T>(), use_batch_stats, eps,
-                   N, L, d, g_u.mutable_data_ptr<T>(), g_bn_in_w.mutable_data_ptr<T>(),
+    bn_backward<T>(g_t0p, uhat, bn_w, var_in.const_data_ptr<T>(), use_batch_stats, eps, N, L, d,
+                   g_u.mutable_data_ptr<T>(), g_bn_in_w.mutable_data_ptr<T>(),
                    g_bn_in_b.mutable_data_ptr<T>());
-    const at::Tensor f = tape.narrow(0, layout.f, N * C * d).view({N, C, d});
-    g_w_in = at::cat({sum_outer(g_u, f), at::mm(at::sum(g_u, 0), coords.view({2, d}).t())}, 1);
-    const at::Tensor g_f = left_multiply(w_in.narrow(1, 0, C).t(), g_u);
+    g_w_in = at::empty({L, C + 2}, opt);
+    tasks.clear();
+    const T* g_up = g_u.const_data_ptr<T>();
+    add_outer_sum_tasks<T>(tasks, N, L, C, d, g_up, tp + layout.f, coords.const_data_ptr<T>(), 2,
+                           g_w_in.mutable_data_ptr<T>());
     g_x = pooled_empty({N, C, s.H, s.W}, opt);
-    resize_to_grid_backward<T>(g_f.const_data_ptr<T>(), N * C, s.H, s.W, g,
-                               residual ? gy.const_data_ptr<T>() : nullptr,
-                               g_x.mutable_data_ptr<T>());
+    T* g_xp = g_x.mutable_data_ptr<T>();
+    const T* w_in_p = w_in.const_data_ptr<T>();
+    const Taps<T> rows = make_taps<T>(g, s.H), cols = make_taps<T>(g, s.W);
+    const int64_t blocks = static_cast<int64_t>(tasks.size()), plane = s.H * s.W;
+    run_tasks(blocks + N * C, [&](int64_t t) {
+      if (t < blocks) return tasks[t]();
+      const int64_t n = (t - blocks) / C, c = (t - blocks) % C;
+      T* g_f = scratch<T>(6, d);  // this plane's gradient on the grid: sum_l W_in[l, c] g_u[n, l]
+      gemm<T, true>(1, d, L, w_in_p + c, C + 2, g_up + n * L * d, d, g_f, d, false);
+      const int64_t base = (n * C + c) * plane;
+      shrink_plane_backward<T>(g_f, s.H, s.W, rows, cols, residual ? gyp + base : nullptr,
+                               g_xp + base);
+    });
   });
   return {g_x,    g_w_in,  g_bn_in_w, g_bn_in_b,  g_enc,
           g_query, g_dec, g_w_out,   g_bn_out_w, g_bn_out_b};
