@@ -217,146 +217,6 @@ void affine_rows(const T* xhat, const T* w, const T* b, int64_t rows, int64_t d,
   }
 }
 
-// ---- resizing ---------------------------------------------------------------------------------
-// Bilinear resizing (align_corners=False) is separable with two taps per output in each
-// direction (precomputed below). The shrink to the grid is a direct loop over planes that
-// reads only the 2 g source rows and columns it needs (a GEMM with the dense [g, W] resize
-// matrix would read all W and spend W / 2 times the multiply-adds), and its backward runs the
-// same loop transposed, one plane per task in a fixed order (no atomics: deterministic), the
-// residual's gradient copied in first.
-
-// F.interpolate's source index rule: src = max((i + 0.5) * in / out - 0.5, 0); taps floor(src)
-// and min(floor(src) + 1, in - 1) with weights 1 - frac and frac (computed in double).
-template <typename T>
-struct Taps {
-  std::vector<int64_t> i0, i1;
-  std::vector<T> w0, w1;
-};
-
-template <typename T>
-Taps<T> make_taps(int64_t out, int64_t in) {
-  Taps<T> t;
-  const double scale = double(in) / double(out);
-  for (int64_t i = 0; i < out; ++i) {
-    const double src = std::max((i + 0.5) * scale - 0.5, 0.0);
-    const int64_t i0 = std::min(static_cast<int64_t>(src), in - 1);
-    t.i0.push_back(i0);
-    t.i1.push_back(std::min(i0 + 1, in - 1));
-    t.w1.push_back(T(src - double(i0)));
-    t.w0.push_back(T(1.0 - (src - double(i0))));
-  }
-  return t;
-}
-
-// One plane x [H, W] -> out [g, g] (r, c: the taps of the rows and columns): each row pair
-// blended after its columns.
-template <typename T>
-void shrink_plane(const T* x, int64_t W, const Taps<T>& r, const Taps<T>& c, T* out) {
-  const int64_t g = static_cast<int64_t>(r.i0.size());
-  for (int64_t i = 0; i < g; ++i) {
-    const T* a = x + r.i0[i] * W;
-    const T* b = x + r.i1[i] * W;
-    T* o = out + i * g;
-    for (int64_t j = 0; j < g; ++j) {
-      const T ta = c.w0[j] * a[c.i0[j]] + c.w1[j] * a[c.i1[j]];
-      const T tb = c.w0[j] * b[c.i0[j]] + c.w1[j] * b[c.i1[j]];
-      o[j] = r.w0[i] * ta + r.w1[i] * tb;
-    }
-  }
-}
-
-// Adjoint of shrink_plane: grad [g, g] -> out [H, W] = add (or 0 when null) + the taps' share.
-template <typename T>
-void shrink_plane_backward(const T* grad, int64_t H, int64_t W, const Taps<T>& r,
-                           const Taps<T>& c, const T* add, T* out) {
-  const int64_t g = static_cast<int64_t>(r.i0.size());
-  if (add != nullptr) {
-    std::copy(add, add + H * W, out);
-  } else {
-    std::fill(out, out + H * W, T(0));
-  }
-  for (int64_t i = 0; i < g; ++i) {
-    T* a = out + r.i0[i] * W;
-    T* b = out + r.i1[i] * W;
-    for (int64_t j = 0; j < g; ++j) {
-      const T v = grad[i * g + j];
-      const T va = r.w0[i] * v, vb = r.w1[i] * v;
-      a[c.i0[j]] += c.w0[j] * va;
-      a[c.i1[j]] += c.w1[j] * va;
-      b[c.i0[j]] += c.w0[j] * vb;
-      b[c.i1[j]] += c.w1[j] * vb;
-    }
-  }
-}
-
-// The growth writes every output value once and reads the residual once, one plane per task:
-// the plane's g rows are first widened to Wo columns (two taps per column, g * Wo values in
-// thread scratch), then each output row blends two widened rows, the residual added in the same
-// contiguous pass: F.interpolate's order (width, then height). Its backward runs the two steps
-// transposed: each gradient row goes onto its two widened rows, which are then narrowed back.
-
-// z [P, g, g] -> out [P, Ho, Wo] (+ add [P, Ho, Wo] when not null).
-template <typename T>
-void resize_from_grid(const T* z, int64_t P, int64_t g, int64_t Ho, int64_t Wo, const T* add,
-                      T* out) {
-  const Taps<T> r = make_taps<T>(Ho, g), c = make_taps<T>(Wo, g);
-  at::parallel_for(0, P, 1, [&](int64_t pb, int64_t pe) {
-    T* wide = scratch<T>(0, g * Wo);
-    for (int64_t p = pb; p < pe; ++p) {
-      const T* zp = z + p * g * g;
-      for (int64_t a = 0; a < g; ++a) {
-        for (int64_t j = 0; j < Wo; ++j)
-          wide[a * Wo + j] = c.w0[j] * zp[a * g + c.i0[j]] + c.w1[j] * zp[a * g + c.i1[j]];
-      }
-      for (int64_t i = 0; i < Ho; ++i) {
-        const T* ra = wide + r.i0[i] * Wo;
-        const T* rb = wide + r.i1[i] * Wo;
-        const T w0 = r.w0[i], w1 = r.w1[i];
-        T* o = out + (p * Ho + i) * Wo;
-        if (add != nullptr) {
-          const T* ad = add + (p * Ho + i) * Wo;
-#pragma omp simd
-          for (int64_t j = 0; j < Wo; ++j) o[j] = (w0 * ra[j] + w1 * rb[j]) + ad[j];
-        } else {
-#pragma omp simd
-          for (int64_t j = 0; j < Wo; ++j) o[j] = w0 * ra[j] + w1 * rb[j];
-        }
-      }
-    }
-  });
-}
-
-// Adjoint of resize_from_grid: grad [P, Ho, Wo] -> out [P, g, g].
-template <typename T>
-void resize_from_grid_backward(const T* grad, int64_t P, int64_t g, int64_t Ho, int64_t Wo,
-                               T* out) {
-  const Taps<T> r = make_taps<T>(Ho, g), c = make_taps<T>(Wo, g);
-  at::parallel_for(0, P, 1, [&](int64_t pb, int64_t pe) {
-    T* wide = scratch<T>(0, g * Wo);
-    for (int64_t p = pb; p < pe; ++p) {
-      std::fill(wide, wide + g * Wo, T(0));
-      for (int64_t i = 0; i < Ho; ++i) {
-        const T* gi = grad + (p * Ho + i) * Wo;
-        T* ra = wide + r.i0[i] * Wo;
-        T* rb = wide + r.i1[i] * Wo;
-        const T w0 = r.w0[i], w1 = r.w1[i];
-#pragma omp simd
-        for (int64_t j = 0; j < Wo; ++j) ra[j] += w0 * gi[j];
-#pragma omp simd
-        for (int64_t j = 0; j < Wo; ++j) rb[j] += w1 * gi[j];
-      }
-      T* op = out + p * g * g;
-      std::fill(op, op + g * g, T(0));
-      for (int64_t a = 0; a < g; ++a) {
-        for (int64_t j = 0; j < Wo; ++j) {
-          op[a * g + c.i0[j]] += c.w0[j] * wide[a * Wo + j];
-          op[a * g + c.i1[j]] += c.w1[j] * wide[a * Wo + j];
-        }
-      }
-    }
-  });
-}
-
 // ---- small GEMMs ------------------------------------------------------------------------------
 
 // C [M, N] = (accumulate ? C : 0) + op(A) B with op(A) = A [M, K], or A^T for A [K, M] when
@@ -441,6 +301,152 @@ void transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst, in
     }
   }
 }
+
+// ---- resizing ---------------------------------------------------------------------------------
+// Bilinear resizing (align_corners=False) is separable with two taps per output in each
+// direction (precomputed below). The shrink to the grid is a direct loop over planes that
+// reads only the 2 g source rows and columns it needs (a GEMM with the dense [g, W] resize
+// matrix would read all W and spend W / 2 times the multiply-adds), and its backward runs the
+// same loop transposed, one plane per task in a fixed order (no atomics: deterministic), the
+// residual's gradient copied in first.
+
+// F.interpolate's source index rule: src = max((i + 0.5) * in / out - 0.5, 0); taps floor(src)
+// and min(floor(src) + 1, in - 1) with weights 1 - frac and frac (computed in double).
+template <typename T>
+struct Taps {
+  std::vector<int64_t> i0, i1;
+  std::vector<T> w0, w1;
+};
+
+template <typename T>
+Taps<T> make_taps(int64_t out, int64_t in) {
+  Taps<T> t;
+  const double scale = double(in) / double(out);
+  for (int64_t i = 0; i < out; ++i) {
+    const double src = std::max((i + 0.5) * scale - 0.5, 0.0);
+    const int64_t i0 = std::min(static_cast<int64_t>(src), in - 1);
+    t.i0.push_back(i0);
+    t.i1.push_back(std::min(i0 + 1, in - 1));
+    t.w1.push_back(T(src - double(i0)));
+    t.w0.push_back(T(1.0 - (src - double(i0))));
+  }
+  return t;
+}
+
+// One plane x [H, W] -> out [g, g] (r, c: the taps of the rows and columns): each row pair
+// blended after its columns.
+template <typename T>
+void shrink_plane(const T* x, int64_t W, const Taps<T>& r, const Taps<T>& c, T* out) {
+  const int64_t g = static_cast<int64_t>(r.i0.size());
+  for (int64_t i = 0; i < g; ++i) {
+    const T* a = x + r.i0[i] * W;
+    const T* b = x + r.i1[i] * W;
+    T* o = out + i * g;
+    for (int64_t j = 0; j < g; ++j) {
+      const T ta = c.w0[j] * a[c.i0[j]] + c.w1[j] * a[c.i1[j]];
+      const T tb = c.w0[j] * b[c.i0[j]] + c.w1[j] * b[c.i1[j]];
+      o[j] = r.w0[i] * ta + r.w1[i] * tb;
+    }
+  }
+}
+
+// Adjoint of shrink_plane: grad [g, g] -> out [H, W] = add (or 0 when null) + the taps' share.
+template <typename T>
+void shrink_plane_backward(const T* grad, int64_t H, int64_t W, const Taps<T>& r,
+                           const Taps<T>& c, const T* add, T* out) {
+  const int64_t g = static_cast<int64_t>(r.i0.size());
+  if (add != nullptr) {
+    std::copy(add, add + H * W, out);
+  } else {
+    std::fill(out, out + H * W, T(0));
+  }
+  for (int64_t i = 0; i < g; ++i) {
+    T* a = out + r.i0[i] * W;
+    T* b = out + r.i1[i] * W;
+    for (int64_t j = 0; j < g; ++j) {
+      const T v = grad[i * g + j];
+      const T va = r.w0[i] * v, vb = r.w1[i] * v;
+      a[c.i0[j]] += c.w0[j] * va;
+      a[c.i1[j]] += c.w1[j] * va;
+      b[c.i0[j]] += c.w0[j] * vb;
+      b[c.i1[j]] += c.w1[j] * vb;
+    }
+  }
+}
+
+// The growth writes every output value once and reads the residual once, one plane per task:
+// the plane's g rows are first widened to Wo columns (wide [g, Wo] = z [g, g] R^T, with R the
+// dense [Wo, g] matrix of the column taps, in thread scratch), then each output row blends two
+// widened rows, the residual added in the same contiguous pass: F.interpolate's order (width,
+// then height). Its backward runs the two steps transposed: each gradient row goes onto its two
+// widened rows, which are then narrowed back by one small GEMM (wide R).
+
+// The dense [out, in] matrix of the taps (transposed: [in, out]).
+template <typename T>
+std::vector<T> taps_matrix(const Taps<T>& t, int64_t in, bool transposed) {
+  const int64_t out = static_cast<int64_t>(t.i0.size());
+  std::vector<T> m(out * in, T(0));
+  for (int64_t i = 0; i < out; ++i) {
+    m[transposed ? t.i0[i] * out + i : i * in + t.i0[i]] += t.w0[i];
+    m[transposed ? t.i1[i] * out + i : i * in + t.i1[i]] += t.w1[i];
+  }
+  return m;
+}
+
+// z [P, g, g] -> out [P, Ho, Wo] (+ add [P, Ho, Wo] when not null).
+template <typename T>
+void resize_from_grid(const T* z, int64_t P, int64_t g, int64_t Ho, int64_t Wo, const T* add,
+                      T* out) {
+  const Taps<T> r = make_taps<T>(Ho, g);
+  const std::vector<T> widen = taps_matrix<T>(make_taps<T>(Wo, g), g, true);  // [g, Wo]
+  at::parallel_for(0, P, 1, [&](int64_t pb, int64_t pe) {
+    T* wide = scratch<T>(0, g * Wo);
+    for (int64_t p = pb; p < pe; ++p) {
+      gemm<T>(g, Wo, g, z + p * g * g, g, widen.data(), Wo, wide, Wo, false);
+      for (int64_t i = 0; i < Ho; ++i) {
+        const T* ra = wide + r.i0[i] * Wo;
+        const T* rb = wide + r.i1[i] * Wo;
+        const T w0 = r.w0[i], w1 = r.w1[i];
+        T* o = out + (p * Ho + i) * Wo;
+        if (add != nullptr) {
+          const T* ad = add + (p * Ho + i) * Wo;
+#pragma omp simd
+          for (int64_t j = 0; j < Wo; ++j) o[j] = (w0 * ra[j] + w1 * rb[j]) + ad[j];
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < Wo; ++j) o[j] = w0 * ra[j] + w1 * rb[j];
+        }
+      }
+    }
+  });
+}
+
+// Adjoint of resize_from_grid: grad [P, Ho, Wo] -> out [P, g, g].
+template <typename T>
+void resize_from_grid_backward(const T* grad, int64_t P, int64_t g, int64_t Ho, int64_t Wo,
+                               T* out) {
+  const Taps<T> r = make_taps<T>(Ho, g);
+  const std::vector<T> narrow = taps_matrix<T>(make_taps<T>(Wo, g), g, false);  // [Wo, g]
+  at::parallel_for(0, P, 1, [&](int64_t pb, int64_t pe) {
+    T* wide = scratch<T>(0, g * Wo);
+    for (int64_t p = pb; p < pe; ++p) {
+      std::fill(wide, wide + g * Wo, T(0));
+      for (int64_t i = 0; i < Ho; ++i) {
+        const T* gi = grad + (p * Ho + i) * Wo;
+        T* ra = wide + r.i0[i] * Wo;
+        T* rb = wide + r.i1[i] * Wo;
+        const T w0 = r.w0[i], w1 = r.w1[i];
+#pragma omp simd
+        for (int64_t j = 0; j < Wo; ++j) ra[j] += w0 * gi[j];
+#pragma omp simd
+        for (int64_t j = 0; j < Wo; ++j) rb[j] += w1 * gi[j];
+      }
+      gemm<T>(g, g, Wo, wide, Wo, narrow.data(), g, out + p * g * g, g, false);
+    }
+  });
+}
+
+// ---- attention softmax ---------------------------------------------------------------------
 
 // p = softmax(scale * p) along each of `rows` rows of n values, in place. Float rows take the
 // exponential a vector at a time: n = round(x / ln 2), r = x - n ln 2 (two-part ln 2), e^r by
@@ -752,24 +758,21 @@ void add_layer_grad_tasks(Tasks& tasks, const LayerGradInputs<T>& in, const Laye
   });
 }
 
-// grad [R, K] = sum over samples of a[n] b[n]^T for a [N, R, d], b [N, K, d]: per row block,
-// b[n] transposed into scratch ([d, ldb_t], the first K columns; the caller's `extra` columns
-// after them, the same for every sample, filled once) and multiplied in sample order.
+// grad [R, K] = sum over samples of a[n] b[n]^T for a [N, R, d], b [N, K, d], one task (a
+// small product: it transposes each b[n] once, into scratch [d, K + extra_cols] whose last
+// columns hold `extra` [extra_cols, d] transposed, the same for every sample), in sample order.
 template <typename T>
-void add_outer_sum_tasks(Tasks& tasks, int64_t N, int64_t R, int64_t K, int64_t d, const T* a,
-                         const T* b, const T* extra, int64_t extra_cols, T* grad) {
-  const int64_t cols = K + extra_cols;
-  for (int64_t r0 = 0; r0 < R; r0 += kRowBlock) {
-    const int64_t m = std::min(kRowBlock, R - r0);
-    tasks.push_back([=] {
-      T* bt = scratch<T>(5, d * cols);
-      if (extra_cols > 0) transpose<T>(extra_cols, d, extra, d, bt + K, cols);
-      for (int64_t n = 0; n < N; ++n) {
-        transpose<T>(K, d, b + n * K * d, d, bt, cols);
-        gemm<T>(m, cols, d, a + (n * R + r0) * d, d, bt, cols, grad + r0 * cols, cols, n > 0);
-      }
-    });
-  }
+void add_outer_sum_task(Tasks& tasks, int64_t N, int64_t R, int64_t K, int64_t d, const T* a,
+                        const T* b, const T* extra, int64_t extra_cols, T* grad) {
+  tasks.push_back([=] {
+    const int64_t cols = K + extra_cols;
+    T* bt = scratch<T>(5, d * cols);
+    if (extra_cols > 0) transpose<T>(extra_cols, d, extra, d, bt + K, cols);
+    for (int64_t n = 0; n < N; ++n) {
+      transpose<T>(K, d, b + n * K * d, d, bt, cols);
+      gemm<T>(R, cols, d, a + n * R * d, d, bt, cols, grad, cols, n > 0);
+    }
+  });
 }
 
 // ---- the op -----------------------------------------------------------------------------------
@@ -1021,11 +1024,11 @@ bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& tape, const at::Tensor&
     }
     add_layer_grad_tasks<T>(tasks, layer_inputs(layout.layer[0], g_mp, t0p, nullptr, nullptr), ge,
                             N, L, d, enc_out, nullptr);
-    add_outer_sum_tasks<T>(tasks, N, Co, L, d, gzp, outp, nullptr, 0,
+    add_outer_sum_task<T>(tasks, N, Co, L, d, gzp, outp, nullptr, 0,
                            g_w_out.mutable_data_ptr<T>());
     run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t t) { tasks[t](); });
     // BN over tokens, then the token projection's gradient and the shrink's adjoint: the
-    // [L, C + 2] weight gradient by row blocks first, then one input plane per task
+    // [L, C + 2] weight gradient first, then one input plane per task
     at::Tensor g_u = at::empty({N, L, d}, opt);
     bn_backward<T>(g_t0p, uhat, bn_w, var_in.const_data_ptr<T>(), use_batch_stats, eps, N, L, d,
                    g_u.mutable_data_ptr<T>(), g_bn_in_w.mutable_data_ptr<T>(),
@@ -1033,7 +1036,7 @@ bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& tape, const at::Tensor&
     g_w_in = at::empty({L, C + 2}, opt);
     tasks.clear();
     const T* g_up = g_u.const_data_ptr<T>();
-    add_outer_sum_tasks<T>(tasks, N, L, C, d, g_up, tp + layout.f, coords.const_data_ptr<T>(), 2,
+    add_outer_sum_task<T>(tasks, N, L, C, d, g_up, tp + layout.f, coords.const_data_ptr<T>(), 2,
                            g_w_in.mutable_data_ptr<T>());
     g_x = pooled_empty({N, C, s.H, s.W}, opt);
     T* g_xp = g_x.mutable_data_ptr<T>();
