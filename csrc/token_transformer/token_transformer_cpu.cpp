@@ -219,67 +219,68 @@ void affine_rows(const T* xhat, const T* w, const T* b, int64_t rows, int64_t d,
 
 // ---- small GEMMs ------------------------------------------------------------------------------
 
+// One register tile of gemm below: rows i..i+R of C, NV vectors of columns from j.
+template <typename T, bool kTransA, int R, int NV>
+HRNAS_INLINE void gemm_tile(int64_t i, int64_t j, int64_t K, const T* __restrict A, int64_t lda,
+                            const T* __restrict B, int64_t ldb, T* __restrict C, int64_t ldc,
+                            bool accumulate) {
+  using V = simd::Vec<T>;
+  constexpr int64_t W = simd::kWidth;
+  V c[R][NV];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NV; ++v)
+      c[r][v] = accumulate ? simd::load(C + (i + r) * ldc + j + v * W) : V{};
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    V b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = simd::load(B + k * ldb + j + v * W);
+    for (int r = 0; r < R; ++r) {
+      const T a = kTransA ? A[k * lda + i + r] : A[(i + r) * lda + k];
+      for (int v = 0; v < NV; ++v) c[r][v] += a * b[v];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NV; ++v) simd::store(C + (i + r) * ldc + j + v * W, c[r][v]);
+  }
+}
+
 // C [M, N] = (accumulate ? C : 0) + op(A) B with op(A) = A [M, K], or A^T for A [K, M] when
 // kTransA (the weight gradients: sums over rows of two row-major operands), B [K, N], all
-// row-major with leading dimensions. Register blocks of 4 rows x 2 vectors (8 accumulators):
-// per k, two vector loads of B's row and four broadcasts of op(A) feed 8 FMAs. The token math
-// is 64 x 64 x 64 products, which a BLAS call would spend on packing and dispatch; these fit
-// in L1 and need neither.
+// row-major with leading dimensions. Register tiles of 6 rows x 2 vectors (12 accumulators,
+// the 2 vectors of B's row and one broadcast of op(A): 15 of the 16 registers of AVX2 or SSE);
+// per k, 2 vector loads and 6 broadcasts feed 12 FMAs, enough independent chains to cover the
+// FMA latency. Row remainders take tiles of 4, 2 and 1 rows. The token math is 64 x 64 x 64
+// products, which a BLAS call would spend on packing and dispatch; these fit in L1 and need
+// neither. Every output sums over k in order, whatever its tile.
 template <typename T, bool kTransA = false>
 void gemm(int64_t M, int64_t N, int64_t K, const T* __restrict A, int64_t lda,
           const T* __restrict B, int64_t ldb, T* __restrict C, int64_t ldc, bool accumulate) {
-  const auto a_at = [&](int64_t i, int64_t k) { return kTransA ? A[k * lda + i] : A[i * lda + k]; };
-  using V = simd::Vec<T>;
   constexpr int64_t W = simd::kWidth;
-  int64_t j = 0;
-  for (; j + 2 * W <= N; j += 2 * W) {
+  const auto column_block = [&](auto vectors, int64_t j) {
+    constexpr int NV = decltype(vectors)::value;
     int64_t i = 0;
-    for (; i + 4 <= M; i += 4) {
-      V c[4][2];
-      for (int r = 0; r < 4; ++r) {
-        T* cr = C + (i + r) * ldc + j;
-        c[r][0] = accumulate ? simd::load(cr) : V{};
-        c[r][1] = accumulate ? simd::load(cr + W) : V{};
-      }
-      for (int64_t k = 0; k < K; ++k) {
-        const V b0 = simd::load(B + k * ldb + j), b1 = simd::load(B + k * ldb + j + W);
-        for (int r = 0; r < 4; ++r) {
-          const T a = a_at(i + r, k);
-          c[r][0] += a * b0;
-          c[r][1] += a * b1;
-        }
-      }
-      for (int r = 0; r < 4; ++r) {
-        simd::store(C + (i + r) * ldc + j, c[r][0]);
-        simd::store(C + (i + r) * ldc + j + W, c[r][1]);
-      }
+    for (; i + 6 <= M; i += 6)
+      gemm_tile<T, kTransA, 6, NV>(i, j, K, A, lda, B, ldb, C, ldc, accumulate);
+    if (M - i >= 4) {
+      gemm_tile<T, kTransA, 4, NV>(i, j, K, A, lda, B, ldb, C, ldc, accumulate);
+      i += 4;
     }
-    for (; i < M; ++i) {
-      T* cr = C + i * ldc + j;
-      V c0 = accumulate ? simd::load(cr) : V{}, c1 = accumulate ? simd::load(cr + W) : V{};
-      for (int64_t k = 0; k < K; ++k) {
-        const T a = a_at(i, k);
-        c0 += a * simd::load(B + k * ldb + j);
-        c1 += a * simd::load(B + k * ldb + j + W);
-      }
-      simd::store(cr, c0);
-      simd::store(cr + W, c1);
+    if (M - i >= 2) {
+      gemm_tile<T, kTransA, 2, NV>(i, j, K, A, lda, B, ldb, C, ldc, accumulate);
+      i += 2;
     }
-  }
-  for (; j + W <= N; j += W) {
-    for (int64_t i = 0; i < M; ++i) {
-      T* cr = C + i * ldc + j;
-      V c0 = accumulate ? simd::load(cr) : V{};
-      for (int64_t k = 0; k < K; ++k) c0 += a_at(i, k) * simd::load(B + k * ldb + j);
-      simd::store(cr, c0);
-    }
-  }
+    if (M - i >= 1) gemm_tile<T, kTransA, 1, NV>(i, j, K, A, lda, B, ldb, C, ldc, accumulate);
+  };
+  int64_t j = 0;
+  for (; j + 2 * W <= N; j += 2 * W) column_block(std::integral_constant<int, 2>{}, j);
+  for (; j + W <= N; j += W) column_block(std::integral_constant<int, 1>{}, j);
   if (j < N) {  // fewer than one vector of columns left
     for (int64_t i = 0; i < M; ++i) {
       T* cr = C + i * ldc;
       for (int64_t jj = j; jj < N; ++jj) {
         T acc = accumulate ? cr[jj] : T(0);
-        for (int64_t k = 0; k < K; ++k) acc += a_at(i, k) * B[k * ldb + jj];
+        for (int64_t k = 0; k < K; ++k)
+          acc += (kTransA ? A[k * lda + i] : A[i * lda + k]) * B[k * ldb + jj];
         cr[jj] = acc;
       }
     }
