@@ -1,9 +1,9 @@
 """The pool the C++ CPU kernels take their large outputs from (csrc/common/output_pool.h).
 
 A training loop allocates the same outputs every step; freshly mapped memory costs a page fault
-and a zeroed page per 4 KiB on first touch, so blocks of at least 1 MiB freed by their tensors are
-kept idle and handed out again for a request of the same size. The idle blocks are bounded by the
-environment variable ``HRNAS_CPU_POOL_MB`` (read once, when the first output is allocated;
+and a zeroed page per 4 KiB on first touch, so blocks of at least 128 KiB freed by their tensors
+are kept idle and handed out again for a request of the same size. The idle blocks are bounded by
+the environment variable ``HRNAS_CPU_POOL_MB`` (read once, when the first output is allocated;
 default 256, 0 turns the pool off); the oldest idle blocks are freed first.
 """
 
@@ -27,7 +27,7 @@ def _query(release: bool) -> dict[str, int]:
 
 def cpu_output_pool_info() -> dict[str, int]:
     """The pool's state: idle bytes and blocks, allocations served from it (hits) and not
-    (misses, counting only requests of at least 1 MiB), and its limit in bytes."""
+    (misses, counting only requests of at least 128 KiB), and its limit in bytes."""
     return _query(False)
 
 

@@ -59,9 +59,9 @@ constexpr double kLayerNormEps = 1e-5;  // nn.LayerNorm's default, as the author
 // statistics over (N, d), or the running ones; writes x_hat to xhat and gamma * x_hat + beta
 // to out.
 template <typename T>
-void bn_forward(const T* z, const T* bias, int64_t bias_stride, const T* gamma, const T* beta, const T* run_mean,
-                const T* run_var, bool batch_stats, double eps, int64_t N, int64_t R, int64_t d,
-                T* xhat, T* out, T* mean_out, T* var_out) {
+void bn_forward(const T* z, const T* bias, int64_t bias_stride, const T* gamma, const T* beta,
+                const T* run_mean, const T* run_var, bool batch_stats, double eps, int64_t N,
+                int64_t R, int64_t d, T* xhat, T* out, T* mean_out, T* var_out) {
   using A = at::opmath_type<T>;
   at::parallel_for(0, R, 1, [&](int64_t rb, int64_t re) {
     for (int64_t r = rb; r < re; ++r) {
@@ -520,29 +520,21 @@ void softmax_rows_backward(T* g, const T* p, int64_t rows, int64_t n, T scale) {
 // ---- one encoder/decoder layer, one sample at a time -------------------------------------------
 
 // A layer's weights as the per-sample code reads them: the originals ([out, in], for the
-// backward's dX = dY W) and their transposes ([in, out], for the forward's Y = X W^T).
-// The transposes share one buffer, made by transpose() (ATen's generic transposing copy took
-// about 25 us a matrix here: 16 of them per training step were a tenth of a small block's time).
+// backward's dX = dY W) and, for the forward, their transposes ([in, out], for Y = X W^T) in one
+// buffer, filled by fill_transpose (one task per matrix, run in the forward's first parallel
+// region: ATen's generic transposing copy took about 25 us a matrix here, and even the blocked
+// transpose() is serial time worth hiding behind the shrink of the input).
 template <typename T>
 struct LayerW {
   at::Tensor transposed;  // kept alive for the pointers below
   const T *qkv, *o, *w1, *w2, *n1w, *n1b, *n2w, *n2b;
   const T *qkv_tp, *o_tp, *w1_tp, *w2_tp;
+  int64_t rows[4], cols[4];
 };
 
 template <typename T>
-LayerW<T> layer_weights(const std::vector<at::Tensor>& w) {
-  LayerW<T> l;
-  l.transposed = at::empty({w[0].numel() + w[1].numel() + w[2].numel() + w[3].numel()},
-                           w[0].options());
-  const T** tp[4] = {&l.qkv_tp, &l.o_tp, &l.w1_tp, &l.w2_tp};
-  T* dst = l.transposed.template mutable_data_ptr<T>();
-  for (int j = 0; j < 4; ++j) {
-    const int64_t rows = w[j].size(0), cols = w[j].size(1);
-    transpose<T>(rows, cols, w[j].template const_data_ptr<T>(), cols, dst, rows);
-    *tp[j] = dst;
-    dst += rows * cols;
-  }
+LayerW<T> layer_weights(const std::vector<at::Tensor>& w, bool with_transposes) {
+  LayerW<T> l{};
   l.qkv = w[0].const_data_ptr<T>();
   l.o = w[1].const_data_ptr<T>();
   l.w1 = w[2].const_data_ptr<T>();
@@ -551,7 +543,30 @@ LayerW<T> layer_weights(const std::vector<at::Tensor>& w) {
   l.n1b = w[5].const_data_ptr<T>();
   l.n2w = w[6].const_data_ptr<T>();
   l.n2b = w[7].const_data_ptr<T>();
+  for (int j = 0; j < 4; ++j) {
+    l.rows[j] = w[j].size(0);
+    l.cols[j] = w[j].size(1);
+  }
+  if (with_transposes) {
+    l.transposed = at::empty({w[0].numel() + w[1].numel() + w[2].numel() + w[3].numel()},
+                             w[0].options());
+    const T* dst = l.transposed.template const_data_ptr<T>();
+    const T** tp[4] = {&l.qkv_tp, &l.o_tp, &l.w1_tp, &l.w2_tp};
+    for (int j = 0; j < 4; ++j) {
+      *tp[j] = dst;
+      dst += l.rows[j] * l.cols[j];
+    }
+  }
   return l;
+}
+
+// Writes the transpose of weight j (0: in_proj ... 3: linear2) into its slot of l.transposed.
+template <typename T>
+void fill_transpose(const LayerW<T>& l, int j) {
+  const T* src[4] = {l.qkv, l.o, l.w1, l.w2};
+  T* dst = l.transposed.template mutable_data_ptr<T>();
+  for (int i = 0; i < j; ++i) dst += l.rows[i] * l.cols[i];
+  transpose<T>(l.rows[j], l.cols[j], src[j], l.cols[j], dst, l.rows[j]);
 }
 
 // Sample n's slices of one layer's tape.
@@ -675,11 +690,12 @@ void layer_backward(const LayerW<T>& w, const LayerSample<T>& t, bool shared_q, 
 // ---- the weight gradients -------------------------------------------------------------------
 // Each weight gradient sums over the samples. They are formed after the per-sample loop from the
 // kept per-sample gradients: one list of tasks, each writing a block of output rows with a fixed
-// summation order (deterministic, independent of the thread count), run by one parallel region
-// whose threads take the next task as they finish (the blocks differ in cost).
+// summation order (deterministic, independent of the thread count), run by one parallel region.
 
 using Tasks = std::vector<std::function<void()>>;
 
+// run(t) for t in [0, count) in one parallel region whose threads take the next task as they
+// finish (the tasks differ in cost; each writes its own outputs, so the order does not matter).
 template <typename F>
 void run_tasks(int64_t count, const F& run) {
   std::atomic<int64_t> next{0};
@@ -853,13 +869,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::Tensor u = at::empty({N, L, d}, x.options());
     T* up = u.mutable_data_ptr<T>();
     const Taps<T> rows = make_taps<T>(g, s.H), cols = make_taps<T>(g, s.W);
-    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
-      for (int64_t n = b; n < e; ++n) {
-        T* f = tp + layout.f + n * C * d;
-        for (int64_t c = 0; c < C; ++c)
-          shrink_plane<T>(xp + (n * C + c) * s.H * s.W, s.W, rows, cols, f + c * d);
-        gemm<T>(L, d, C, w_in_p, C + 2, f, d, up + n * L * d, d, false);
-      }
+    const bool decoder = s.layers == 2;
+    const LayerW<T> we = layer_weights<T>(enc, true);
+    const LayerW<T> wd = decoder ? layer_weights<T>(dec, true) : we;
+    const int64_t transposes = 4 * s.layers;
+    run_tasks(transposes + N, [&](int64_t t) {
+      if (t < transposes) return fill_transpose<T>(t < 4 ? we : wd, static_cast<int>(t % 4));
+      const int64_t n = t - transposes;
+      T* f = tp + layout.f + n * C * d;
+      for (int64_t c = 0; c < C; ++c)
+        shrink_plane<T>(xp + (n * C + c) * s.H * s.W, s.W, rows, cols, f + c * d);
+      gemm<T>(L, d, C, w_in_p, C + 2, f, d, up + n * L * d, d, false);
     });
     at::Tensor t0 = at::empty({N, L, d}, x.options());
     const at::Tensor gi = bn_in_w.contiguous(), bi = bn_in_b.contiguous();
@@ -870,9 +890,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                   tp + layout.uhat, t0.mutable_data_ptr<T>(), mean_in.mutable_data_ptr<T>(),
                   var_in.mutable_data_ptr<T>());
     // the token math, one sample per task: encoder, decoder, projection back, all in L1/L2
-    const LayerW<T> we = layer_weights<T>(enc);
-    const bool decoder = s.layers == 2;
-    const LayerW<T> wd = decoder ? layer_weights<T>(dec) : we;
     std::vector<T> q_shared(decoder ? L * d : 0);  // the learned queries projected
     if (decoder) {
       gemm<T>(L, d, d, query_in->contiguous().const_data_ptr<T>(), d, wd.qkv_tp, 3 * d,
@@ -964,8 +981,8 @@ bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& tape, const at::Tensor&
     // affine outputs the weight gradients need (the encoder's input and output, the block's
     // token output) recomputed from the tape on the way
     const bool decoder = s.layers == 2;
-    const LayerW<T> we = layer_weights<T>(enc);
-    const LayerW<T> wd = decoder ? layer_weights<T>(dec) : we;
+    const LayerW<T> we = layer_weights<T>(enc, false);
+    const LayerW<T> wd = decoder ? layer_weights<T>(dec, false) : we;
     const LayerGrads<T> ge = layer_grads<T>(N, L, d, opt);
     const LayerGrads<T> gd = decoder ? layer_grads<T>(N, L, d, opt) : ge;
     auto buffer = [&](bool needed) { return at::empty({needed ? N : 0, L, d}, opt); };

@@ -1,7 +1,7 @@
-"""The pool the CPU kernels take outputs of at least 1 MiB from (csrc/common/output_pool.h).
+"""The pool the CPU kernels take outputs of at least 128 KiB from (csrc/common/output_pool.h).
 
 A reused block still holds its last tensor's values, so every kernel must write every element it
-returns or saves: each op runs forward+backward once, every reachable tensor of at least 1 MiB
+returns or saves: each op runs forward+backward once, every reachable tensor of at least 128 KiB
 (output, saved tensors, input gradients) is filled with NaN and freed, and the second run, which
 gets those blocks back, must match the first bit for bit.
 """
@@ -24,6 +24,7 @@ _NATIVE = runnable("native", "cpu")
 pytestmark = pytest.mark.skipif(bool(_NATIVE), reason=str(_NATIVE))
 
 MIB = 1 << 20
+POOLED = 128 << 10  # kMinPooledBytes
 
 
 def _dwconv(fmt):
@@ -74,12 +75,12 @@ def _fwd_bwd(run, inputs):
 
 
 def _big_results(tensors, inputs):
-    """The tensors of at least 1 MiB that are not (views of) the inputs or parameters."""
+    """The tensors of at least 128 KiB (pooled) that are not (views of) the inputs or parameters."""
     owned = {t.untyped_storage().data_ptr() for t in inputs}
     return [
         t
         for t in tensors
-        if t.numel() * t.element_size() >= MIB and t.untyped_storage().data_ptr() not in owned
+        if t.numel() * t.element_size() >= POOLED and t.untyped_storage().data_ptr() not in owned
     ]
 
 
