@@ -381,18 +381,19 @@ def fused_forward(
         y, _tape, mean_in, var_in, mean_out, var_out = _forward_op(meta, *op_args)
     if training and input_running_mean is not None:
         count = n * coords.shape[-1] * coords.shape[-2]
+        unbias = count / max(count - 1, 1)
         with torch.no_grad():
-            unbias = count / max(count - 1, 1)
-            new_mean_in = torch.lerp(rm_in.to(mean_in.dtype), mean_in, momentum)
-            new_var_in = torch.lerp(rv_in.to(var_in.dtype), var_in * unbias, momentum)
-            if token_index is None:
-                input_running_mean.copy_(new_mean_in)
-                input_running_var.copy_(new_var_in)
-            else:
-                input_running_mean.index_copy_(0, token_index, new_mean_in.to(x.dtype))
-                input_running_var.index_copy_(0, token_index, new_var_in.to(x.dtype))
-            reverse_running_mean.lerp_(mean_out.to(x.dtype), momentum)
-            reverse_running_var.lerp_((var_out * unbias).to(x.dtype), momentum)
+            # F.batch_norm's update, r = lerp(r, stat, momentum), in one foreach op; with a token
+            # index on the gathered alive entries (rm_in, rv_in: copies), then written back
+            alive = (
+                [input_running_mean, input_running_var] if token_index is None else [rm_in, rv_in]
+            )
+            running = [*alive, reverse_running_mean, reverse_running_var]
+            stats = (mean_in, var_in * unbias, mean_out, var_out * unbias)
+            torch._foreach_lerp_(running, [s.to(r.dtype) for s, r in zip(stats, running)], momentum)
+            if token_index is not None:
+                input_running_mean.index_copy_(0, token_index, rm_in)
+                input_running_var.index_copy_(0, token_index, rv_in)
     return y
 
 
