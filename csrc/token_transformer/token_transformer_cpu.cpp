@@ -673,12 +673,10 @@ void layer_backward(const LayerW<T>& w, const LayerSample<T>& t, bool shared_q, 
     const T* v = t.qkv + 2 * d + h * hd;
     transpose<T>(L, hd, v, ld3, s.a, L);  // V_h^T [hd, L]
     gemm<T>(L, L, hd, s.c + h * hd, d, s.a, L, s.b, L, false);  // s.b: d(P) [L, L]
-    transpose<T>(L, L, p, L, s.a, L);  // P^T
-    gemm<T>(L, hd, L, s.a, L, s.c + h * hd, d, g_qkv + 2 * d + h * hd, ld3, false);
+    gemm<T, true>(L, hd, L, p, L, s.c + h * hd, d, g_qkv + 2 * d + h * hd, ld3, false);  // P^T dO
     softmax_rows_backward<T>(s.b, p, L, L, scale);  // s.b: d(scores) * scale
     gemm<T>(L, hd, L, s.b, L, k, ld3, g_qkv + h * hd, ld3, false);
-    transpose<T>(L, L, s.b, L, s.a, L);
-    gemm<T>(L, hd, L, s.a, L, q, ld3, g_qkv + d + h * hd, ld3, false);
+    gemm<T, true>(L, hd, L, s.b, L, q, ld3, g_qkv + d + h * hd, ld3, false);  // dS^T Q
   }
   if (shared_q) {  // only keys and values come from mem
     gemm<T>(L, d, 2 * d, g_qkv + d, ld3, w.qkv + d * d, d, g_mem, d, true);
