@@ -3,8 +3,9 @@
 //
 // The op works on compact tokens: every per-token tensor holds only the L alive tokens. Tokens
 // are the d = g * g values of a g x g grid. The tape is one flat buffer of N * tape_size values
-// laid out quantity by quantity, each quantity a contiguous [N, ...] block, so the batched GEMMs
-// of the backward read it without copies. ops.tape_size computes the same total.
+// laid out quantity by quantity, each quantity a contiguous [N, ...] block, so the backward's
+// weight gradients read each as one [N * L, ...] operand without copies. ops.tape_size computes
+// the same total.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,19 +1,20 @@
 // Dynamic-token transformer on CPU, forward and backward of the whole block in one op each.
 //
-// Three phases each way. The two BatchNorms need statistics over the whole batch, so they split
-// the block: (1) resize x to the grid and project it to tokens (batched GEMMs), BN over tokens
-// (parallel over tokens); (2) the token math, one sample per task of one at::parallel_for over
-// the batch: encoder and decoder layer (backward: decoder then encoder), their L x d x d and
-// L x L x d products in the register-blocked `gemm` below on data that stays in L1/L2, softmax,
-// LayerNorm and ReLU fused around them; (3) project back, BN over channels, resize to the output
-// with the residual folded into the last GEMM. The backward's weight gradients sum over samples,
-// so the per-sample gradients are kept and each weight gradient is one GEMM over all N * L rows
-// after the loop: deterministic, and independent of the thread count.
+// No ATen compute call: every product is the register-blocked `gemm` below on data that stays
+// in L1/L2, and each phase is one parallel region. The two BatchNorms need statistics over the
+// whole batch, so they split the block into phases: (1) one sample per task: shrink x to the
+// grid and project it to tokens (the forward's weight transposes are tasks of this region too);
+// BN over tokens (parallel over tokens); (2) the token math, one sample per task: encoder and
+// decoder layer (backward: decoder then encoder) with softmax, LayerNorm and ReLU fused around
+// their L x d x d and L x L x d products, then the projection back; (3) BN over channels, and the
+// growth to the output size with the residual added in the same pass, one plane per task.
+// The backward's weight gradients sum over samples: the per-sample gradients are kept and every
+// weight gradient is formed after the loop by tasks that each own a block of output rows and sum
+// over all N * L rows in order: deterministic, and independent of the thread count.
 //
-// Forward: resize x to the grid (kept on the tape), project to tokens, BN, encoder, decoder,
-// project back, BN, resize to the output, residual. Every value the backward needs is written
-// once to the tape (token_transformer.h), so the backward recomputes only the cheap affine
-// outputs of the norms. Dead tokens do not exist here: the caller passes the alive ones.
+// Every value the backward needs is written once to the tape (token_transformer.h), so the
+// backward recomputes only the cheap affine outputs of the norms. Dead tokens do not exist here:
+// the caller passes the alive ones.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
