@@ -57,8 +57,8 @@ constexpr double kLayerNormEps = 1e-5;  // nn.LayerNorm's default, as the author
 // vectorise their sums (a fixed lane order, so results stay independent of the thread count).
 
 // BatchNorm over channels r of z [N, R, d] + bias (row r at bias + r * bias_stride, d values):
-// statistics over (N, d), or the running ones; writes x_hat to xhat and gamma * x_hat + beta
-// to out.
+// statistics over (N, d), or the running ones; writes x_hat to xhat (unless null) and
+// gamma * x_hat + beta to out.
 template <typename T>
 void bn_forward(const T* z, const T* bias, int64_t bias_stride, const T* gamma, const T* beta,
                 const T* run_mean, const T* run_var, bool batch_stats, double eps, int64_t N,
@@ -96,11 +96,17 @@ void bn_forward(const T* z, const T* bias, int64_t bias_stride, const T* gamma, 
       const A g = gamma[r], be = beta[r];
       for (int64_t n = 0; n < N; ++n) {
         const int64_t o = (n * R + r) * d;
+        if (xhat != nullptr) {
 #pragma omp simd
-        for (int64_t j = 0; j < d; ++j) {
-          const A xh = (A(z[o + j]) + A(b[j]) - mean) * rstd;
-          xhat[o + j] = xh;
-          out[o + j] = xh * g + be;
+          for (int64_t j = 0; j < d; ++j) {
+            const A xh = (A(z[o + j]) + A(b[j]) - mean) * rstd;
+            xhat[o + j] = xh;
+            out[o + j] = xh * g + be;
+          }
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < d; ++j)
+            out[o + j] = (A(z[o + j]) + A(b[j]) - mean) * rstd * g + be;
         }
       }
     }
@@ -819,7 +825,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& query_in, at::TensorList decoder_in,
     const at::Tensor& w_out_in, const at::Tensor& bn_out_w, const at::Tensor& bn_out_b,
     const std::optional<at::Tensor>& rm_out, const std::optional<at::Tensor>& rv_out,
-    int64_t heads, c10::SymIntArrayRef out_size, bool residual, double eps) {
+    int64_t heads, c10::SymIntArrayRef out_size, bool residual, double eps, bool save_tape) {
   check_nchw(kOp, "x", x_in);
   Dims s = check_common(coords_in, w_in_in, encoder_in, query_in, decoder_in, w_out_in, heads,
                         x_in);
@@ -843,7 +849,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                    w_in = w_in_in.contiguous(), w_out = w_out_in.contiguous();
   const std::vector<at::Tensor> enc = contiguous(encoder_in), dec = contiguous(decoder_in);
   const TapeLayout layout = make_tape_layout(N, C, L, d, heads, s.layers, Co);
-  at::Tensor tape = pooled_empty({layout.total}, x.options());
+  // Without save_tape (inference) nothing goes to a tape: each sample's intermediates live in
+  // thread scratch laid out as a one-sample tape, and the normalised values are not kept.
+  const TapeLayout one = make_tape_layout(1, C, L, d, heads, s.layers, Co);
+  at::Tensor tape = pooled_empty({save_tape ? layout.total : 0}, x.options());
   at::Tensor y = pooled_empty({N, Co, Ho, Wo}, x.options());
   at::Tensor mean_in = at::empty({L}, x.options()), var_in = at::empty({L}, x.options());
   at::Tensor mean_out = at::empty({Co}, x.options()), var_out = at::empty({Co}, x.options());
@@ -875,7 +884,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     run_tasks(transposes + N, [&](int64_t t) {
       if (t < transposes) return fill_transpose<T>(t < 4 ? we : wd, static_cast<int>(t % 4));
       const int64_t n = t - transposes;
-      T* f = tp + layout.f + n * C * d;
+      T* f = save_tape ? tp + layout.f + n * C * d : scratch<T>(5, C * d);
       for (int64_t c = 0; c < C; ++c)
         shrink_plane<T>(xp + (n * C + c) * s.H * s.W, s.W, rows, cols, f + c * d);
       gemm<T>(L, d, C, w_in_p, C + 2, f, d, up + n * L * d, d, false);
@@ -886,7 +895,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor rvi = batch_stats ? gi : rv_in->contiguous();
     bn_forward<T>(up, coord_bias.data(), d, gi.const_data_ptr<T>(), bi.const_data_ptr<T>(),
                   rmi.const_data_ptr<T>(), rvi.const_data_ptr<T>(), batch_stats, eps, N, L, d,
-                  tp + layout.uhat, t0.mutable_data_ptr<T>(), mean_in.mutable_data_ptr<T>(),
+                  save_tape ? tp + layout.uhat : nullptr, t0.mutable_data_ptr<T>(),
+                  mean_in.mutable_data_ptr<T>(),
                   var_in.mutable_data_ptr<T>());
     // the token math, one sample per task: encoder, decoder, projection back, all in L1/L2
     std::vector<T> q_shared(decoder ? L * d : 0);  // the learned queries projected
@@ -900,11 +910,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
       T* m = scratch<T>(3, L * d);  // the encoder's output
       T* o = decoder ? scratch<T>(4, L * d) : m;  // the block's token output
+      T* st = save_tape ? tp : scratch<T>(6, one.total);
+      const TapeLayout& lay = save_tape ? layout : one;
       for (int64_t n = b; n < e; ++n) {
-        layer_forward<T>(we, layer_sample<T>(tp, layout.layer[0], n, N, L, d), nullptr,
+        const int64_t ns = save_tape ? n : 0, Ns = save_tape ? N : 1;
+        layer_forward<T>(we, layer_sample<T>(st, lay.layer[0], ns, Ns, L, d), nullptr,
                          t0p + n * L * d, L, d, heads, m);
         if (decoder) {
-          layer_forward<T>(wd, layer_sample<T>(tp, layout.layer[1], n, N, L, d), q_shared.data(),
+          layer_forward<T>(wd, layer_sample<T>(st, lay.layer[1], ns, Ns, L, d), q_shared.data(),
                            m, L, d, heads, o);
         }
         gemm<T>(Co, d, L, w_out_p, L, o, d, zp + n * Co * d, d, false);
@@ -917,7 +930,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::vector<T> no_bias(d, T(0));
     bn_forward<T>(zp, no_bias.data(), 0, go.const_data_ptr<T>(), bo.const_data_ptr<T>(),
                   rmo.const_data_ptr<T>(), rvo.const_data_ptr<T>(), batch_stats, eps, N, Co, d,
-                  tp + layout.zhat, y8.mutable_data_ptr<T>(), mean_out.mutable_data_ptr<T>(),
+                  save_tape ? tp + layout.zhat : nullptr, y8.mutable_data_ptr<T>(),
+                  mean_out.mutable_data_ptr<T>(),
                   var_out.mutable_data_ptr<T>());
     resize_from_grid<T>(y8.const_data_ptr<T>(), N * Co, g, Ho, Wo, residual ? xp : nullptr,
                         y.mutable_data_ptr<T>());

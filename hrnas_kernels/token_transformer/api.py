@@ -20,9 +20,11 @@ SUPPORTED = {
 _OP = "token_transformer"
 
 
-def _forward_op(meta, x, coords, w_in, bn_in_w, bn_in_b, query, w_out, bn_out_w, bn_out_b, *rest):
+def _forward_op(
+    meta, x, coords, w_in, bn_in_w, bn_in_b, query, w_out, bn_out_w, bn_out_b, *rest, save_tape
+):
     """The forward op of ``meta``'s impl on the autograd function's argument list: y, the tape
-    and the four batch statistics."""
+    (empty without ``save_tape``) and the four batch statistics."""
     impl, num_heads, out_size, residual, eps, n_enc = meta
     rm_in, rv_in, rm_out, rv_out, *layers = rest
     return _OPS[impl][0](
@@ -45,6 +47,7 @@ def _forward_op(meta, x, coords, w_in, bn_in_w, bn_in_b, query, w_out, bn_out_w,
         out_size,
         residual,
         eps,
+        save_tape,
     )
 
 
@@ -59,7 +62,18 @@ class _TokenTransformer(torch.autograd.Function):
         impl, num_heads, _out_size, residual, eps, n_enc = meta
         rm_in, _rv_in, _rm_out, _rv_out, *layers = rest
         y, tape, mean_in, var_in, mean_out, var_out = _forward_op(
-            meta, x, coords, w_in, bn_in_w, bn_in_b, query, w_out, bn_out_w, bn_out_b, *rest
+            meta,
+            x,
+            coords,
+            w_in,
+            bn_in_w,
+            bn_in_b,
+            query,
+            w_out,
+            bn_out_w,
+            bn_out_b,
+            *rest,
+            save_tape=True,
         )
         ctx.save_for_backward(
             tape, coords, w_in, bn_in_w, bn_in_b, var_in, query, w_out, bn_out_w, var_out, *layers
@@ -377,8 +391,8 @@ def fused_forward(
         isinstance(t, torch.Tensor) and t.requires_grad for t in op_args
     ):
         y, mean_in, var_in, mean_out, var_out = _TokenTransformer.apply(meta, *op_args)
-    else:  # nothing to differentiate (inference): the op alone, no autograd node or saved tape
-        y, _tape, mean_in, var_in, mean_out, var_out = _forward_op(meta, *op_args)
+    else:  # nothing to differentiate (inference): the op alone, no autograd node and no tape
+        y, _, mean_in, var_in, mean_out, var_out = _forward_op(meta, *op_args, save_tape=False)
     if training and input_running_mean is not None:
         count = n * coords.shape[-1] * coords.shape[-2]
         unbias = count / max(count - 1, 1)

@@ -11,8 +11,10 @@ block is one forward and one backward op, in two families with one schema:
     fwd(x [N, C, H, W], coords [2, g, g], w_in [L, C + 2], bn_in_w [L], bn_in_b [L],
         rm_in [L]?, rv_in [L]?, encoder: 8 tensors (reference.LAYER_WEIGHTS), query [L, d]?,
         decoder: 8 tensors or none, w_out [C_out, L], bn_out_w [C_out], bn_out_b [C_out],
-        rm_out [C_out]?, rv_out [C_out]?, num_heads, out_size [Ho, Wo], residual, eps)
-      -> (y [N, C_out, Ho, Wo], tape [N * tape_size(...)] (what backward reads),
+        rm_out [C_out]?, rv_out [C_out]?, num_heads, out_size [Ho, Wo], residual, eps,
+        save_tape=True)
+      -> (y [N, C_out, Ho, Wo], tape [N * tape_size(...)] (what backward reads; [0] when not
+          save_tape: inference, where the CPU kernel then writes no tape at all),
           mean_in [L], var_in [L], mean_out [C_out], var_out [C_out])
     bwd(grad_y, tape, coords, w_in, bn_in_w, bn_in_b, var_in, encoder, query?, decoder, w_out,
         bn_out_w, var_out, num_heads, in_size [H, W], residual, use_batch_stats, eps)
@@ -37,8 +39,8 @@ _FWD_SCHEMA = (
     "Tensor input_norm_bias, Tensor? input_running_mean, Tensor? input_running_var, "
     "Tensor[] encoder, Tensor? query_embed, Tensor[] decoder, Tensor reverse_proj_weight, "
     "Tensor reverse_norm_weight, Tensor reverse_norm_bias, Tensor? reverse_running_mean, "
-    "Tensor? reverse_running_var, int num_heads, SymInt[] out_size, bool residual, float eps) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "Tensor? reverse_running_var, int num_heads, SymInt[] out_size, bool residual, float eps, "
+    "bool save_tape=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 _BWD_SCHEMA = (
     "(Tensor grad_out, Tensor tape, Tensor coords, Tensor input_proj_weight, "
@@ -85,6 +87,7 @@ def _fwd_fake(
     out_size,
     residual,
     eps,
+    save_tape=True,
 ):
     n, c = x.shape[0], x.shape[1]
     tokens = input_proj_weight.shape[0]
@@ -92,7 +95,8 @@ def _fwd_fake(
     dim = coords.shape[-1] * coords.shape[-2]
     layers = 1 + (len(decoder) > 0)
     y = x.new_empty((n, c_out, out_size[0], out_size[1]))
-    tape = x.new_empty((n * tape_size(c, tokens, dim, num_heads, layers, c_out),))
+    tape_len = n * tape_size(c, tokens, dim, num_heads, layers, c_out) if save_tape else 0
+    tape = x.new_empty((tape_len,))
     sd = stats_dtype(x.dtype)
     stats = [x.new_empty((k,), dtype=sd) for k in (tokens, tokens, c_out, c_out)]
     return (y, tape, *stats)

@@ -530,8 +530,10 @@ def fwd(
     out_size,
     residual,
     eps,
+    save_tape=True,
 ):
-    """The op ``token_transformer_fwd_triton`` (contract: ``ops``)."""
+    """The op ``token_transformer_fwd_triton`` (contract: ``ops``; without ``save_tape`` the
+    kernels still write the tape, which is not returned)."""
     _require(x.dtype in _ACC, f"the Triton kernels got dtype {x.dtype}")
     _require(x.dim() == 4 and coords.dim() == 3, "x must be [N, C, H, W] and coords [2, g, g]")
     n, c, h, w = x.shape
@@ -568,7 +570,7 @@ def fwd(
         for dst, src in ((mean_in, rm_in), (var_in, rv_in), (mean_out, rm_out), (var_out, rv_out)):
             dst.copy_(src)
     if n == 0:
-        return y, tape, mean_in, var_in, mean_out, var_out
+        return y, tape if save_tape else tape.new_empty((0,)), mean_in, var_in, mean_out, var_out
     x = x.contiguous()
     # no token: W_out o is an empty sum, exactly zero
     z_new = torch.empty if tokens else torch.zeros
@@ -653,7 +655,7 @@ def fwd(
             BLOCK=max(16, DETOK_TILE // block_co),
             ACC=acc,
         )
-    return y, tape, mean_in, var_in, mean_out, var_out
+    return y, tape if save_tape else tape.new_empty((0,)), mean_in, var_in, mean_out, var_out
 
 
 def _ln_backward(g_out, xhat, rstd, weight):

@@ -501,6 +501,20 @@ def test_opcheck(impl_device, use_batch_stats, decoder):
     torch.library.opcheck(bwd, bwd_args, test_utils=utils)
 
 
+@pytest.mark.parametrize("use_batch_stats,decoder", [(True, True), (False, False)])
+def test_forward_without_tape(impl_device, use_batch_stats, decoder):
+    """Inference asks for no tape: the forward returns an empty one and the output and statistics
+    it gives with one (the CPU kernel keeps each sample's intermediates in scratch instead)."""
+    impl, device = impl_device
+    fwd = ops.fwd if impl == "native" else ops.fwd_triton
+    args = _op_args(device, use_batch_stats, decoder)
+    with_tape, without = fwd(*args), fwd(*args, False)
+    assert with_tape[1].numel() > 0 and without[1].shape == (0,)
+    torch.testing.assert_close([with_tape[0], *with_tape[2:]], [without[0], *without[2:]])
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(fwd, [*args, False], test_utils=utils)
+
+
 def test_compile_fullgraph_dynamic(impl_device):
     """The public function traces without graph breaks, forward and backward (training BN with
     the running-statistics update), and one dynamic compile serves two input shapes."""

@@ -162,7 +162,7 @@ def test_tolerance_catches_a_wrong_index(driver):
         a[11],
     )
     fwd_args = [x, coords, w_in, bn_in_w, bn_in_b, None, None, enc, query, dec, w_out, bn_out_w]
-    fwd_args += [bn_out_b, None, None, case[8], [h, w], False, 1e-5]
+    fwd_args += [bn_out_b, None, None, case[8], [h, w], False, 1e-5, True]
     y, tape, _, var_in, _, var_out = driver.fwd(*fwd_args)
     gy = randn(y.shape, dtype=torch.float64, seed=8)
 

@@ -63,7 +63,8 @@ FwdResult fwd(const at::Tensor& x, const at::Tensor& coords, const at::Tensor& w
               const std::vector<at::Tensor>& decoder, const at::Tensor& w_out,
               const at::Tensor& bn_out_w, const at::Tensor& bn_out_b,
               const std::optional<at::Tensor>& rm_out, const std::optional<at::Tensor>& rv_out,
-              int64_t heads, const std::vector<int64_t>& out_size, bool residual, double eps) {
+              int64_t heads, const std::vector<int64_t>& out_size, bool residual, double eps,
+              bool save_tape) {
   TORCH_CHECK(out_size.size() == 2, "out_size must be [Ho, Wo]");
   FwdResult r;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "token_transformer_host_fwd", [&] {
@@ -71,6 +72,7 @@ FwdResult fwd(const at::Tensor& x, const at::Tensor& coords, const at::Tensor& w
                           query, decoder, w_out, bn_out_w, bn_out_b, rm_out, rv_out, heads,
                           out_size[0], out_size[1], residual, eps);
   });
+  if (!save_tape) std::get<1>(r) = std::get<1>(r).new_empty({0});  // as token_transformer_cuda.cu
   return r;
 }
 
