@@ -535,7 +535,7 @@ template <typename T>
 struct LayerW {
   at::Tensor transposed;  // kept alive for the pointers below
   const T *qkv, *o, *w1, *w2, *n1w, *n1b, *n2w, *n2b;
-  const T *qkv_tp, *o_tp, *w1_tp, *w2_tp;
+  T *qkv_tp, *o_tp, *w1_tp, *w2_tp;  // slots of `transposed`, written by fill_transpose
   int64_t rows[4], cols[4];
 };
 
@@ -557,8 +557,8 @@ LayerW<T> layer_weights(const std::vector<at::Tensor>& w, bool with_transposes) 
   if (with_transposes) {
     l.transposed = at::empty({w[0].numel() + w[1].numel() + w[2].numel() + w[3].numel()},
                              w[0].options());
-    const T* dst = l.transposed.template const_data_ptr<T>();
-    const T** tp[4] = {&l.qkv_tp, &l.o_tp, &l.w1_tp, &l.w2_tp};
+    T* dst = l.transposed.template mutable_data_ptr<T>();
+    T** tp[4] = {&l.qkv_tp, &l.o_tp, &l.w1_tp, &l.w2_tp};
     for (int j = 0; j < 4; ++j) {
       *tp[j] = dst;
       dst += l.rows[j] * l.cols[j];
@@ -571,9 +571,8 @@ LayerW<T> layer_weights(const std::vector<at::Tensor>& w, bool with_transposes) 
 template <typename T>
 void fill_transpose(const LayerW<T>& l, int j) {
   const T* src[4] = {l.qkv, l.o, l.w1, l.w2};
-  T* dst = l.transposed.template mutable_data_ptr<T>();
-  for (int i = 0; i < j; ++i) dst += l.rows[i] * l.cols[i];
-  transpose<T>(l.rows[j], l.cols[j], src[j], l.cols[j], dst, l.rows[j]);
+  T* dst[4] = {l.qkv_tp, l.o_tp, l.w1_tp, l.w2_tp};
+  transpose<T>(l.rows[j], l.cols[j], src[j], l.cols[j], dst[j], l.rows[j]);
 }
 
 // Sample n's slices of one layer's tape.
