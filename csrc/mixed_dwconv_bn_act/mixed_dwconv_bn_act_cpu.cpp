@@ -787,37 +787,54 @@ void correlate_nhwc(const T* __restrict in, int64_t in_row, const T* __restrict 
 
 // dw[kh][kw][:V] += sum_{r<R, wo<Wo} d[r][wo][:] * in[r*S + kh][wo*S + kw][:]
 // (pixels `pitch` apart in both, rows d_row and in_row apart). Sums of one band run in T.
+// The band's tiles live in L2, not L1, so loads are what costs, and a tap's accumulator takes
+// kPix dependent FMAs per step: a pass keeps as many kernel rows' taps in registers as fit
+// beside the kPix d pixels (AVX2: all 9 of a 3x3 kernel, 2 rows of a 5x5, 1 of a 7x7; AVX-512
+// twice the registers), reading each d pixel once per pass.
 template <int K, int S, int V, typename T>
 void wgrad_nhwc(const T* __restrict d, int64_t d_row, const T* __restrict in, int64_t in_row,
                 int64_t k_rt, int64_t R, int64_t Wo, int64_t pitch, double* __restrict dw) {
   using W = VecW<T, V>;
+  constexpr int kAccRegs = simd::kWidth >= 16 ? 26 : 10;  // of 32 or 16 vector registers
+  constexpr int kRows = K > 0 ? std::max(1, std::min(K, kAccRegs / K)) : 1;  // per pass
   constexpr int kAcc = K > 0 ? K : 1;
   const int64_t k = K > 0 ? K : k_rt;
-  for (int64_t kh = 0; kh < k; ++kh) {
+  for (int64_t kh0 = 0; kh0 < k; kh0 += kRows) {
     for (int64_t kw0 = 0; kw0 < k; kw0 += kAcc) {  // K > 0: one pass over all kw
-      W acc[kAcc] = {};
+      W acc[kRows][kAcc] = {};
       for (int64_t r = 0; r < R; ++r) {
         const T* dr = d + r * d_row;
-        const T* xr = in + (r * S + kh) * in_row + kw0 * pitch;
+        const T* xr = in + (r * S + kh0) * in_row + kw0 * pitch;
         int64_t wo = 0;
         if constexpr (K > 0) {
           constexpr int kWin = S * (kPix - 1) + K;
           for (; wo + kPix <= Wo; wo += kPix) {
-            W dv[kPix], win[kWin];
+            W dv[kPix];
             for (int q = 0; q < kPix; ++q) dv[q] = loadw<V>(dr + (wo + q) * pitch);
-            for (int i = 0; i < kWin; ++i) win[i] = loadw<V>(xr + (wo * S + i) * pitch);
-            for (int kw = 0; kw < K; ++kw) {
-              for (int q = 0; q < kPix; ++q) acc[kw] += dv[q] * win[q * S + kw];
+            for (int kh = 0; kh < kRows && kh0 + kh < k; ++kh) {
+              W win[kWin];
+              for (int i = 0; i < kWin; ++i) {
+                win[i] = loadw<V>(xr + kh * in_row + (wo * S + i) * pitch);
+              }
+              for (int kw = 0; kw < K; ++kw) {
+                for (int q = 0; q < kPix; ++q) acc[kh][kw] += dv[q] * win[q * S + kw];
+              }
             }
           }
         }
         for (; wo < Wo; ++wo) {
           const W dv = loadw<V>(dr + wo * pitch);
-          for (int kw = 0; kw < kAcc; ++kw) acc[kw] += dv * loadw<V>(xr + (wo * S + kw) * pitch);
+          for (int kh = 0; kh < kRows && kh0 + kh < k; ++kh) {
+            for (int kw = 0; kw < kAcc; ++kw) {
+              acc[kh][kw] += dv * loadw<V>(xr + kh * in_row + (wo * S + kw) * pitch);
+            }
+          }
         }
       }
-      for (int kw = 0; kw < kAcc; ++kw) {
-        for (int l = 0; l < V; ++l) dw[(kh * k + kw0 + kw) * V + l] += acc[kw][l];
+      for (int kh = 0; kh < kRows && kh0 + kh < k; ++kh) {
+        for (int kw = 0; kw < kAcc; ++kw) {
+          for (int l = 0; l < V; ++l) dw[((kh0 + kh) * k + kw0 + kw) * V + l] += acc[kh][kw][l];
+        }
       }
     }
   }
