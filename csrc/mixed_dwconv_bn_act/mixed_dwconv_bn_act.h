@@ -72,10 +72,15 @@ inline void check_forward_args(const at::Tensor& x, const at::Tensor& bn_weight,
 }
 
 // The backward's checks beyond check_and_group: grad_y, y and conv are [N, C, Ho, Wo] like x,
-// mean and var [C] in the statistics type (double for double x, else float).
+// bn_bias is like bn_weight, mean and var [C] in the statistics type (double for double x, else
+// float).
 inline void check_backward_args(const at::Tensor& x, const at::Tensor& grad_y,
                                 const at::Tensor& y, const at::Tensor& conv,
+                                const at::Tensor& bn_weight, const at::Tensor& bn_bias,
                                 const at::Tensor& mean, const at::Tensor& var, int64_t stride) {
+  TORCH_CHECK(bn_bias.sizes() == bn_weight.sizes(), kOp, ": bn_bias must have shape ",
+              bn_weight.sizes(), ", got ", bn_bias.sizes());
+  check_same(kOp, "bn_bias", bn_bias, x);
   const int64_t N = x.size(0), C = x.size(1);
   const int64_t Ho = (x.size(2) - 1) / stride + 1, Wo = (x.size(3) - 1) / stride + 1;
   for (const at::Tensor* t : {&grad_y, &y, &conv}) {

@@ -12,9 +12,11 @@
 // storing beats recomputing a k x k conv) + per-channel sums; then BN + activation from the tape
 // (NCHW: while the task's planes are still in cache).
 // Backward: one pass reduces sum(dz) and sum(dz * x_hat) per channel (dz = grad_y masked by the
-// activation, taken from y); a second pass forms d(conv) per image and runs the weight gradient
-// (correlate x with d(conv)) and the input gradient (correlate d(conv) with the flipped kernel for
-// stride 1; stride 2: NCHW a local scatter, channels_last a gather per input pixel).
+// activation, the mask from y recomputed from the tape by the forward's own code with its values:
+// the same bits, and two reads of y per element fewer); a second pass forms d(conv) per image and
+// runs the weight gradient (correlate x with d(conv)) and the input gradient (correlate d(conv)
+// with the flipped kernel for stride 1; stride 2: NCHW a local scatter, channels_last a gather
+// per input pixel).
 // Kernel sizes 3, 5 and 7 and both strides are compiled as constants; other odd sizes use the
 // same loops with a runtime size.
 #include <ATen/Dispatch.h>
@@ -243,7 +245,8 @@ void sum_and_square(const A* __restrict v, int64_t len, Vec<A>* s, Vec<A>* q) {
   *q += b;
 }
 
-// out = act((conv - mean) * scale + beta); out may be conv itself.
+// out = act((conv - mean) * scale + beta); out may be conv itself. The backward calls it too, to
+// recompute y for the activation's mask: same function, same values, the forward's bits.
 template <typename A>
 void batch_norm_act(const A* conv, A* out, int64_t len, const Vec<A>* coef, Activation act) {
   // coef: mean, scale, beta
@@ -460,11 +463,11 @@ void fwd_task(const Problem<T, A>& pr, const std::vector<Group>& groups, const F
 template <typename T, typename A>
 struct BwdIO {
   const T* gy;
-  const T* y;
   const T* x;
   const T* conv;
   const T* const* w;
   const T* gamma;
+  const T* beta;
   const A* mean;
   const A* var;
   T* gx;
@@ -484,20 +487,22 @@ void bwd_task(const Problem<T, A>& pr, const std::vector<Group>& groups, const B
   A* y = scratch<A>(1, len);
   A* cv = scratch<A>(2, len);
   std::fill(gy, gy + len, A(0));
-  std::fill(y, y + len, A(0));
   std::fill(cv, cv + len, A(0));
+  // y (for the activation's mask) recomputed from the tape as fwd_task made it
+  const int64_t c = t.c;
+  const Vec<A> mean = simd::splat<A>(io.mean[c]);
+  const Vec<A> fwd_coef[3] = {
+      mean, simd::splat<A>(static_cast<A>(io.gamma[c]) / std::sqrt(io.var[c] + pr.eps)),
+      simd::splat<A>(static_cast<A>(io.beta[c]))};
   auto load_image = [&](int64_t n) {
     gather(io.gy, pr, n, t, g.Ho, g.Wo, gy, g.Wo, 0);
-    gather(io.y, pr, n, t, g.Ho, g.Wo, y, g.Wo, 0);
     gather(io.conv, pr, n, t, g.Ho, g.Wo, cv, g.Wo, 0);
+    batch_norm_act(cv, y, len, fwd_coef, pr.act);
     prefetch_plane<false>(io.gy, pr.N, pr.C, n + 1, t.c, HWo);
-    prefetch_plane<false>(io.y, pr.N, pr.C, n + 1, t.c, HWo);
     prefetch_plane<false>(io.conv, pr.N, pr.C, n + 1, t.c, HWo);
   };
 
   // Pass A: sums of dz and dz * (conv - mean) over the channel.
-  const int64_t c = t.c;
-  const Vec<A> mean = simd::splat<A>(io.mean[c]);
   Vec<A> s = {}, q = {};
   for (int64_t n = 0; n < pr.N; ++n) {
     load_image(n);
@@ -917,6 +922,22 @@ void gather_stride2_nhwc(const T* __restrict d, int64_t ho_base, int64_t d_row,
 // over kLanes pixels (a period of kLanes * C elements, a whole number of vectors), so one vector
 // loop serves any C; only the last, partial vector of a run is scalar.
 
+// The pre-activation (conv - mean) * scale + beta of a vector at conv[i] (period position j) and
+// of one element: the forward's y and the backward's recomputed y (for the activation's mask)
+// both come from here, so they are the same bits.
+template <typename T>
+HRNAS_INLINE Vec<T> bn_vec(const T* conv, const T* mean, const T* scale, const T* beta, int64_t i,
+                           int64_t j) {
+  return (simd::load(conv + i) - simd::load(mean + j)) * simd::load(scale + j) +
+         simd::load(beta + j);
+}
+
+template <typename T>
+HRNAS_INLINE T bn_one(const T* conv, const T* mean, const T* scale, const T* beta, int64_t i,
+                      int64_t j) {
+  return (conv[i] - mean[j]) * scale[j] + beta[j];
+}
+
 // y = act((conv - mean) * scale + beta)
 template <typename T>
 void bn_act_nhwc(const T* __restrict conv, int64_t len, const T* __restrict coef, int64_t period,
@@ -926,57 +947,58 @@ void bn_act_nhwc(const T* __restrict conv, int64_t len, const T* __restrict coef
     const int64_t n = std::min(period, len - i0);
     int64_t j = 0;
     for (; j + kLanes <= n; j += kLanes) {
-      const Vec<T> v = (simd::load(conv + i0 + j) - simd::load(mean + j)) * simd::load(scale + j) +
-                       simd::load(beta + j);
-      simd::store(y + i0 + j, simd::activate<T>(v, act));
+      simd::store(y + i0 + j, simd::activate<T>(bn_vec(conv, mean, scale, beta, i0 + j, j), act));
     }
-    for (; j < n; ++j) y[i0 + j] = activate((conv[i0 + j] - mean[j]) * scale[j] + beta[j], act);
+    for (; j < n; ++j) y[i0 + j] = activate(bn_one(conv, mean, scale, beta, i0 + j, j), act);
   }
 }
 
-// s[j] += dz, q[j] += dz * (conv - mean) at period position j (dz: grad_y through the activation)
+// s[j] += dz, q[j] += dz * (conv - mean) at period position j (dz: grad_y through the
+// activation, its mask from y recomputed with the forward's coefficients mean, scale, beta)
 template <typename T>
-void grad_sums_nhwc(const T* __restrict gy, const T* __restrict y, const T* __restrict conv,
-                    int64_t len, const T* __restrict mean, int64_t period, Activation act,
-                    T* __restrict s, T* __restrict q) {
+void grad_sums_nhwc(const T* __restrict gy, const T* __restrict conv, int64_t len,
+                    const T* __restrict fwd_coef, int64_t period, Activation act, T* __restrict s,
+                    T* __restrict q) {
+  const T *mean = fwd_coef, *scale = fwd_coef + period, *beta = fwd_coef + 2 * period;
   for (int64_t i0 = 0; i0 < len; i0 += period) {
     const int64_t n = std::min(period, len - i0);
     int64_t j = 0;
     for (; j + kLanes <= n; j += kLanes) {
-      const Vec<T> dz =
-          simd::grad_through<T>(simd::load(gy + i0 + j), simd::load(y + i0 + j), act);
+      const Vec<T> y = simd::activate<T>(bn_vec(conv, mean, scale, beta, i0 + j, j), act);
+      const Vec<T> dz = simd::grad_through<T>(simd::load(gy + i0 + j), y, act);
       simd::store(s + j, simd::load(s + j) + dz);
       const Vec<T> centred = simd::load(conv + i0 + j) - simd::load(mean + j);
       simd::store(q + j, simd::load(q + j) + dz * centred);
     }
     for (; j < n; ++j) {
-      const T dz = passes_grad(y[i0 + j], act) ? gy[i0 + j] : T(0);
+      const T y = activate(bn_one(conv, mean, scale, beta, i0 + j, j), act);
+      const T dz = passes_grad(y, act) ? gy[i0 + j] : T(0);
       s[j] += dz;
       q[j] += dz * (conv[i0 + j] - mean[j]);
     }
   }
 }
 
-// d(conv) = k_dz * dz + k_conv * (conv - mean) + k_const
+// d(conv) = k_dz * dz + k_conv * (conv - mean) + k_const (dz as in grad_sums_nhwc)
 template <typename T>
-void conv_grad_nhwc(const T* __restrict gy, const T* __restrict y, const T* __restrict conv,
-                    int64_t len, const T* __restrict coef, int64_t period, Activation act,
-                    T* __restrict out) {
-  const T *k_dz = coef, *k_conv = coef + period, *mean = coef + 2 * period,
-          *k_const = coef + 3 * period;
+void conv_grad_nhwc(const T* __restrict gy, const T* __restrict conv, int64_t len,
+                    const T* __restrict coef, int64_t period, Activation act, T* __restrict out) {
+  const T *mean = coef, *scale = coef + period, *beta = coef + 2 * period;
+  const T *k_dz = coef + 3 * period, *k_conv = coef + 4 * period, *k_const = coef + 5 * period;
   for (int64_t i0 = 0; i0 < len; i0 += period) {
     const int64_t n = std::min(period, len - i0);
     int64_t j = 0;
     for (; j + kLanes <= n; j += kLanes) {
-      const Vec<T> dz =
-          simd::grad_through<T>(simd::load(gy + i0 + j), simd::load(y + i0 + j), act);
+      const Vec<T> y = simd::activate<T>(bn_vec(conv, mean, scale, beta, i0 + j, j), act);
+      const Vec<T> dz = simd::grad_through<T>(simd::load(gy + i0 + j), y, act);
       simd::store(out + i0 + j,
                   simd::load(k_dz + j) * dz +
                       simd::load(k_conv + j) * (simd::load(conv + i0 + j) - simd::load(mean + j)) +
                       simd::load(k_const + j));
     }
     for (; j < n; ++j) {
-      const T dz = passes_grad(y[i0 + j], act) ? gy[i0 + j] : T(0);
+      const T y = activate(bn_one(conv, mean, scale, beta, i0 + j, j), act);
+      const T dz = passes_grad(y, act) ? gy[i0 + j] : T(0);
       out[i0 + j] = k_dz[j] * dz + k_conv[j] * (conv[i0 + j] - mean[j]) + k_const[j];
     }
   }
@@ -1086,9 +1108,16 @@ void bwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const BwdIO
   const std::vector<Band> bands = make_tasks_nhwc(sh.N, sh.Ho);
   const int64_t nb = static_cast<int64_t>(bands.size()), C = sh.C, S = sh.stride, P = lay.P;
   const int64_t period = kLanes * C;
-  // Pass A: per band, per channel sums of dz and dz * (conv - mean).
-  std::vector<double> mean(io.mean, io.mean + C);
-  const std::vector<T> pmean = periodic<T>({mean}, C);
+  // Pass A: per band, per channel sums of dz and dz * (conv - mean). The forward's coefficients
+  // (mean, scale, beta; as fwd_nhwc makes them) recompute y for the activation's mask.
+  std::vector<std::vector<double>> coef(6, std::vector<double>(C, 0.0));
+  for (int64_t c = 0; c < C; ++c) {
+    coef[0][c] = io.mean[c];
+    coef[1][c] = static_cast<T>(io.gamma[c]) /
+                 std::sqrt(static_cast<T>(io.var[c]) + static_cast<T>(eps));
+    coef[2][c] = io.beta[c];
+  }
+  const std::vector<T> pfwd = periodic<T>({coef[0], coef[1], coef[2]}, C);
   std::vector<T> part(nb * 2 * C);
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t bi = b0; bi < b1; ++bi) {
@@ -1097,8 +1126,8 @@ void bwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const BwdIO
       T* s = scratch<T>(0, 2 * period);
       T* q = s + period;
       std::fill(s, s + 2 * period, T(0));
-      grad_sums_nhwc(io.gy + o, io.y + o, io.conv + o, (b.ho1 - b.ho0) * sh.Wo * C, pmean.data(),
-                     period, act, s, q);
+      grad_sums_nhwc(io.gy + o, io.conv + o, (b.ho1 - b.ho0) * sh.Wo * C, pfwd.data(), period,
+                     act, s, q);
       for (int64_t c = 0; c < C; ++c) {
         T a = T(0), bq = T(0);
         for (int64_t i = 0; i < kLanes; ++i) {
@@ -1111,9 +1140,7 @@ void bwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const BwdIO
     }
   });
   const double count = static_cast<double>(sh.N * sh.Ho * sh.Wo);
-  // k_dz, k_conv, mean, k_const
-  std::vector<std::vector<double>> coef(4, std::vector<double>(C, 0.0));
-  coef[2] = mean;
+  // coef: mean, scale, beta, k_dz, k_conv, k_const
   for (int64_t c = 0; c < C; ++c) {
     double sdz = 0.0, sdzx = 0.0;
     for (int64_t bi = 0; bi < nb; ++bi) {
@@ -1124,10 +1151,10 @@ void bwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const BwdIO
     const double gamma = static_cast<double>(io.gamma[c]);
     io.gbeta[c] = static_cast<T>(sdz);
     io.ggamma[c] = static_cast<T>(sdzx * rstd);
-    coef[0][c] = gamma * rstd;
+    coef[3][c] = gamma * rstd;
     if (batch_stats) {
-      coef[1][c] = -gamma * rstd * rstd * rstd * sdzx / count;
-      coef[3][c] = -gamma * rstd * sdz / count;
+      coef[4][c] = -gamma * rstd * rstd * rstd * sdzx / count;
+      coef[5][c] = -gamma * rstd * sdz / count;
     }
   }
   const std::vector<T> pc = periodic<T>(coef, C);
@@ -1157,7 +1184,7 @@ void bwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const BwdIO
         const int64_t R = b.ho1 - b.ho0;
         const T* dt = dtile.rows(b.ho0 - P, b.ho1 + P, [&](int64_t ho, T* dst) {
           const int64_t o = (b.n * sh.Ho + ho) * sh.Wo * C;
-          conv_grad_nhwc(io.gy + o, io.y + o, io.conv + o, sh.Wo * C, pc.data(), period, act,
+          conv_grad_nhwc(io.gy + o, io.conv + o, sh.Wo * C, pc.data(), period, act,
                          lay.dense ? dst : row);
           if (!lay.dense) relayout<true>(row, sh.Wo, lay, groups, dst);
         });
@@ -1266,17 +1293,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> bwd_cpu(
-    const at::Tensor& grad_y, const at::Tensor& y_in, const at::Tensor& x_in,
+    const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& x_in,
     const at::Tensor& conv_in, at::TensorList weights, const at::Tensor& bn_weight,
-    const at::Tensor& mean_in, const at::Tensor& var_in, int64_t stride, bool use_batch_stats,
-    double eps, std::string_view activation) {
+    const at::Tensor& bn_bias, const at::Tensor& mean_in, const at::Tensor& var_in,
+    int64_t stride, bool use_batch_stats, double eps, std::string_view activation) {
   const Activation act = parse_activation(kOp, activation);
   const std::vector<Group> groups = check_and_group(x_in, weights, bn_weight, stride);
   TORCH_CHECK(x_in.device().is_cpu(), kOp, ": the CPU kernel got a tensor on ", x_in.device());
-  check_backward_args(x_in, grad_y, y_in, conv_in, mean_in, var_in, stride);
+  // y is only checked: the activation's mask is recomputed from the tape (see ops.py)
+  check_backward_args(x_in, grad_y, y, conv_in, bn_weight, bn_bias, mean_in, var_in, stride);
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
   const at::MemoryFormat fmt = output_memory_format(x_in);
-  const at::Tensor x = x_in.contiguous(fmt), gy = grad_y.contiguous(fmt), y = y_in.contiguous(fmt),
+  const at::Tensor x = x_in.contiguous(fmt), gy = grad_y.contiguous(fmt),
                    conv = conv_in.contiguous(fmt);
   at::Tensor gx = pooled_empty({N, C, H, W}, x.options(), fmt);
   std::vector<at::Tensor> gw;
@@ -1294,8 +1322,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> bwd_cpu(
     gbeta.zero_();
     return {gx, gw, ggamma, gbeta};
   }
-  const at::Tensor gamma = bn_weight.contiguous(), mean = mean_in.contiguous(),
-                   var = var_in.contiguous();
+  const at::Tensor gamma = bn_weight.contiguous(), beta = bn_bias.contiguous(),
+                   mean = mean_in.contiguous(), var = var_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mixed_dwconv_bn_act_bwd", [&] {
     using A = at::opmath_type<scalar_t>;
     const Problem<scalar_t, A> pr{N, C, H, W, stride, use_batch_stats, static_cast<A>(eps), act};
@@ -1305,9 +1333,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> bwd_cpu(
       wp.push_back(w[i].const_data_ptr<scalar_t>());
       gwp.push_back(gw[i].mutable_data_ptr<scalar_t>());
     }
-    const BwdIO<scalar_t, A> io{gy.const_data_ptr<scalar_t>(),   y.const_data_ptr<scalar_t>(),
-                                x.const_data_ptr<scalar_t>(),    conv.const_data_ptr<scalar_t>(),
-                                wp.data(),                       gamma.const_data_ptr<scalar_t>(),
+    const BwdIO<scalar_t, A> io{gy.const_data_ptr<scalar_t>(),   x.const_data_ptr<scalar_t>(),
+                                conv.const_data_ptr<scalar_t>(), wp.data(),
+                                gamma.const_data_ptr<scalar_t>(), beta.const_data_ptr<scalar_t>(),
                                 mean.const_data_ptr<A>(),        var.const_data_ptr<A>(),
                                 gx.mutable_data_ptr<scalar_t>(), gwp.data(),
                                 ggamma.mutable_data_ptr<scalar_t>(),

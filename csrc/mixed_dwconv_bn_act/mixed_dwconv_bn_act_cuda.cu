@@ -243,13 +243,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cuda(
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> bwd_cuda(
     const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& x, const at::Tensor& conv,
-    at::TensorList weights, const at::Tensor& bn_weight, const at::Tensor& mean,
-    const at::Tensor& var, int64_t stride, bool use_batch_stats, double eps,
-    std::string_view activation) {
+    at::TensorList weights, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+    const at::Tensor& mean, const at::Tensor& var, int64_t stride, bool use_batch_stats,
+    double eps, std::string_view activation) {
   TORCH_CHECK(x.is_cuda(), kOp, ": the CUDA kernel got a tensor on ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const CudaLaunch launch{c10::cuda::getCurrentCUDAStream()};
-  return device::backward(launch, grad_y, y, x, conv, weights, bn_weight, mean, var, stride,
+  return device::backward(launch, grad_y, y, x, conv, weights, bn_weight, bn_bias, mean, var,
+                          stride,
                           use_batch_stats, eps, activation);
 }
 

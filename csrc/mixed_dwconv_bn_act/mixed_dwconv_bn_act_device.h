@@ -637,11 +637,11 @@ template <typename L>
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> backward(
     L& launch, const at::Tensor& grad_y, const at::Tensor& y_in, const at::Tensor& x_in,
     const at::Tensor& conv_in, at::TensorList weights, const at::Tensor& bn_weight,
-    const at::Tensor& mean_in, const at::Tensor& var_in, int64_t stride, bool use_batch_stats,
-    double eps, std::string_view activation) {
+    const at::Tensor& bn_bias, const at::Tensor& mean_in, const at::Tensor& var_in,
+    int64_t stride, bool use_batch_stats, double eps, std::string_view activation) {
   const Activation act = parse_activation(kOp, activation);
   const std::vector<Group> groups = check_and_group(x_in, weights, bn_weight, stride);
-  check_backward_args(x_in, grad_y, y_in, conv_in, mean_in, var_in, stride);
+  check_backward_args(x_in, grad_y, y_in, conv_in, bn_weight, bn_bias, mean_in, var_in, stride);
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
   const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
   const at::MemoryFormat fmt = output_memory_format(x_in);

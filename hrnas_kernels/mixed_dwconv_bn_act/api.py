@@ -51,7 +51,7 @@ class _MixedDepthwiseConvBNAct(torch.autograd.Function):
             eps,
             activation,
         )
-        ctx.save_for_backward(y, x, conv, bn_weight, mean, var, *weights)
+        ctx.save_for_backward(y, x, conv, bn_weight, bn_bias, mean, var, *weights)
         ctx.stride, ctx.use_batch_stats, ctx.eps = stride, use_batch_stats, eps
         ctx.activation, ctx.impl = activation, impl
         ctx.mark_non_differentiable(mean, var)
@@ -60,7 +60,7 @@ class _MixedDepthwiseConvBNAct(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, _grad_mean, _grad_var):
-        y, x, conv, bn_weight, mean, var, *weights = ctx.saved_tensors
+        y, x, conv, bn_weight, bn_bias, mean, var, *weights = ctx.saved_tensors
         grad_x, grad_w, grad_gamma, grad_beta = _OPS[ctx.impl][1](
             grad_y,
             y,
@@ -68,6 +68,7 @@ class _MixedDepthwiseConvBNAct(torch.autograd.Function):
             conv,
             weights,
             bn_weight,
+            bn_bias,
             mean,
             var,
             ctx.stride,

@@ -13,11 +13,16 @@ size and dead rows get exactly zero gradient without the kernels knowing about m
           unchanged; its element order is the kernel's own, e.g. the CPU kernel packs a
           channels_last tape per 16-channel block),
           mean [A], var [A] (fp32/fp64 statistics: the batch's, biased, or the running ones))
-    bwd(grad_y, y, x, conv, weights, bn_weight, mean, var, stride, use_batch_stats, eps, activation)
+    bwd(grad_y, y, x, conv, weights, bn_weight, bn_bias, mean, var, stride, use_batch_stats, eps,
+        activation)
       -> (grad_x, [grad of each group's weights], grad_bn_weight, grad_bn_bias)
 
 Padding is k_g // 2 per group; Ho = (H - 1) // stride + 1. ``activation`` is "none", "relu" or
-"relu6"; its gradient mask is taken from ``y``. Outputs follow ``_layout.output_memory_format(x)``.
+"relu6"; its gradient mask is y's (the activation passes the gradient where y is strictly inside
+its range). A kernel reads the mask from ``y`` or recomputes y from ``conv``, ``mean``, ``var``
+and the BN affine exactly as its forward did (same function, same values, so the same bits): the
+CPU kernel recomputes, which spares its backward two reads of y per element; the CUDA and Triton
+kernels read ``y``. Outputs follow ``_layout.output_memory_format(x)``.
 """
 
 import torch
@@ -32,7 +37,8 @@ _FWD_SCHEMA = (
 )
 _BWD_SCHEMA = (
     "(Tensor grad_y, Tensor y, Tensor x, Tensor conv, Tensor[] weights, Tensor bn_weight, "
-    "Tensor mean, Tensor var, int stride, bool use_batch_stats, float eps, str activation) "
+    "Tensor bn_bias, Tensor mean, Tensor var, int stride, bool use_batch_stats, float eps, "
+    "str activation) "
     "-> (Tensor, Tensor[], Tensor, Tensor)"
 )
 
@@ -63,9 +69,7 @@ def _fwd_fake(
     return y, conv, stats[0], stats[1]
 
 
-def _bwd_fake(
-    grad_y, y, x, conv, weights, bn_weight, mean, var, stride, use_batch_stats, eps, activation
-):
+def _bwd_fake(grad_y, y, x, conv, weights, bn_weight, *_bias_stats_and_options):
     grad_x = torch.empty(
         x.shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x)
     )
@@ -91,13 +95,14 @@ def _fwd_triton(
 
 
 def _bwd_triton(
-    grad_y, y, x, conv, weights, bn_weight, mean, var, stride, use_batch_stats, eps, act
+    grad_y, y, x, conv, weights, bn_weight, bn_bias, mean, var, stride, use_batch_stats, eps, act
 ):
     from . import triton as kernels
 
     return kernels.bwd(
-        grad_y, y, x, conv, weights, bn_weight, mean, var, stride, use_batch_stats, eps, act
-    )
+        grad_y, y, x, conv, weights, bn_weight, bn_bias, mean, var, stride, use_batch_stats, eps,
+        act,
+    )  # fmt: skip
 
 
 # Under TRITON_INTERPRET=1 the Triton kernels also serve CPU tensors: that is how CI tests them.

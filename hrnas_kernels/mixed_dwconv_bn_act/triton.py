@@ -887,9 +887,10 @@ def fwd(x, weights, bn_weight, bn_bias, running_mean, running_var, stride, use_b
     return y, conv, mean, var
 
 
-def bwd(grad_y, y, x, conv, weights, bn_weight, mean, var, stride, use_batch_stats, eps,
+def bwd(grad_y, y, x, conv, weights, bn_weight, bn_bias, mean, var, stride, use_batch_stats, eps,
         activation):  # fmt: skip
-    """``(grad_x, [grad weights], grad_bn_weight, grad_bn_bias)``; see ``ops.py``."""
+    """``(grad_x, [grad weights], grad_bn_weight, grad_bn_bias)``; see ``ops.py``. The
+    activation's mask is read from ``y``; ``bn_bias`` is only checked."""
     groups = _groups(x, weights, bn_weight, stride, activation)
     N, A, H, W = x.shape
     Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
@@ -904,6 +905,10 @@ def bwd(grad_y, y, x, conv, weights, bn_weight, mean, var, stride, use_batch_sta
             t.shape == (A,) and t.dtype == sdt,
             f"{name} must be [{A}] {sdt}, got {tuple(t.shape)} {t.dtype}",
         )
+    _require(
+        bn_bias.shape == bn_weight.shape and bn_bias.device == x.device,
+        f"bn_bias must have shape {tuple(bn_weight.shape)}, got {tuple(bn_bias.shape)}",
+    )
     fmt = output_memory_format(x)
     x = x.contiguous(memory_format=fmt)
     gy, y, conv = (t.contiguous(memory_format=fmt) for t in (grad_y, y, conv))

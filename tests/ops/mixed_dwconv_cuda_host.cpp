@@ -241,12 +241,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(
 template <bool Reversed>
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> bwd(
     const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& x, const at::Tensor& conv,
-    at::TensorList weights, const at::Tensor& bn_weight, const at::Tensor& mean,
-    const at::Tensor& var, int64_t stride, bool use_batch_stats, double eps,
-    std::string_view activation) {
+    at::TensorList weights, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+    const at::Tensor& mean, const at::Tensor& var, int64_t stride, bool use_batch_stats,
+    double eps, std::string_view activation) {
   TORCH_CHECK(x.device().is_cpu(), kOp, ": the host replay runs on CPU tensors");
   const HostLaunch launch{Reversed};
-  return device::backward(launch, grad_y, y, x, conv, weights, bn_weight, mean, var, stride,
+  return device::backward(launch, grad_y, y, x, conv, weights, bn_weight, bn_bias, mean, var,
+                          stride,
                           use_batch_stats, eps, activation);
 }
 
@@ -265,7 +266,8 @@ constexpr const char* kFwdSchema =
     "-> (Tensor, Tensor, Tensor, Tensor)";
 constexpr const char* kBwdSchema =
     "(Tensor grad_y, Tensor y, Tensor x, Tensor conv, Tensor[] weights, Tensor bn_weight, "
-    "Tensor mean, Tensor var, int stride, bool use_batch_stats, float eps, str activation) "
+    "Tensor bn_bias, Tensor mean, Tensor var, int stride, bool use_batch_stats, float eps, "
+    "str activation) "
     "-> (Tensor, Tensor[], Tensor, Tensor)";
 
 }  // namespace

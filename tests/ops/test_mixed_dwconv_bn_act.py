@@ -455,7 +455,7 @@ def test_triton_half_precision_ops(dtype, fmt):
     ws, gamma, beta = [w.detach() for w in ws], gamma.detach(), beta.detach()
     y, conv, mean, var = ops.fwd_triton(x, ws, gamma, beta, None, None, 1, True, 1e-5, "relu6")
     gx, gw, ggamma, gbeta = ops.bwd_triton(
-        gy, y, x, conv, ws, gamma, mean, var, 1, True, 1e-5, "relu6"
+        gy, y, x, conv, ws, gamma, beta, mean, var, 1, True, 1e-5, "relu6"
     )
     inputs = [x.requires_grad_(), *[w.requires_grad_() for w in ws]]
     inputs += [gamma.requires_grad_(), beta.requires_grad_()]
@@ -536,7 +536,7 @@ def test_opcheck(impl_device, fmt):
         gy = randn(y.shape, device=device, seed=9, memory_format=FORMATS[fmt])
         torch.library.opcheck(
             bwd,
-            (gy, y, x, conv, ws, gamma, mean, var, stride, use_batch_stats, 1e-5, act),
+            (gy, y, x, conv, ws, gamma, beta, mean, var, stride, use_batch_stats, 1e-5, act),
             test_utils=utils,
         )
 

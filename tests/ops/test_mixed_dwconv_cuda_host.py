@@ -228,7 +228,7 @@ def test_replay_does_not_depend_on_thread_order(replay, case, fmt, training):
         y, conv, mean, var = fwd(x, ws, gamma, beta, *stats, case.stride, training, 1e-5, "relu6")
         gy = randn(y.shape, seed=6, memory_format=FORMATS[fmt])
         gx, gw, ggamma, gbeta = bwd(
-            gy, y, x, conv, ws, gamma, mean, var, case.stride, training, 1e-5, "relu6"
+            gy, y, x, conv, ws, gamma, beta, mean, var, case.stride, training, 1e-5, "relu6"
         )
         results.append([y, conv, mean, var, gx, *gw, ggamma, gbeta])
     for forward_order, reverse_order in zip(*results):
