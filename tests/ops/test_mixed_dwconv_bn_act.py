@@ -360,6 +360,39 @@ def test_nan_and_inf_propagate_like_eager(impl_device, fmt, training):
     assert_close_to_reference(out, ref, torch.float32)
 
 
+@pytest.mark.parametrize("activation", ["relu6", "relu"])
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+def test_activation_mask_at_its_boundaries(impl_device, fmt, activation):
+    """Channels with gamma = 0 put every BN output exactly on beta; betas of 0 and 6 sit on the
+    activation's kinks, where eager PyTorch passes no gradient, 3 inside and -1 / 7 outside.
+    The CPU backward recomputes y for its mask from the tape: it must find the same kinks, so
+    grad beta is exactly zero on the kinks and the sum of grad_y inside, as in eager."""
+    impl, device = impl_device
+    case = Case(2, (8, 5), (3, 5), 7, 9, 1)
+    ws, gamma, beta, rm, rv = _params(case, torch.float64, device)
+    kinks = torch.tensor([0.0, 6.0, 3.0, -1.0, 7.0], dtype=torch.float64, device=device)
+    with torch.no_grad():
+        gamma[: case.c - 3] = 0.0
+        beta[: case.c - 3] = kinks.repeat(case.c)[: case.c - 3]
+    x = randn((case.n, case.c, case.h, case.w), dtype=torch.float64, device=device, seed=1)
+    x = x.to(memory_format=FORMATS[fmt]).requires_grad_()
+    gy = randn((case.n, case.c, case.h, case.w), dtype=torch.float64, device=device, seed=2)
+    results = []
+    for which in (impl, "reference"):
+        out = mixed_dwconv_bn_act(
+            x, ws, gamma, beta, rm.clone(), rv.clone(), activation=activation, impl=which
+        )
+        results.append([out, *torch.autograd.grad(out, [x, *ws, gamma, beta], gy)])
+    for name, a, r in zip(["output", "grad x", "grad w3", "grad w5", "grad gamma", "grad beta"],
+                          *results):  # fmt: skip
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-9, msg=name)
+    grad_beta, flat = results[0][-1], beta.detach()[: case.c - 3]
+    inside = (flat > 0) & (flat < 6) if activation == "relu6" else flat > 0
+    assert torch.equal(grad_beta[: case.c - 3][~inside], torch.zeros_like(flat[~inside]))
+    sums = gy.sum((0, 2, 3))[: case.c - 3]
+    torch.testing.assert_close(grad_beta[: case.c - 3][inside], sums[inside])
+
+
 @pytest.mark.parametrize("fmt", FORMATS, ids=str)
 def test_running_stats_follow_batch_norm_over_steps(impl_device, fmt):
     """Several training steps with different momenta (and masks changing between steps) give the
