@@ -49,6 +49,14 @@ inline std::vector<Group> check_and_group(const at::Tensor& x, at::TensorList we
   return groups;
 }
 
+// bn_bias is shaped like bn_weight and lives with x (both ops take it).
+inline void check_bias(const at::Tensor& x, const at::Tensor& bn_weight,
+                       const at::Tensor& bn_bias) {
+  TORCH_CHECK(bn_bias.sizes() == bn_weight.sizes(), kOp, ": bn_bias must have shape ",
+              bn_weight.sizes(), ", got ", bn_bias.sizes());
+  check_same(kOp, "bn_bias", bn_bias, x);
+}
+
 // The forward's checks beyond check_and_group: bias, running statistics (required and [C] when
 // batch statistics are not used), eps.
 inline void check_forward_args(const at::Tensor& x, const at::Tensor& bn_weight,
@@ -56,9 +64,7 @@ inline void check_forward_args(const at::Tensor& x, const at::Tensor& bn_weight,
                                const std::optional<at::Tensor>& running_mean,
                                const std::optional<at::Tensor>& running_var, bool use_batch_stats,
                                double eps) {
-  TORCH_CHECK(bn_bias.sizes() == bn_weight.sizes(), kOp, ": bn_bias must have shape ",
-              bn_weight.sizes(), ", got ", bn_bias.sizes());
-  check_same(kOp, "bn_bias", bn_bias, x);
+  check_bias(x, bn_weight, bn_bias);
   if (!use_batch_stats) {
     TORCH_CHECK(running_mean.has_value() && running_var.has_value(), kOp,
                 ": running statistics are required when batch statistics are not used");
@@ -78,9 +84,7 @@ inline void check_backward_args(const at::Tensor& x, const at::Tensor& grad_y,
                                 const at::Tensor& y, const at::Tensor& conv,
                                 const at::Tensor& bn_weight, const at::Tensor& bn_bias,
                                 const at::Tensor& mean, const at::Tensor& var, int64_t stride) {
-  TORCH_CHECK(bn_bias.sizes() == bn_weight.sizes(), kOp, ": bn_bias must have shape ",
-              bn_weight.sizes(), ", got ", bn_bias.sizes());
-  check_same(kOp, "bn_bias", bn_bias, x);
+  check_bias(x, bn_weight, bn_bias);
   const int64_t N = x.size(0), C = x.size(1);
   const int64_t Ho = (x.size(2) - 1) / stride + 1, Wo = (x.size(3) - 1) / stride + 1;
   for (const at::Tensor* t : {&grad_y, &y, &conv}) {

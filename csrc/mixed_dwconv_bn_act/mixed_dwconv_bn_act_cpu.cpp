@@ -229,6 +229,13 @@ void with_kernel(int64_t k, int64_t s, F&& f) {
   }
 }
 
+// BatchNorm's per-channel scale gamma / sqrt(var + eps), in the working type. The forward's and
+// the backward's recomputation of y (for the activation's mask) both take it from here.
+template <typename A>
+A bn_scale(A gamma, A var, A eps) {
+  return gamma / std::sqrt(var + eps);
+}
+
 // ------------------------------------------------------------------------------------------------
 // NCHW flat passes. A task holds an image's plane in a flat buffer padded with zeros to a multiple
 // of kLanes; per-channel coefficients are vectors of equal slots.
@@ -450,7 +457,7 @@ void fwd_task(const Problem<T, A>& pr, const std::vector<Group>& groups, const F
   io.mean[c] = m;
   io.var[c] = v;
   const Vec<A> coef[3] = {simd::splat<A>(m),  // mean, scale, beta
-                          simd::splat<A>(static_cast<A>(io.gamma[c]) / std::sqrt(v + pr.eps)),
+                          simd::splat<A>(bn_scale(static_cast<A>(io.gamma[c]), v, pr.eps)),
                           simd::splat<A>(static_cast<A>(io.beta[c]))};
   for (int64_t n = 0; n < pr.N; ++n) {  // BN + activation from the tape, still in cache
     prefetch_plane<true>(io.y, pr.N, pr.C, n + 1, t.c, HWo);
@@ -492,7 +499,7 @@ void bwd_task(const Problem<T, A>& pr, const std::vector<Group>& groups, const B
   const int64_t c = t.c;
   const Vec<A> mean = simd::splat<A>(io.mean[c]);
   const Vec<A> fwd_coef[3] = {
-      mean, simd::splat<A>(static_cast<A>(io.gamma[c]) / std::sqrt(io.var[c] + pr.eps)),
+      mean, simd::splat<A>(bn_scale(static_cast<A>(io.gamma[c]), io.var[c], pr.eps)),
       simd::splat<A>(static_cast<A>(io.beta[c]))};
   auto load_image = [&](int64_t n) {
     gather(io.gy, pr, n, t, g.Ho, g.Wo, gy, g.Wo, 0);
@@ -1087,7 +1094,7 @@ void fwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const FwdIO
     io.mean[c] = static_cast<T>(m);
     io.var[c] = static_cast<T>(v);
     coef[0][c] = static_cast<T>(m);
-    coef[1][c] = static_cast<T>(io.gamma[c]) / std::sqrt(static_cast<T>(v) + static_cast<T>(eps));
+    coef[1][c] = bn_scale(static_cast<T>(io.gamma[c]), static_cast<T>(v), static_cast<T>(eps));
     coef[2][c] = io.beta[c];
   }
   const std::vector<T> pc = periodic<T>(coef, C);
@@ -1113,8 +1120,8 @@ void bwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const BwdIO
   std::vector<std::vector<double>> coef(6, std::vector<double>(C, 0.0));
   for (int64_t c = 0; c < C; ++c) {
     coef[0][c] = io.mean[c];
-    coef[1][c] = static_cast<T>(io.gamma[c]) /
-                 std::sqrt(static_cast<T>(io.var[c]) + static_cast<T>(eps));
+    coef[1][c] = bn_scale(static_cast<T>(io.gamma[c]), static_cast<T>(io.var[c]),
+                          static_cast<T>(eps));
     coef[2][c] = io.beta[c];
   }
   const std::vector<T> pfwd = periodic<T>({coef[0], coef[1], coef[2]}, C);

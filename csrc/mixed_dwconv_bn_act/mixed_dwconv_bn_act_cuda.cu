@@ -250,8 +250,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> bwd_cuda
   const c10::cuda::CUDAGuard guard(x.device());
   const CudaLaunch launch{c10::cuda::getCurrentCUDAStream()};
   return device::backward(launch, grad_y, y, x, conv, weights, bn_weight, bn_bias, mean, var,
-                          stride,
-                          use_batch_stats, eps, activation);
+                          stride, use_batch_stats, eps, activation);
 }
 
 }  // namespace

@@ -765,6 +765,17 @@ def _device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _check_bias(x, bn_weight, bn_bias):
+    """bn_bias is shaped like bn_weight, in x's dtype on x's device (both ops take it)."""
+    _require(
+        bn_bias.shape == bn_weight.shape
+        and bn_bias.dtype == x.dtype
+        and bn_bias.device == x.device,
+        f"bn_bias must be [{x.shape[1]}] {x.dtype} on {x.device}, got {tuple(bn_bias.shape)} "
+        f"{bn_bias.dtype} on {bn_bias.device}",
+    )
+
+
 def _groups(x, weights, bn_weight, stride, activation) -> list[tuple[int, int, int]]:
     """(first channel, channel count, kernel size) per group, after the checks the C++ kernels'
     ``check_and_group`` makes."""
@@ -826,10 +837,7 @@ def fwd(x, weights, bn_weight, bn_bias, running_mean, running_var, stride, use_b
         activation):  # fmt: skip
     """``(y, conv, mean, var)`` of the compact-channel op; see ``ops.py`` for the contract."""
     groups = _groups(x, weights, bn_weight, stride, activation)
-    _require(
-        bn_bias.shape == bn_weight.shape and bn_bias.dtype == x.dtype,
-        f"bn_bias must be [{x.shape[1]}] {x.dtype}, got {tuple(bn_bias.shape)} {bn_bias.dtype}",
-    )
+    _check_bias(x, bn_weight, bn_bias)
     if not use_batch_stats:
         _require(
             running_mean is not None and running_var is not None,
@@ -905,10 +913,7 @@ def bwd(grad_y, y, x, conv, weights, bn_weight, bn_bias, mean, var, stride, use_
             t.shape == (A,) and t.dtype == sdt,
             f"{name} must be [{A}] {sdt}, got {tuple(t.shape)} {t.dtype}",
         )
-    _require(
-        bn_bias.shape == bn_weight.shape and bn_bias.device == x.device,
-        f"bn_bias must have shape {tuple(bn_weight.shape)}, got {tuple(bn_bias.shape)}",
-    )
+    _check_bias(x, bn_weight, bn_bias)
     fmt = output_memory_format(x)
     x = x.contiguous(memory_format=fmt)
     gy, y, conv = (t.contiguous(memory_format=fmt) for t in (grad_y, y, conv))

@@ -247,8 +247,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> bwd(
   TORCH_CHECK(x.device().is_cpu(), kOp, ": the host replay runs on CPU tensors");
   const HostLaunch launch{Reversed};
   return device::backward(launch, grad_y, y, x, conv, weights, bn_weight, bn_bias, mean, var,
-                          stride,
-                          use_batch_stats, eps, activation);
+                          stride, use_batch_stats, eps, activation);
 }
 
 }  // namespace
