@@ -66,15 +66,16 @@ inline T sum(Vec<T> v) {
   return s;
 }
 
-template <typename T, std::size_t... I>
-HRNAS_INLINE Vec<T> pick_lanes(Vec<T> a, Vec<T> b, std::index_sequence<I...>) {
-  return __builtin_shufflevector(a, b, (2 * I)...);
+template <int kFirst, typename T, std::size_t... I>
+HRNAS_INLINE Vec<T> pick_every_other(Vec<T> a, Vec<T> b, std::index_sequence<I...>) {
+  return __builtin_shufflevector(a, b, (2 * I + kFirst)...);
 }
 
-// Lanes 0, 2, 4, ... of the 2 * kWidth values a:b (the stride-2 samples of a contiguous run).
-template <typename T>
-inline Vec<T> even_lanes(Vec<T> a, Vec<T> b) {
-  return pick_lanes<T>(a, b, std::make_index_sequence<kWidth>{});
+// Lanes kFirst, kFirst + 2, ... of the 2 * kWidth values a:b: the even (kFirst = 0) or odd (1)
+// samples of a contiguous run.
+template <int kFirst, typename T>
+inline Vec<T> every_other(Vec<T> a, Vec<T> b) {
+  return pick_every_other<kFirst, T>(a, b, std::make_index_sequence<kWidth>{});
 }
 
 // The activation on a vector; NaN compares false, so it propagates as in the scalar version.

@@ -61,23 +61,28 @@ Geom make_geom(int64_t H, int64_t W, int64_t k, int64_t s) {
   return {H, W, k, s, p, (H - 1) / s + 1, (W - 1) / s + 1, H + 2 * p, W + 2 * p};
 }
 
-// Tiles get this many spare elements at the end: a stride-2 vector load reads 2 * kLanes values
-// of which it keeps the even ones, so the last one may look one vector past the tile.
-constexpr int64_t kTileSlack = 2 * kLanes;
+// Tiles get this many spare elements at the end: the weight gradient's last, partial vector of
+// a row reads up to kLanes values past the row (and keeps none of them).
+constexpr int64_t kTileSlack = kLanes;
 
-template <int S, typename A>
-inline Vec<A> load_strided(const A* p) {
+// Where padded column c = S * wo + kw of a tile row sits. Stride 1: in order. Stride 2: a row is
+// its even columns followed by its odd ones (`half` = (Wp + 1) / 2 even ones first), so the
+// columns one tap reads for consecutive outputs are consecutive, and a vector of them is one
+// plain load instead of two loads and a shuffle per tap.
+template <int S>
+HRNAS_INLINE int64_t tile_col(int64_t wo, int64_t kw, int64_t half) {
   if constexpr (S == 1) {
-    return simd::load(p);
+    return wo + kw;
   } else {
-    return simd::even_lanes<A>(simd::load(p), simd::load(p + kLanes));
+    return (kw & 1) * half + wo + (kw >> 1);
   }
 }
 
 // ------------------------------------------------------------------------------------------------
 // NCHW plane kernels: vectors along W.
 
-// out[ho][wo] = sum_{kh,kw} wt[kh][kw] * tile[ho*S + kh][wo*S + kw]   (out is Ho x Wo)
+// out[ho][wo] = sum_{kh,kw} wt[kh][kw] * tile[ho*S + kh][wo*S + kw]   (out is Ho x Wo; columns as
+// tile_col places them)
 // kRows output rows are computed together: with one accumulator the k*k FMAs of a vector form a
 // single dependency chain and run at FMA latency, with kRows independent chains at throughput.
 constexpr int64_t kRows = 4;
@@ -85,14 +90,14 @@ constexpr int64_t kRows = 4;
 template <int K, int S, typename A>
 void correlate_plane(const A* __restrict tile, const A* __restrict wt, const Geom g,
                      A* __restrict out) {
-  const int64_t k = K > 0 ? K : g.k;
+  const int64_t k = K > 0 ? K : g.k, half = (g.Wp + 1) / 2;
   if (g.Wo < kLanes) {  // narrow planes: scalar
     for (int64_t ho = 0; ho < g.Ho; ++ho) {
       for (int64_t wo = 0; wo < g.Wo; ++wo) {
         A acc = A(0);
         for (int64_t kh = 0; kh < k; ++kh) {
-          const A* r = tile + (ho * S + kh) * g.Wp + wo * S;
-          for (int64_t kw = 0; kw < k; ++kw) acc += wt[kh * k + kw] * r[kw];
+          const A* r = tile + (ho * S + kh) * g.Wp;
+          for (int64_t kw = 0; kw < k; ++kw) acc += wt[kh * k + kw] * r[tile_col<S>(wo, kw, half)];
         }
         out[ho * g.Wo + wo] = acc;
       }
@@ -107,12 +112,11 @@ void correlate_plane(const A* __restrict tile, const A* __restrict wt, const Geo
       const int64_t wo = std::min(w0, g.Wo - kLanes);
       Vec<A> acc[kRows] = {};
       for (int64_t kh = 0; kh < k; ++kh) {
-        const A* r = tile + (ho * S + kh) * g.Wp + wo * S;
+        const A* r = tile + (ho * S + kh) * g.Wp;
         for (int64_t kw = 0; kw < k; ++kw) {
           const A wv = wt[kh * k + kw];
-          for (int64_t i = 0; i < kRows; ++i) {
-            acc[i] += wv * load_strided<S>(r + i * S * g.Wp + kw);
-          }
+          const int64_t col = tile_col<S>(wo, kw, half);
+          for (int64_t i = 0; i < kRows; ++i) acc[i] += wv * simd::load(r + i * S * g.Wp + col);
         }
       }
       for (int64_t i = 0; i < kRows; ++i) simd::store(out + (ho + i) * g.Wo + wo, acc[i]);
@@ -123,27 +127,30 @@ void correlate_plane(const A* __restrict tile, const A* __restrict wt, const Geo
       const int64_t wo = std::min(w0, g.Wo - kLanes);
       Vec<A> acc = {};
       for (int64_t kh = 0; kh < k; ++kh) {
-        const A* r = tile + (ho * S + kh) * g.Wp + wo * S;
-        for (int64_t kw = 0; kw < k; ++kw) acc += wt[kh * k + kw] * load_strided<S>(r + kw);
+        const A* r = tile + (ho * S + kh) * g.Wp;
+        for (int64_t kw = 0; kw < k; ++kw) {
+          acc += wt[kh * k + kw] * simd::load(r + tile_col<S>(wo, kw, half));
+        }
       }
       simd::store(out + ho * g.Wo + wo, acc);
     }
   }
 }
 
-// dw[kh][kw] += sum_{ho,wo} d[ho][wo] * tile[ho*S + kh][wo*S + kw]   (d rows ld apart)
+// dw[kh][kw] += sum_{ho,wo} d[ho][wo] * tile[ho*S + kh][wo*S + kw]   (d rows ld apart; tile
+// columns as tile_col places them)
 template <int K, int S, typename A>
 void wgrad_plane(const A* __restrict d, int64_t ld, const A* __restrict tile, const Geom g,
                  double* __restrict dw) {
   constexpr int64_t kMaxK = K > 0 ? K : 1;
-  const int64_t k = K > 0 ? K : g.k;
+  const int64_t k = K > 0 ? K : g.k, half = (g.Wp + 1) / 2;
   if (K == 0) {  // other kernel sizes: plain loops
     for (int64_t kh = 0; kh < k; ++kh) {
       for (int64_t kw = 0; kw < k; ++kw) {
         A acc = A(0);
         for (int64_t ho = 0; ho < g.Ho; ++ho) {
-          const A* r = tile + (ho * S + kh) * g.Wp + kw;
-          for (int64_t wo = 0; wo < g.Wo; ++wo) acc += d[ho * ld + wo] * r[wo * S];
+          const A* r = tile + (ho * S + kh) * g.Wp + tile_col<S>(0, kw, half);
+          for (int64_t wo = 0; wo < g.Wo; ++wo) acc += d[ho * ld + wo] * r[wo];
         }
         dw[kh * k + kw] += acc;
       }
@@ -165,13 +172,15 @@ void wgrad_plane(const A* __restrict d, int64_t ld, const A* __restrict tile, co
       int64_t wo = 0;
       for (; wo + kLanes <= g.Wo; wo += kLanes) {
         const Vec<A> dv = simd::load(dr + wo);
-        for (int64_t kw = 0; kw < kMaxK; ++kw) acc[kw] += dv * load_strided<S>(r + wo * S + kw);
+        for (int64_t kw = 0; kw < kMaxK; ++kw) {
+          acc[kw] += dv * simd::load(r + tile_col<S>(wo, kw, half));
+        }
       }
       if (tail) {
         Vec<A> dv = {};
         for (int64_t l = 0; l < tail; ++l) dv[l] = dr[wo + l];
         for (int64_t kw = 0; kw < kMaxK; ++kw) {
-          acc[kw] += keep ? dv * load_strided<S>(r + wo * S + kw) : zero;
+          acc[kw] += keep ? dv * simd::load(r + tile_col<S>(wo, kw, half)) : zero;
         }
       }
     }
@@ -366,6 +375,32 @@ void gather(const T* src, const Problem<T, A>& pr, int64_t n, const Task& t, int
   }
 }
 
+// Image n's plane of the task's channel of an [N, C, H, W] tensor into the interior of a
+// zero-bordered tile of geometry g, columns as tile_col places them (the border stays zero).
+template <typename T, typename A>
+void gather_tile(const T* src, const Problem<T, A>& pr, int64_t n, const Task& t, const Geom& g,
+                 A* tile) {
+  if (g.s == 1) return gather(src, pr, n, t, pr.H, pr.W, tile, g.Wp, g.p * g.Wp + g.p);
+  const T* s = src + (n * pr.C + t.c) * pr.H * pr.W;
+  const int64_t half = (g.Wp + 1) / 2;
+  for (int64_t h = 0; h < pr.H; ++h) {
+    A* row = tile + (h + g.p) * g.Wp;
+    const T* in = s + h * pr.W;
+    int64_t w = 0;
+    if constexpr (std::is_same_v<T, A>) {
+      // input columns w = 2j land at tile column 2j + p, w = 2j + 1 at 2j + 1 + p
+      A* at_even = row + tile_col<2>(0, g.p, half);
+      A* at_odd = row + tile_col<2>(0, g.p + 1, half);
+      for (; w + 2 * kLanes <= pr.W; w += 2 * kLanes) {
+        const Vec<A> a = simd::load(in + w), b = simd::load(in + w + kLanes);
+        simd::store(at_even + w / 2, simd::every_other<0, A>(a, b));
+        simd::store(at_odd + w / 2, simd::every_other<1, A>(a, b));
+      }
+    }
+    for (; w < pr.W; ++w) row[tile_col<2>(0, w + g.p, half)] = static_cast<A>(in[w]);
+  }
+}
+
 // Requests image n's plane of the task's channel (HW values of an [N, C, H, W] tensor) into the
 // caches, for reading or (kWrite) writing, while the image before it is worked on; nothing past
 // the last image. A plane spans a few pages, and the hardware prefetcher stops at every page
@@ -431,7 +466,7 @@ void fwd_task(const Problem<T, A>& pr, const std::vector<Group>& groups, const F
   std::fill(out, out + len, A(0));
   Vec<A> s = {}, q = {};
   for (int64_t n = 0; n < pr.N; ++n) {
-    gather(io.x, pr, n, t, pr.H, pr.W, tile, g.Wp, g.p * g.Wp + g.p);
+    gather_tile(io.x, pr, n, t, g, tile);
     prefetch_plane<false>(io.x, pr.N, pr.C, n + 1, t.c, pr.H * pr.W);
     prefetch_plane<true>(io.conv, pr.N, pr.C, n, t.c, HWo);
     with_kernel(g.k, g.s, [&](auto K, auto S) {
@@ -548,7 +583,7 @@ void bwd_task(const Problem<T, A>& pr, const std::vector<Group>& groups, const B
       conv_grad_row(gy + row, y + row, cv + row, g.Wo, pr.act, coef,
                     dtile + (ho + dl) * dpitch + dl);
     }
-    gather(io.x, pr, n, t, pr.H, pr.W, xtile, g.Wp, g.p * g.Wp + g.p);
+    gather_tile(io.x, pr, n, t, g, xtile);
     prefetch_plane<false>(io.x, pr.N, pr.C, n + 1, t.c, pr.H * pr.W);
     prefetch_plane<true>(io.gx, pr.N, pr.C, n, t.c, pr.H * pr.W);
     const A* dconv = dtile + dl * dpitch + dl;
