@@ -648,8 +648,10 @@ struct Block {
 };
 
 // Tile pixels hold Cp >= C lanes: every group's channels, each group padded to a multiple of 8
-// with lanes that stay zero. P is the largest padding k / 2; dense means Cp == C (no padding),
-// when tile pixels and tensor pixels have the same layout.
+// with lanes that hold none of its channels (zero or, see relayout, a neighbour's values: lanes
+// never mix, and only a block's first `lanes` lanes are read back). P is the largest padding
+// k / 2; dense means Cp == C (no padding), when tile pixels and tensor pixels have the same
+// layout.
 struct Layout {
   int64_t C, Cp, P;
   bool dense;
@@ -676,6 +678,11 @@ Layout make_layout(const std::vector<Group>& groups) {
 }
 
 // npix pixels from tensor layout (C channels each) to tile layout (Cp lanes each), or back.
+// A group's channels move in whole vectors of 8: to the tile, the lanes past its channels get the
+// tensor's next values; back, a vector's spill past the group lands on channels that the next
+// group, or the next pixel, writes afterwards. Where a vector would reach past the range (the
+// tensor side's npix pixels), elements move one by one. A copy call per group and pixel cost
+// more than the conv for the few channels per group a search leaves alive.
 template <bool kToTile, typename T>
 void relayout(const T* src, int64_t npix, const Layout& lay, const std::vector<Group>& groups,
               T* dst) {
@@ -684,11 +691,15 @@ void relayout(const T* src, int64_t npix, const Layout& lay, const std::vector<G
     return;
   }
   const int64_t sp = kToTile ? lay.C : lay.Cp, dp = kToTile ? lay.Cp : lay.C;
+  const int64_t end = npix * lay.C;  // the tensor side's extent
   for (int64_t i = 0; i < npix; ++i) {
     for (size_t g = 0; g < groups.size(); ++g) {
-      const int64_t so = kToTile ? groups[g].begin : lay.group_off[g];
-      const int64_t d = kToTile ? lay.group_off[g] : groups[g].begin;
-      std::copy(src + i * sp + so, src + i * sp + so + groups[g].count, dst + i * dp + d);
+      const int64_t so = i * sp + (kToTile ? groups[g].begin : lay.group_off[g]);
+      const int64_t d = i * dp + (kToTile ? lay.group_off[g] : groups[g].begin);
+      const int64_t count = groups[g].count, at = kToTile ? so : d;  // tensor-side position
+      int64_t l = 0;
+      for (; l < count && at + l + 8 <= end; l += 8) storew<8>(dst + d + l, loadw<8>(src + so + l));
+      for (; l < count; ++l) dst[d + l] = src[so + l];
     }
   }
 }
