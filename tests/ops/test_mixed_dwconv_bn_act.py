@@ -692,6 +692,43 @@ def test_channels_last_tall_images_match_reference_and_thread_counts(case, train
     _assert_fp32_close(out, grads, rm_k, rv_k, ref, ref_grads, rm64, rv64)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_channels_last_padded_groups_keep_channels_apart(stride):
+    """Alive counts of 3, 1 and 2 per group (each padded to 8 lanes, moved in 8-lane vectors
+    whose spare lanes carry the neighbouring channels) on rows wide enough for the vector path,
+    with one alive channel all NaN: every other channel's output and gradients match the
+    reference, and NaN stays in that channel's output, its gamma/beta and weight gradients."""
+    if runnable("native", "cpu"):
+        pytest.skip(runnable("native", "cpu"))
+    case = Case(2, (8, 4, 4), (3, 5, 7), 9, 37, stride)
+    ws, gamma, beta, _, _ = _params(case, torch.float64, "cpu", seed=4)
+    index = torch.tensor([0, 3, 6, 9, 12, 14])  # 3 of the k=3 group, 1 of k=5, 2 of k=7
+    x = randn((2, 6, 9, 37), dtype=torch.float64, seed=2, memory_format=torch.channels_last)
+    with torch.no_grad():
+        x[:, 4] = float("nan")  # the first k=7 channel
+    gy = randn((2, 6, (9 - 1) // stride + 1, (37 - 1) // stride + 1), dtype=torch.float64, seed=3)
+    results = []
+    for impl in ("native", "reference"):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, gamma, beta, *ws)]
+        out = mixed_dwconv_bn_act(
+            leaves[0],
+            leaves[3:],
+            leaves[1],
+            leaves[2],
+            None,
+            None,
+            stride=stride,
+            channel_index=index,
+            impl=impl,
+        )
+        results.append((out, *torch.autograd.grad(out, leaves, gy)))
+    for actual, expected in zip(*results):
+        torch.testing.assert_close(actual, expected, equal_nan=True)
+    out, gx = results[0][0], results[0][1]
+    assert out[:, 4].isnan().all() and not out[:, [0, 1, 2, 3, 5]].isnan().any()
+    assert not gx[:, [0, 1, 2, 3, 5]].isnan().any()
+
+
 @pytest.mark.parametrize("dense", [False, True], ids=["padded", "dense"])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_gradcheck_float64_channels_last_across_bands(stride, dense):
