@@ -65,16 +65,16 @@ Geom make_geom(int64_t H, int64_t W, int64_t k, int64_t s) {
 // a row reads up to kLanes values past the row (and keeps none of them).
 constexpr int64_t kTileSlack = kLanes;
 
-// Where padded column c = S * wo + kw of a tile row sits. Stride 1: in order. Stride 2: a row is
-// its even columns followed by its odd ones (`half` = (Wp + 1) / 2 even ones first), so the
-// columns one tap reads for consecutive outputs are consecutive, and a vector of them is one
-// plain load instead of two loads and a shuffle per tap.
+// Where padded column c = S * wo + kw of a row of g's tile sits. Stride 1: in order. Stride 2: a
+// row is its even columns followed by its odd ones ((Wp + 1) / 2 even ones first), so the columns
+// one tap reads for consecutive outputs are consecutive, and a vector of them is one plain load
+// instead of two loads and a shuffle per tap.
 template <int S>
-HRNAS_INLINE int64_t tile_col(int64_t wo, int64_t kw, int64_t half) {
+HRNAS_INLINE int64_t tile_col(int64_t wo, int64_t kw, const Geom& g) {
   if constexpr (S == 1) {
     return wo + kw;
   } else {
-    return (kw & 1) * half + wo + (kw >> 1);
+    return (kw & 1) * ((g.Wp + 1) / 2) + wo + (kw >> 1);
   }
 }
 
@@ -90,14 +90,14 @@ constexpr int64_t kRows = 4;
 template <int K, int S, typename A>
 void correlate_plane(const A* __restrict tile, const A* __restrict wt, const Geom g,
                      A* __restrict out) {
-  const int64_t k = K > 0 ? K : g.k, half = (g.Wp + 1) / 2;
+  const int64_t k = K > 0 ? K : g.k;
   if (g.Wo < kLanes) {  // narrow planes: scalar
     for (int64_t ho = 0; ho < g.Ho; ++ho) {
       for (int64_t wo = 0; wo < g.Wo; ++wo) {
         A acc = A(0);
         for (int64_t kh = 0; kh < k; ++kh) {
           const A* r = tile + (ho * S + kh) * g.Wp;
-          for (int64_t kw = 0; kw < k; ++kw) acc += wt[kh * k + kw] * r[tile_col<S>(wo, kw, half)];
+          for (int64_t kw = 0; kw < k; ++kw) acc += wt[kh * k + kw] * r[tile_col<S>(wo, kw, g)];
         }
         out[ho * g.Wo + wo] = acc;
       }
@@ -115,7 +115,7 @@ void correlate_plane(const A* __restrict tile, const A* __restrict wt, const Geo
         const A* r = tile + (ho * S + kh) * g.Wp;
         for (int64_t kw = 0; kw < k; ++kw) {
           const A wv = wt[kh * k + kw];
-          const int64_t col = tile_col<S>(wo, kw, half);
+          const int64_t col = tile_col<S>(wo, kw, g);
           for (int64_t i = 0; i < kRows; ++i) acc[i] += wv * simd::load(r + i * S * g.Wp + col);
         }
       }
@@ -129,7 +129,7 @@ void correlate_plane(const A* __restrict tile, const A* __restrict wt, const Geo
       for (int64_t kh = 0; kh < k; ++kh) {
         const A* r = tile + (ho * S + kh) * g.Wp;
         for (int64_t kw = 0; kw < k; ++kw) {
-          acc += wt[kh * k + kw] * simd::load(r + tile_col<S>(wo, kw, half));
+          acc += wt[kh * k + kw] * simd::load(r + tile_col<S>(wo, kw, g));
         }
       }
       simd::store(out + ho * g.Wo + wo, acc);
@@ -143,13 +143,13 @@ template <int K, int S, typename A>
 void wgrad_plane(const A* __restrict d, int64_t ld, const A* __restrict tile, const Geom g,
                  double* __restrict dw) {
   constexpr int64_t kMaxK = K > 0 ? K : 1;
-  const int64_t k = K > 0 ? K : g.k, half = (g.Wp + 1) / 2;
+  const int64_t k = K > 0 ? K : g.k;
   if (K == 0) {  // other kernel sizes: plain loops
     for (int64_t kh = 0; kh < k; ++kh) {
       for (int64_t kw = 0; kw < k; ++kw) {
         A acc = A(0);
         for (int64_t ho = 0; ho < g.Ho; ++ho) {
-          const A* r = tile + (ho * S + kh) * g.Wp + tile_col<S>(0, kw, half);
+          const A* r = tile + (ho * S + kh) * g.Wp + tile_col<S>(0, kw, g);
           for (int64_t wo = 0; wo < g.Wo; ++wo) acc += d[ho * ld + wo] * r[wo];
         }
         dw[kh * k + kw] += acc;
@@ -173,14 +173,14 @@ void wgrad_plane(const A* __restrict d, int64_t ld, const A* __restrict tile, co
       for (; wo + kLanes <= g.Wo; wo += kLanes) {
         const Vec<A> dv = simd::load(dr + wo);
         for (int64_t kw = 0; kw < kMaxK; ++kw) {
-          acc[kw] += dv * simd::load(r + tile_col<S>(wo, kw, half));
+          acc[kw] += dv * simd::load(r + tile_col<S>(wo, kw, g));
         }
       }
       if (tail) {
         Vec<A> dv = {};
         for (int64_t l = 0; l < tail; ++l) dv[l] = dr[wo + l];
         for (int64_t kw = 0; kw < kMaxK; ++kw) {
-          acc[kw] += keep ? dv * simd::load(r + tile_col<S>(wo, kw, half)) : zero;
+          acc[kw] += keep ? dv * simd::load(r + tile_col<S>(wo, kw, g)) : zero;
         }
       }
     }
@@ -382,22 +382,21 @@ void gather_tile(const T* src, const Problem<T, A>& pr, int64_t n, const Task& t
                  A* tile) {
   if (g.s == 1) return gather(src, pr, n, t, pr.H, pr.W, tile, g.Wp, g.p * g.Wp + g.p);
   const T* s = src + (n * pr.C + t.c) * pr.H * pr.W;
-  const int64_t half = (g.Wp + 1) / 2;
   for (int64_t h = 0; h < pr.H; ++h) {
     A* row = tile + (h + g.p) * g.Wp;
     const T* in = s + h * pr.W;
     int64_t w = 0;
     if constexpr (std::is_same_v<T, A>) {
       // input columns w = 2j land at tile column 2j + p, w = 2j + 1 at 2j + 1 + p
-      A* at_even = row + tile_col<2>(0, g.p, half);
-      A* at_odd = row + tile_col<2>(0, g.p + 1, half);
+      A* at_even = row + tile_col<2>(0, g.p, g);
+      A* at_odd = row + tile_col<2>(0, g.p + 1, g);
       for (; w + 2 * kLanes <= pr.W; w += 2 * kLanes) {
         const Vec<A> a = simd::load(in + w), b = simd::load(in + w + kLanes);
         simd::store(at_even + w / 2, simd::every_other<0, A>(a, b));
         simd::store(at_odd + w / 2, simd::every_other<1, A>(a, b));
       }
     }
-    for (; w < pr.W; ++w) row[tile_col<2>(0, w + g.p, half)] = static_cast<A>(in[w]);
+    for (; w < pr.W; ++w) row[tile_col<2>(0, w + g.p, g)] = static_cast<A>(in[w]);
   }
 }
 
@@ -991,6 +990,21 @@ HRNAS_INLINE T bn_one(const T* conv, const T* mean, const T* scale, const T* bet
   return (conv[i] - mean[j]) * scale[j] + beta[j];
 }
 
+// dz = grad_y through the activation, its mask from y recomputed by bn_vec / bn_one with the
+// forward's coefficients (a vector at i, period position j, and one element)
+template <typename T>
+HRNAS_INLINE Vec<T> dz_vec(const T* gy, const T* conv, const T* mean, const T* scale,
+                           const T* beta, int64_t i, int64_t j, Activation act) {
+  const Vec<T> y = simd::activate<T>(bn_vec(conv, mean, scale, beta, i, j), act);
+  return simd::grad_through<T>(simd::load(gy + i), y, act);
+}
+
+template <typename T>
+HRNAS_INLINE T dz_one(const T* gy, const T* conv, const T* mean, const T* scale, const T* beta,
+                      int64_t i, int64_t j, Activation act) {
+  return passes_grad(activate(bn_one(conv, mean, scale, beta, i, j), act), act) ? gy[i] : T(0);
+}
+
 // y = act((conv - mean) * scale + beta)
 template <typename T>
 void bn_act_nhwc(const T* __restrict conv, int64_t len, const T* __restrict coef, int64_t period,
@@ -1006,8 +1020,7 @@ void bn_act_nhwc(const T* __restrict conv, int64_t len, const T* __restrict coef
   }
 }
 
-// s[j] += dz, q[j] += dz * (conv - mean) at period position j (dz: grad_y through the
-// activation, its mask from y recomputed with the forward's coefficients mean, scale, beta)
+// s[j] += dz, q[j] += dz * (conv - mean) at period position j (dz: see dz_vec)
 template <typename T>
 void grad_sums_nhwc(const T* __restrict gy, const T* __restrict conv, int64_t len,
                     const T* __restrict fwd_coef, int64_t period, Activation act, T* __restrict s,
@@ -1017,22 +1030,20 @@ void grad_sums_nhwc(const T* __restrict gy, const T* __restrict conv, int64_t le
     const int64_t n = std::min(period, len - i0);
     int64_t j = 0;
     for (; j + kLanes <= n; j += kLanes) {
-      const Vec<T> y = simd::activate<T>(bn_vec(conv, mean, scale, beta, i0 + j, j), act);
-      const Vec<T> dz = simd::grad_through<T>(simd::load(gy + i0 + j), y, act);
+      const Vec<T> dz = dz_vec(gy, conv, mean, scale, beta, i0 + j, j, act);
       simd::store(s + j, simd::load(s + j) + dz);
       const Vec<T> centred = simd::load(conv + i0 + j) - simd::load(mean + j);
       simd::store(q + j, simd::load(q + j) + dz * centred);
     }
     for (; j < n; ++j) {
-      const T y = activate(bn_one(conv, mean, scale, beta, i0 + j, j), act);
-      const T dz = passes_grad(y, act) ? gy[i0 + j] : T(0);
+      const T dz = dz_one(gy, conv, mean, scale, beta, i0 + j, j, act);
       s[j] += dz;
       q[j] += dz * (conv[i0 + j] - mean[j]);
     }
   }
 }
 
-// d(conv) = k_dz * dz + k_conv * (conv - mean) + k_const (dz as in grad_sums_nhwc)
+// d(conv) = k_dz * dz + k_conv * (conv - mean) + k_const (dz: see dz_vec)
 template <typename T>
 void conv_grad_nhwc(const T* __restrict gy, const T* __restrict conv, int64_t len,
                     const T* __restrict coef, int64_t period, Activation act, T* __restrict out) {
@@ -1042,16 +1053,14 @@ void conv_grad_nhwc(const T* __restrict gy, const T* __restrict conv, int64_t le
     const int64_t n = std::min(period, len - i0);
     int64_t j = 0;
     for (; j + kLanes <= n; j += kLanes) {
-      const Vec<T> y = simd::activate<T>(bn_vec(conv, mean, scale, beta, i0 + j, j), act);
-      const Vec<T> dz = simd::grad_through<T>(simd::load(gy + i0 + j), y, act);
+      const Vec<T> dz = dz_vec(gy, conv, mean, scale, beta, i0 + j, j, act);
       simd::store(out + i0 + j,
                   simd::load(k_dz + j) * dz +
                       simd::load(k_conv + j) * (simd::load(conv + i0 + j) - simd::load(mean + j)) +
                       simd::load(k_const + j));
     }
     for (; j < n; ++j) {
-      const T y = activate(bn_one(conv, mean, scale, beta, i0 + j, j), act);
-      const T dz = passes_grad(y, act) ? gy[i0 + j] : T(0);
+      const T dz = dz_one(gy, conv, mean, scale, beta, i0 + j, j, act);
       out[i0 + j] = k_dz[j] * dz + k_conv[j] * (conv[i0 + j] - mean[j]) + k_const[j];
     }
   }
