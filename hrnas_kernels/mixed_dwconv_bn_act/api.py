@@ -21,8 +21,34 @@ SUPPORTED = {
 _OP = "mixed_dwconv_bn_act"
 
 
+def _compact(channel_index, counts, weights, bn_weight, bn_bias):
+    """The alive channels' kernels (per group), gammas and betas, and each group's alive
+    channels numbered within the group (for the backward's scatter); all channels when
+    ``channel_index`` is None."""
+    if channel_index is None:
+        return list(weights), bn_weight, bn_bias, None
+    rows, local, start, offset = [], [], 0, 0
+    for w, count in zip(weights, counts):
+        local.append(channel_index[start : start + count] - offset)
+        rows.append(w.index_select(0, local[-1]))
+        start, offset = start + count, offset + w.shape[0]
+    gamma = bn_weight.index_select(0, channel_index)
+    return rows, gamma, bn_bias.index_select(0, channel_index), local
+
+
+def _expand(grad, index, size):
+    """A compact gradient at full size along dim 0: dead channels' entries exactly zero."""
+    shape = list(grad.shape)
+    shape[0] = size
+    return grad.new_zeros(shape).index_copy_(0, index, grad)
+
+
 class _MixedDepthwiseConvBNAct(torch.autograd.Function):
-    """Autograd over the compact-channel op pair; mean/var come out for the running-stat update."""
+    """Autograd over the compact-channel op pair. It takes the full parameters and the alive
+    index and gathers the alive channels itself (plain ATen calls, outside autograd); its
+    backward puts the compact gradients back at full size, dead channels' entries zero: one
+    node instead of a differentiable gather per parameter. mean/var come out for the
+    running-stat update."""
 
     @staticmethod
     def forward(
@@ -37,13 +63,16 @@ class _MixedDepthwiseConvBNAct(torch.autograd.Function):
         eps,
         activation,
         impl,
+        channel_index,
+        counts,
         *weights,
     ):
+        rows, gamma, beta, local = _compact(channel_index, counts, weights, bn_weight, bn_bias)
         y, conv, mean, var = _OPS[impl][0](
             x,
-            list(weights),
-            bn_weight,
-            bn_bias,
+            rows,
+            gamma,
+            beta,
             running_mean,
             running_var,
             stride,
@@ -51,24 +80,26 @@ class _MixedDepthwiseConvBNAct(torch.autograd.Function):
             eps,
             activation,
         )
-        ctx.save_for_backward(y, x, conv, bn_weight, bn_bias, mean, var, *weights)
+        ctx.save_for_backward(y, x, conv, gamma, beta, mean, var, *rows)
         ctx.stride, ctx.use_batch_stats, ctx.eps = stride, use_batch_stats, eps
         ctx.activation, ctx.impl = activation, impl
+        ctx.channel_index, ctx.local = channel_index, local
+        ctx.sizes = [w.shape[0] for w in weights]
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, _grad_mean, _grad_var):
-        y, x, conv, bn_weight, bn_bias, mean, var, *weights = ctx.saved_tensors
+        y, x, conv, gamma, beta, mean, var, *rows = ctx.saved_tensors
         grad_x, grad_w, grad_gamma, grad_beta = _OPS[ctx.impl][1](
             grad_y,
             y,
             x,
             conv,
-            weights,
-            bn_weight,
-            bn_bias,
+            rows,
+            gamma,
+            beta,
             mean,
             var,
             ctx.stride,
@@ -76,7 +107,13 @@ class _MixedDepthwiseConvBNAct(torch.autograd.Function):
             ctx.eps,
             ctx.activation,
         )
-        return (grad_x, grad_gamma, grad_beta, None, None, None, None, None, None, None, *grad_w)
+        index = ctx.channel_index
+        if index is not None:
+            channels = sum(ctx.sizes)
+            grad_w = [_expand(g, i, n) for g, i, n in zip(grad_w, ctx.local, ctx.sizes)]
+            grad_gamma = _expand(grad_gamma, index, channels)
+            grad_beta = _expand(grad_beta, index, channels)
+        return (grad_x, grad_gamma, grad_beta, *([None] * 9), *grad_w)
 
 
 def _check(
@@ -213,21 +250,16 @@ def fused_forward(
             channel_index=channel_index,
         )
     use_batch_stats = training or running_mean is None
-    if channel_index is None:
-        rows, gamma, beta, rm, rv = list(weights), bn_weight, bn_bias, running_mean, running_var
-    else:
-        rows, start, offset = [], 0, 0
-        for w, count in zip(weights, counts):
-            rows.append(w.index_select(0, channel_index[start : start + count] - offset))
-            start, offset = start + count, offset + w.shape[0]
-        gamma = bn_weight.index_select(0, channel_index)
-        beta = bn_bias.index_select(0, channel_index)
-        rm = None if running_mean is None else running_mean.index_select(0, channel_index)
-        rv = None if running_var is None else running_var.index_select(0, channel_index)
+    rm, rv = running_mean, running_var
+    if channel_index is not None and running_mean is not None:
+        rm, rv = (
+            running_mean.index_select(0, channel_index),
+            running_var.index_select(0, channel_index),
+        )
     y, mean, var = _MixedDepthwiseConvBNAct.apply(
         x,
-        gamma,
-        beta,
+        bn_weight,
+        bn_bias,
         None if use_batch_stats else rm,
         None if use_batch_stats else rv,
         stride,
@@ -235,20 +267,24 @@ def fused_forward(
         float(eps),
         activation or "none",
         impl,
-        *rows,
+        channel_index,
+        counts,
+        *weights,
     )
     if training and running_mean is not None and y.numel():
         count = y.shape[0] * y.shape[2] * y.shape[3]
         with torch.no_grad():
-            unbiased = var * (count / max(count - 1, 1))
-            new_mean = torch.lerp(rm.to(mean.dtype), mean, momentum).to(running_mean.dtype)
-            new_var = torch.lerp(rv.to(var.dtype), unbiased, momentum).to(running_var.dtype)
-            if channel_index is None:
-                running_mean.copy_(new_mean)
-                running_var.copy_(new_var)
-            else:
-                running_mean.index_copy_(0, channel_index, new_mean)
-                running_var.index_copy_(0, channel_index, new_var)
+            # F.batch_norm's update, r = lerp(r, stat, momentum), on the running statistics or,
+            # with a channel index, on the alive channels' copies (rm, rv), then written back
+            alive, stats = [rm, rv], [mean, var * (count / max(count - 1, 1))]
+            if mean.dtype == rm.dtype:
+                torch._foreach_lerp_(alive, stats, momentum)
+            else:  # reduced-precision running statistics: lerp in the statistics' type
+                for r, stat in zip(alive, stats):
+                    r.copy_(torch.lerp(r.to(stat.dtype), stat, momentum))
+            if channel_index is not None:
+                running_mean.index_copy_(0, channel_index, rm)
+                running_var.index_copy_(0, channel_index, rv)
     return y
 
 

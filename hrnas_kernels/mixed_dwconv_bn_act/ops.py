@@ -3,8 +3,8 @@ Triton registration. Imports torch only.
 
 The ops work on *compact* channels: ``x`` holds only the alive channels ``[N, A, H, W]``, grouped
 by kernel size in order, and every per-channel tensor is already gathered to those A channels
-(the public API does the gathering with differentiable ``index_select``, so parameters stay full
-size and dead rows get exactly zero gradient without the kernels knowing about masks).
+(the public API's autograd function gathers them and scatters the gradients back, so parameters
+stay full size and dead rows get exactly zero gradient without the kernels knowing about masks).
 
     fwd(x [N, A, H, W], weights: per group [A_g, 1, k_g, k_g] (A_g may be 0, sum A_g = A),
         bn_weight [A], bn_bias [A], running_mean [A]?, running_var [A]?,

@@ -51,33 +51,57 @@ def _forward_op(
     )
 
 
-class _TokenTransformer(torch.autograd.Function):
-    """Autograd over the compact-token op pair; the statistics come out for the running-average
-    update and are not differentiable."""
-
-    @staticmethod
-    def forward(
-        ctx, meta, x, coords, w_in, bn_in_w, bn_in_b, query, w_out, bn_out_w, bn_out_b, *rest
-    ):
-        impl, num_heads, _out_size, residual, eps, n_enc = meta
-        rm_in, _rv_in, _rm_out, _rv_out, *layers = rest
-        y, tape, mean_in, var_in, mean_out, var_out = _forward_op(
-            meta,
-            x,
-            coords,
-            w_in,
+def _compact(token_index, w_in, bn_in_w, bn_in_b, query, w_out):
+    """The per-token parameters (in ``_forward_op``'s order) of the alive tokens, contiguous as
+    the ops take them; all tokens when ``token_index`` is None."""
+    if token_index is None:
+        return (
+            w_in.contiguous(),
             bn_in_w,
             bn_in_b,
-            query,
-            w_out,
-            bn_out_w,
-            bn_out_b,
-            *rest,
-            save_tape=True,
+            None if query is None else query.contiguous(),
+            w_out.contiguous(),
         )
+    return (
+        w_in.index_select(0, token_index),
+        bn_in_w.index_select(0, token_index),
+        bn_in_b.index_select(0, token_index),
+        None if query is None else query.index_select(0, token_index),
+        w_out.index_select(1, token_index),
+    )
+
+
+def _expand(grad, token_index, tokens, dim):
+    """A compact per-token gradient at its parameter's full size along ``dim``: dead tokens'
+    entries exactly zero."""
+    if token_index is None:
+        return grad
+    shape = list(grad.shape)
+    shape[dim] = tokens
+    return grad.new_zeros(shape).index_copy_(dim, token_index, grad)
+
+
+class _TokenTransformer(torch.autograd.Function):
+    """Autograd over the compact-token op pair. It takes the full per-token parameters and the
+    token index and gathers the alive tokens itself (plain ATen calls, outside autograd); its
+    backward puts the compact gradients back at full size, dead tokens' entries zero: one
+    autograd node instead of a differentiable gather (and its backward node) per parameter. The
+    statistics come out for the running-average update and are not differentiable."""
+
+    @staticmethod
+    def forward(ctx, meta, token_index, x, coords, *params):
+        impl, num_heads, _out_size, residual, eps, n_enc = meta
+        tokens = params[0].shape[0]
+        compact = _compact(token_index, *params[:5])
+        bn_out_w, _bn_out_b, rm_in, _rv_in, _rm_out, _rv_out, *layers = params[5:]
+        y, tape, mean_in, var_in, mean_out, var_out = _forward_op(
+            meta, x, coords, *compact, *params[5:], save_tape=True
+        )
+        w_in, bn_in_w, bn_in_b, query, w_out = compact
         ctx.save_for_backward(
             tape, coords, w_in, bn_in_w, bn_in_b, var_in, query, w_out, bn_out_w, var_out, *layers
         )
+        ctx.token_index, ctx.tokens = token_index, tokens
         ctx.meta = (impl, num_heads, [x.shape[2], x.shape[3]], residual, eps, rm_in is None, n_enc)
         ctx.mark_non_differentiable(mean_in, var_in, mean_out, var_out)
         return y, mean_in, var_in, mean_out, var_out
@@ -121,15 +145,17 @@ class _TokenTransformer(torch.autograd.Function):
             g_bn_out_w,
             g_bn_out_b,
         ) = grads
+        index, tokens = ctx.token_index, ctx.tokens
         return (
+            None,
             None,
             g_x,
             None,
-            g_w_in,
-            g_bn_in_w,
-            g_bn_in_b,
-            g_query if query is not None else None,
-            g_w_out,
+            _expand(g_w_in, index, tokens, 0),
+            _expand(g_bn_in_w, index, tokens, 0),
+            _expand(g_bn_in_b, index, tokens, 0),
+            _expand(g_query, index, tokens, 0) if query is not None else None,
+            _expand(g_w_out, index, tokens, 1),
             g_bn_out_w,
             g_bn_out_b,
             None,
@@ -352,17 +378,9 @@ def fused_forward(
         )
     n, c, h, w = x.shape
     use_batch_stats = training or input_running_mean is None
-    w_in, query, w_out = input_proj_weight, query_embed, reverse_proj_weight
-    bn_in_w, bn_in_b = input_norm_weight, input_norm_bias
     rm_in, rv_in = input_running_mean, input_running_var
-    if token_index is not None:
-        w_in = w_in.index_select(0, token_index)
-        query = None if query is None else query.index_select(0, token_index)
-        w_out = w_out.index_select(1, token_index)
-        bn_in_w = bn_in_w.index_select(0, token_index)
-        bn_in_b = bn_in_b.index_select(0, token_index)
-        if rm_in is not None:
-            rm_in, rv_in = rm_in.index_select(0, token_index), rv_in.index_select(0, token_index)
+    if token_index is not None and rm_in is not None:
+        rm_in, rv_in = rm_in.index_select(0, token_index), rv_in.index_select(0, token_index)
     running = (
         (None,) * 4
         if use_batch_stats
@@ -373,26 +391,25 @@ def fused_forward(
     enc = list(encoder)
     dec = [] if decoder is None else list(decoder)
     meta = (impl, num_heads, out_size, residual, float(eps), len(enc))
-    op_args = (
-        x.contiguous(),
-        coords.contiguous(),
-        w_in.contiguous(),
-        bn_in_w,
-        bn_in_b,
-        None if query is None else query.contiguous(),
-        w_out.contiguous(),
-        reverse_norm_weight,
-        reverse_norm_bias,
-        *running,
-        *enc,
-        *dec,
+    per_token = (
+        input_proj_weight,
+        input_norm_weight,
+        input_norm_bias,
+        query_embed,
+        reverse_proj_weight,
     )
+    rest = (reverse_norm_weight, reverse_norm_bias, *running, *enc, *dec)
+    x, coords = x.contiguous(), coords.contiguous()
     if torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in op_args
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (x, *per_token, *rest)
     ):
-        y, mean_in, var_in, mean_out, var_out = _TokenTransformer.apply(meta, *op_args)
+        y, mean_in, var_in, mean_out, var_out = _TokenTransformer.apply(
+            meta, token_index, x, coords, *per_token, *rest
+        )
     else:  # nothing to differentiate (inference): the op alone, no autograd node and no tape
-        y, _, mean_in, var_in, mean_out, var_out = _forward_op(meta, *op_args, save_tape=False)
+        y, _, mean_in, var_in, mean_out, var_out = _forward_op(
+            meta, x, coords, *_compact(token_index, *per_token), *rest, save_tape=False
+        )
     if training and input_running_mean is not None:
         count = n * coords.shape[-1] * coords.shape[-2]
         unbias = count / max(count - 1, 1)

@@ -2,9 +2,9 @@
 only.
 
 The ops work on *compact* tokens: every per-token tensor is already gathered to the L alive
-tokens (the public API gathers with differentiable ``index_select``, so parameters stay full size
-and dead tokens get exactly zero gradient without the kernels knowing about masks). The whole
-block is one forward and one backward op, in two families with one schema:
+tokens (the public API's autograd function gathers them and scatters the gradients back, so
+parameters stay full size and dead tokens get exactly zero gradient without the kernels knowing
+about masks). The whole block is one forward and one backward op, in two families with one schema:
 ``token_transformer_{fwd,bwd}`` (the C++ kernels) and ``token_transformer_{fwd,bwd}_triton``
 (``triton.py``: Triton forward, backward composed of torch operations; imported on first call).
 

@@ -34,7 +34,7 @@ Backward (``bwd``): NOT a Triton kernel. It is written as batched torch operatio
 (``aten.upsample_bilinear2d_backward``), BN_out, the output projection, each layer in reverse
 (LayerNorm, feed-forward, attention with the saved probabilities, projections), BN_in, the input
 projection and the adjoint of the input resize. Dead tokens never reach it (compact tokens), so
-their parameters get exactly zero gradient from the API's ``index_select``.
+their parameters get exactly zero gradient from the API's scatter of the compact gradients.
 """
 
 from __future__ import annotations
