@@ -6,9 +6,10 @@
 //        per-thread buffer by a vector row map (permutes within a 32-element window); each
 //        output row is summed in an L1 accumulator row (same-size rows, then two blended buffer
 //        rows per resampled input), then activated and written once.
-//   NHWC (one output row at a time): each resampled input's two source rows are blended into one
-//        buffer row; each output pixel sums, one vector of channels in registers, the same-size
-//        pixels and two weighted buffer pixels per resampled input, activates and stores.
+//   NHWC (one output row of Wo * C values at a time): each source row of a resampled input is
+//        resampled along W into a per-thread slot once per task; each output row sums the
+//        same-size row and two weighted slot rows per resampled input in one pass, activates and
+//        writes once.
 // Backward, per plane (NCHW) or image (NHWC): gm = grad_out * act'(out) is formed once (in a
 // same-size input's gradient when there is one); each resampled input's gradient is then gathered
 // row by row with the transposed taps, vertically then horizontally. Every plane/image belongs to
@@ -434,93 +435,143 @@ void fwd_nchw_planes(const Plan<scalar_t, opmath_t>& p, scalar_t* out, int64_t b
   }
 }
 
-// The NHWC forward, one output row at a time. Each resampled input is first blended vertically:
-// its two source rows (set by the output row) become one row at the input's width in a
-// per-thread buffer. Each output pixel then sums, one vector of channels at a time, the
-// same-size inputs' pixels and two horizontally weighted buffer pixels per resampled input,
-// activates and writes once.
+// dst[w * C + c] = l0[w] * src[i0[w] * C + c] + l1[w] * src[i1[w] * C + c] for w < Wo, c < C
+// (nearest: the first term alone): one source row of an NHWC input resampled along W to the
+// output's width.
 template <typename scalar_t, typename opmath_t>
-void fwd_nhwc_rows(const Plan<scalar_t, opmath_t>& p, scalar_t* out, int64_t begin, int64_t end) {
-  using V = simd::Vec<opmath_t>;
-  const int64_t C = p.C, Ho = p.Ho, Wo = p.Wo;
-  const bool bilinear = p.mode == Mode::kBilinear;
-  int64_t at[kMaxInputs] = {}, size = 0;
-  for (int j = 0; j < p.n; ++j) {
-    at[j] = size;
-    if (!p.identity[j]) size += p.W[j] * C;
-  }
-  opmath_t* blended = scratch<opmath_t>(0, size);
-  const scalar_t* same[kMaxInputs];  // rows of the same-size inputs
-  const opmath_t* rows[kMaxInputs];  // blended rows of the resampled inputs
-  const Axis<opmath_t>* cols[kMaxInputs];
-  const opmath_t* s0[kMaxInputs];
-  const opmath_t* s1[kMaxInputs];
-  opmath_t b0[kMaxInputs], b1[kMaxInputs];
-  for (int64_t nh = begin; nh < end; ++nh) {
-    const int64_t n = nh / Ho, h = nh % Ho;
-    int n_same = 0, n_res = 0;
-    for (int j = 0; j < p.n; ++j) {
-      const int64_t rowlen = p.W[j] * C;
-      const scalar_t* x = p.x[j] + n * p.H[j] * rowlen;
-      if (p.identity[j]) {
-        same[n_same++] = x + h * rowlen;
-        continue;
-      }
-      const Axis<opmath_t>& r = p.rows[j];
-      const scalar_t* x0 = x + r.i0[h] * rowlen;
-      const scalar_t* x1 = x + r.i1[h] * rowlen;
-      const opmath_t a0 = r.l0[h], a1 = r.l1[h];
-      opmath_t* t = blended + at[j];
-      if (bilinear) {
-        sweep(
-            rowlen,
-            [&](int64_t e) {
-              simd::store<opmath_t>(t + e, a0 * load_as<scalar_t, opmath_t>(x0 + e) +
-                                               a1 * load_as<scalar_t, opmath_t>(x1 + e));
-            },
-            [&](int64_t e) {
-              t[e] = a0 * static_cast<opmath_t>(x0[e]) + a1 * static_cast<opmath_t>(x1[e]);
-            });
-      } else {
-        sweep(
-            rowlen,
-            [&](int64_t e) { simd::store<opmath_t>(t + e, load_as<scalar_t, opmath_t>(x0 + e)); },
-            [&](int64_t e) { t[e] = static_cast<opmath_t>(x0[e]); });
-      }
-      rows[n_res] = t;
-      cols[n_res++] = &p.cols[j];
-    }
-    scalar_t* orow = out + nh * Wo * C;
-    for (int64_t w = 0; w < Wo; ++w) {
-      for (int k = 0; k < n_res; ++k) {
-        s0[k] = rows[k] + cols[k]->i0[w] * C;
-        s1[k] = rows[k] + cols[k]->i1[w] * C;
-        b0[k] = cols[k]->l0[w];
-        b1[k] = cols[k]->l1[w];
-      }
-      const int64_t px = w * C;
-      scalar_t* o = orow + px;
+void widen_pixels(const scalar_t* __restrict src, const Axis<opmath_t>& cols, int64_t Wo,
+                  int64_t C, bool bilinear, opmath_t* __restrict dst) {
+  for (int64_t w = 0; w < Wo; ++w) {
+    const scalar_t* s0 = src + cols.i0[w] * C;
+    const scalar_t* s1 = src + cols.i1[w] * C;
+    const opmath_t a0 = cols.l0[w], a1 = cols.l1[w];
+    opmath_t* d = dst + w * C;
+    if (bilinear) {
       sweep(
           C,
           [&](int64_t c) {
-            V s = {};
-            for (int k = 0; k < n_same; ++k) s += load_as<scalar_t, opmath_t>(same[k] + px + c);
-            for (int k = 0; k < n_res; ++k) {
-              s += bilinear ? b0[k] * simd::load<opmath_t>(s0[k] + c) +
-                                  b1[k] * simd::load<opmath_t>(s1[k] + c)
-                            : simd::load<opmath_t>(s0[k] + c);
-            }
-            store_as<scalar_t, opmath_t>(o + c, simd::activate<opmath_t>(s, p.act));
+            simd::store<opmath_t>(d + c, a0 * load_as<scalar_t, opmath_t>(s0 + c) +
+                                             a1 * load_as<scalar_t, opmath_t>(s1 + c));
           },
           [&](int64_t c) {
-            opmath_t s = opmath_t(0);
-            for (int k = 0; k < n_same; ++k) s += static_cast<opmath_t>(same[k][px + c]);
-            for (int k = 0; k < n_res; ++k) {
-              s += bilinear ? b0[k] * s0[k][c] + b1[k] * s1[k][c] : s0[k][c];
-            }
-            o[c] = static_cast<scalar_t>(activate(s, p.act));
+            d[c] = a0 * static_cast<opmath_t>(s0[c]) + a1 * static_cast<opmath_t>(s1[c]);
           });
+    } else {
+      sweep(
+          C, [&](int64_t c) { simd::store<opmath_t>(d + c, load_as<scalar_t, opmath_t>(s0 + c)); },
+          [&](int64_t c) { d[c] = static_cast<opmath_t>(s0[c]); });
     }
+  }
+}
+
+// out[e] = act(same[e] + sum_j (a0[j] * s0[j][e] + a1[j] * s1[j][e])) for e < len in one pass
+// (kSame: 0 or 1 same-size row; nearest: the s0 terms alone), with the counts known at compile
+// time so every weight is broadcast once per row and every stream is a register load.
+template <int kSame, int kRes, bool kBilinear, typename scalar_t, typename opmath_t>
+void sum_row(scalar_t* __restrict out, const scalar_t* same, const opmath_t* const* s0,
+             const opmath_t* const* s1, const opmath_t* a0, const opmath_t* a1, Activation act,
+             int64_t len) {
+  using V = simd::Vec<opmath_t>;
+  V w0[kRes], w1[kRes];
+  for (int j = 0; j < kRes; ++j) {
+    w0[j] = simd::splat(a0[j]);
+    w1[j] = simd::splat(a1[j]);
+  }
+  sweep(
+      len,
+      [&](int64_t e) {
+        V s = {};
+        if constexpr (kSame == 1) s = load_as<scalar_t, opmath_t>(same + e);
+        for (int j = 0; j < kRes; ++j) {
+          s += w0[j] * simd::load<opmath_t>(s0[j] + e);
+          if constexpr (kBilinear) s += w1[j] * simd::load<opmath_t>(s1[j] + e);
+        }
+        store_as<scalar_t, opmath_t>(out + e, simd::activate<opmath_t>(s, act));
+      },
+      [&](int64_t e) {
+        opmath_t s = kSame == 1 ? static_cast<opmath_t>(same[e]) : opmath_t(0);
+        for (int j = 0; j < kRes; ++j) {
+          s += a0[j] * s0[j][e];
+          if constexpr (kBilinear) s += a1[j] * s1[j][e];
+        }
+        out[e] = static_cast<scalar_t>(activate(s, act));
+      });
+}
+
+// The NHWC forward, one output row (Wo * C contiguous values) at a time. Each source row of a
+// resampled input is first resampled along W to the output's width into one of two per-thread
+// slots per input, when first needed: a task's output rows read ascending source rows, so each
+// source row is resampled once per task (2x upsampling reads each about 4 times). An output row
+// is then its same-size row plus two weighted slot rows per resampled input, activated and
+// written in one pass (sum_row) for up to one same-size and three resampled inputs (HRNet's
+// four branches); other mixes sum in an L1 accumulator row as the NCHW forward does.
+template <typename scalar_t, typename opmath_t>
+void fwd_nhwc_rows(const Plan<scalar_t, opmath_t>& p, scalar_t* out, int64_t begin, int64_t end) {
+  const int64_t C = p.C, Ho = p.Ho, R = p.Wo * C, Rp = whole_vectors(R);
+  const bool bilinear = p.mode == Mode::kBilinear;
+  opmath_t* buf = scratch<opmath_t>(0, (1 + 2 * p.n) * Rp);
+  std::fill(buf, buf + (1 + 2 * p.n) * Rp, opmath_t(0));  // padding lanes stay finite
+  opmath_t* acc = buf;
+  int64_t held[kMaxInputs][2];  // the source row (image * H + row) in each slot, -1: none
+  for (int j = 0; j < p.n; ++j) held[j][0] = held[j][1] = -1;
+  // Input j's source row r of image n resampled along W, in a slot; `keep` is not replaced.
+  const auto widened = [&](int j, int64_t n, int64_t r, const opmath_t* keep) {
+    const int64_t row = n * p.H[j] + r;
+    opmath_t* slot[2] = {buf + (1 + 2 * j) * Rp, buf + (2 + 2 * j) * Rp};
+    for (int s = 0; s < 2; ++s) {
+      if (held[j][s] == row) return static_cast<const opmath_t*>(slot[s]);
+    }
+    const int s = keep == slot[0] ? 1 : keep == slot[1] ? 0 : held[j][0] < held[j][1] ? 0 : 1;
+    held[j][s] = row;
+    widen_pixels(p.x[j] + row * p.W[j] * C, p.cols[j], p.Wo, C, bilinear, slot[s]);
+    return static_cast<const opmath_t*>(slot[s]);
+  };
+  int n_same = 0, n_res = 0;
+  for (int j = 0; j < p.n; ++j) ++(p.identity[j] ? n_same : n_res);
+  const bool fused = n_same <= 1 && n_res >= 1 && n_res <= 3;
+  const scalar_t* same[kMaxInputs] = {};
+  const opmath_t* s0[kMaxInputs];
+  const opmath_t* s1[kMaxInputs];
+  opmath_t a0[kMaxInputs], a1[kMaxInputs];
+  for (int64_t nh = begin; nh < end; ++nh) {
+    const int64_t n = nh / Ho, h = nh % Ho;
+    int ns = 0, nr = 0;
+    for (int j = 0; j < p.n; ++j) {
+      if (p.identity[j]) {
+        same[ns++] = p.x[j] + nh * R;
+        continue;
+      }
+      const Axis<opmath_t>& r = p.rows[j];
+      s0[nr] = widened(j, n, r.i0[h], nullptr);
+      s1[nr] = bilinear ? widened(j, n, r.i1[h], s0[nr]) : s0[nr];
+      a0[nr] = r.l0[h];
+      a1[nr++] = r.l1[h];
+    }
+    scalar_t* o = out + nh * R;
+    if (fused) {
+      const auto run = [&](auto same_count, auto res_count, auto bil) {
+        sum_row<decltype(same_count)::value, decltype(res_count)::value, decltype(bil)::value>(
+            o, same[0], s0, s1, a0, a1, p.act, R);
+      };
+      const auto by_res = [&](auto same_count, auto bil) {
+        if (n_res == 1) return run(same_count, std::integral_constant<int, 1>{}, bil);
+        if (n_res == 2) return run(same_count, std::integral_constant<int, 2>{}, bil);
+        run(same_count, std::integral_constant<int, 3>{}, bil);
+      };
+      const auto by_same = [&](auto bil) {
+        if (n_same == 1) return by_res(std::integral_constant<int, 1>{}, bil);
+        by_res(std::integral_constant<int, 0>{}, bil);
+      };
+      if (bilinear) {
+        by_same(std::true_type{});
+      } else {
+        by_same(std::false_type{});
+      }
+      continue;
+    }
+    init_row(acc, same, ns, R);
+    for (int k = 0; k < nr; ++k) add_blend(acc, s0[k], s1[k], a0[k], a1[k], bilinear, Rp);
+    finish_row(o, acc, p.act, R);
   }
 }
 

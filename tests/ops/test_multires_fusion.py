@@ -26,6 +26,10 @@ CASES = [
     # Upsampling by 20 along W: each input column's transposed taps span 40 output columns, more
     # than any vector window, so the row map takes its scalar form for every input column.
     ((3, 80), [(3, 80), (2, 4)]),
+    # No input at the output size: channels_last sums up to three resampled inputs in one pass
+    # (compiled per count), more in an accumulator row.
+    ((6, 9), [(3, 5), (12, 4), (2, 2)]),
+    ((6, 9), [(3, 5), (12, 4), (2, 2), (6, 3)]),
 ]
 MODE_ACT = [("bilinear", "relu"), ("bilinear", "relu6"), ("bilinear", None), ("nearest", "relu")]
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
