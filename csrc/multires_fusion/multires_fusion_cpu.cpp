@@ -526,9 +526,6 @@ void fwd_nhwc_rows(const Plan<scalar_t, opmath_t>& p, scalar_t* out, int64_t beg
     widen_pixels(p.x[j] + row * p.W[j] * C, p.cols[j], p.Wo, C, bilinear, slot[s]);
     return static_cast<const opmath_t*>(slot[s]);
   };
-  int n_same = 0, n_res = 0;
-  for (int j = 0; j < p.n; ++j) ++(p.identity[j] ? n_same : n_res);
-  const bool fused = n_same <= 1 && n_res >= 1 && n_res <= 3;
   const scalar_t* same[kMaxInputs] = {};
   const opmath_t* s0[kMaxInputs];
   const opmath_t* s1[kMaxInputs];
@@ -548,18 +545,18 @@ void fwd_nhwc_rows(const Plan<scalar_t, opmath_t>& p, scalar_t* out, int64_t beg
       a1[nr++] = r.l1[h];
     }
     scalar_t* o = out + nh * R;
-    if (fused) {
+    if (ns <= 1 && nr >= 1 && nr <= 3) {
       const auto run = [&](auto same_count, auto res_count, auto bil) {
         sum_row<decltype(same_count)::value, decltype(res_count)::value, decltype(bil)::value>(
             o, same[0], s0, s1, a0, a1, p.act, R);
       };
       const auto by_res = [&](auto same_count, auto bil) {
-        if (n_res == 1) return run(same_count, std::integral_constant<int, 1>{}, bil);
-        if (n_res == 2) return run(same_count, std::integral_constant<int, 2>{}, bil);
+        if (nr == 1) return run(same_count, std::integral_constant<int, 1>{}, bil);
+        if (nr == 2) return run(same_count, std::integral_constant<int, 2>{}, bil);
         run(same_count, std::integral_constant<int, 3>{}, bil);
       };
       const auto by_same = [&](auto bil) {
-        if (n_same == 1) return by_res(std::integral_constant<int, 1>{}, bil);
+        if (ns == 1) return by_res(std::integral_constant<int, 1>{}, bil);
         by_res(std::integral_constant<int, 0>{}, bil);
       };
       if (bilinear) {
