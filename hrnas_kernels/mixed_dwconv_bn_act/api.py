@@ -43,47 +43,45 @@ def _expand(grad, index, size):
     return grad.new_zeros(shape).index_copy_(0, index, grad)
 
 
+def _forward_op(
+    x,
+    bn_weight,
+    bn_bias,
+    running_mean,
+    running_var,
+    stride,
+    use_batch_stats,
+    eps,
+    activation,
+    impl,
+    channel_index,
+    counts,
+    *weights,
+):
+    """The forward op of ``impl`` on the alive channels: ``(y, conv, mean, var)`` and the
+    gathered parameters ``(rows, gamma, beta, local)`` (see ``_compact``)."""
+    rows, gamma, beta, local = _compact(channel_index, counts, weights, bn_weight, bn_bias)
+    outs = _OPS[impl][0](
+        x, rows, gamma, beta, running_mean, running_var, stride, use_batch_stats, eps, activation
+    )
+    return outs, (rows, gamma, beta, local)
+
+
 class _MixedDepthwiseConvBNAct(torch.autograd.Function):
-    """Autograd over the compact-channel op pair. It takes the full parameters and the alive
-    index and gathers the alive channels itself (plain ATen calls, outside autograd); its
-    backward puts the compact gradients back at full size, dead channels' entries zero: one
-    node instead of a differentiable gather per parameter. mean/var come out for the
-    running-stat update."""
+    """Autograd over the compact-channel op pair. It takes ``_forward_op``'s arguments (the full
+    parameters and the alive index) and gathers the alive channels itself (plain ATen calls,
+    outside autograd); its backward puts the compact gradients back at full size, dead channels'
+    entries zero: one node instead of a differentiable gather per parameter. mean/var come out
+    for the running-stat update."""
 
     @staticmethod
-    def forward(
-        ctx,
-        x,
-        bn_weight,
-        bn_bias,
-        running_mean,
-        running_var,
-        stride,
-        use_batch_stats,
-        eps,
-        activation,
-        impl,
-        channel_index,
-        counts,
-        *weights,
-    ):
-        rows, gamma, beta, local = _compact(channel_index, counts, weights, bn_weight, bn_bias)
-        y, conv, mean, var = _OPS[impl][0](
-            x,
-            rows,
-            gamma,
-            beta,
-            running_mean,
-            running_var,
-            stride,
-            use_batch_stats,
-            eps,
-            activation,
-        )
+    def forward(ctx, *args):
+        (y, conv, mean, var), (rows, gamma, beta, local) = _forward_op(*args)
+        x, _, _, _, _, stride, use_batch_stats, eps, activation, impl, index, _, *weights = args
         ctx.save_for_backward(y, x, conv, gamma, beta, mean, var, *rows)
         ctx.stride, ctx.use_batch_stats, ctx.eps = stride, use_batch_stats, eps
         ctx.activation, ctx.impl = activation, impl
-        ctx.channel_index, ctx.local = channel_index, local
+        ctx.channel_index, ctx.local = index, local
         ctx.sizes = [w.shape[0] for w in weights]
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
@@ -256,7 +254,7 @@ def fused_forward(
             running_mean.index_select(0, channel_index),
             running_var.index_select(0, channel_index),
         )
-    y, mean, var = _MixedDepthwiseConvBNAct.apply(
+    args = (
         x,
         bn_weight,
         bn_bias,
@@ -271,6 +269,10 @@ def fused_forward(
         counts,
         *weights,
     )
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, bn_weight, bn_bias, *weights)):
+        y, mean, var = _MixedDepthwiseConvBNAct.apply(*args)
+    else:  # nothing to differentiate (inference): the op alone, no autograd node
+        (y, _, mean, var), _ = _forward_op(*args)
     if training and running_mean is not None and y.numel():
         count = y.shape[0] * y.shape[2] * y.shape[3]
         with torch.no_grad():

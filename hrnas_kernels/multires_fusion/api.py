@@ -127,4 +127,7 @@ def multires_fusion(
     impl = _impl.resolve(_OP, impl, x0.device, call_reasons)
     if impl == "reference":
         return reference.multires_fusion(inputs, size, mode, activation)
-    return _MultiresFusion.apply(size, mode, activation or "none", impl, *inputs)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
+        return _MultiresFusion.apply(size, mode, activation or "none", impl, *inputs)
+    # nothing to differentiate (inference): the op alone, no autograd node
+    return _OPS[impl][0](inputs, size, mode, activation or "none")

@@ -821,6 +821,28 @@ def test_module_dead_channels_are_exact_zeros(impl_device, mask_kind, fmt):
         assert torch.equal(m2.running_var, m.running_var)
 
 
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_inference_call_matches_the_autograd_call(impl_device, training, fmt):
+    """With nothing to differentiate the forward op runs without the autograd function: the same
+    output and running-statistics update as a call that records a graph (a searched mask
+    included), and no graph."""
+    impl, device = impl_device
+    case = CASES[1]
+    mask = _alive_mask(case, "random").to(device)
+    x = randn((case.n, case.c, case.h, case.w), device=device, seed=1, memory_format=FORMATS[fmt])
+    results = []
+    for grad in (True, False):
+        m = _module(case, impl, device).train(training)
+        m.set_channel_mask(mask)
+        with torch.set_grad_enabled(grad):
+            y = m(x)
+        assert y.requires_grad == grad
+        results.append((y.detach(), *(t.clone() for t in m.buffers())))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_module_matches_reference_and_caches_alive_index(impl_device, monkeypatch):
     impl, device = impl_device
     case = CASES[0]

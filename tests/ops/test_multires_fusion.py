@@ -223,6 +223,22 @@ def test_empty(impl_device, shape):
     assert [tuple(g.shape) for g in grads] == [(n, c, 4, 4), (n, c, 2, 2)]
 
 
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_inference_call_matches_the_autograd_call(impl_device, fmt):
+    """With nothing to differentiate the op runs without the autograd function: the same
+    output as a call that records a graph, and no graph."""
+    impl, device = impl_device
+    xs = _inputs([(7, 5), (3, 4), (9, 11)], device=device, fmt=fmt)
+    with_graph = multires_fusion(xs, (6, 8), impl=impl)
+    assert with_graph.grad_fn is not None
+    with torch.no_grad():
+        no_grad = multires_fusion(xs, (6, 8), impl=impl)
+    detached = multires_fusion([x.detach() for x in xs], (6, 8), impl=impl)
+    for out in (no_grad, detached):
+        assert out.grad_fn is None and not out.requires_grad
+        assert torch.equal(out, with_graph.detach())
+
+
 @pytest.mark.parametrize(
     "sizes",
     [[(6, 6), (3, 3)], [(6, 6), (3, 6), (6, 4)]],
