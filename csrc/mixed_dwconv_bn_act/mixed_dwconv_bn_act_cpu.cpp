@@ -10,7 +10,8 @@
 //         order afterwards, so the results are independent of the thread count here too.
 // Forward: conv -> tape (the pre-BN output in the output's layout, kept for backward: on CPU
 // storing beats recomputing a k x k conv) + per-channel sums; then BN + activation from the tape
-// (NCHW: while the task's planes are still in cache).
+// while it is still in cache (NCHW: the task's planes; NHWC with running statistics: the band
+// just convolved; NHWC with batch statistics: a second pass, after every band's sums).
 // Backward: one pass reduces sum(dz) and sum(dz * x_hat) per channel (dz = grad_y masked by the
 // activation, the mask from y recomputed from the tape by the forward's own code with its values:
 // the same bits, and two reads of y per element fewer); a second pass forms d(conv) per image and
@@ -1091,7 +1092,38 @@ void fwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const FwdIO
   const std::vector<Band> bands = make_tasks_nhwc(sh.N, sh.Ho);
   const int64_t nb = static_cast<int64_t>(bands.size()), C = sh.C, S = sh.stride;
   const int64_t x_row = (sh.W + 2 * lay.P) * lay.Cp;
+  const int64_t period = kLanes * C;
   std::vector<double> part(nb * 2 * C, 0.0);  // per task: sums, sums of squares
+  const double count = static_cast<double>(sh.N * sh.Ho * sh.Wo);
+  // mean, scale, beta per channel, one period each (periodic), from the batch's statistics (the
+  // sums in part) or the running ones
+  const auto coefficients = [&]() {
+    std::vector<std::vector<double>> coef(3, std::vector<double>(C));
+    for (int64_t c = 0; c < C; ++c) {
+      double m, v;
+      if (batch_stats) {
+        double s = 0.0, q = 0.0;
+        for (int64_t bi = 0; bi < nb; ++bi) {
+          s += part[bi * 2 * C + c];
+          q += part[(bi * 2 + 1) * C + c];
+        }
+        m = s / count;
+        v = std::max(0.0, q / count - m * m);
+      } else {
+        m = io.rmean[c];
+        v = io.rvar[c];
+      }
+      io.mean[c] = static_cast<T>(m);
+      io.var[c] = static_cast<T>(v);
+      coef[0][c] = static_cast<T>(m);
+      coef[1][c] = bn_scale(static_cast<T>(io.gamma[c]), static_cast<T>(v), static_cast<T>(eps));
+      coef[2][c] = io.beta[c];
+    }
+    return periodic<T>(coef, C);
+  };
+  // Running statistics are known before the conv: each band is normalised right after it is
+  // convolved, while its conv rows are still in cache. Batch statistics need every band first.
+  const std::vector<T> pc_eval = batch_stats ? std::vector<T>() : coefficients();
   std::vector<int64_t> w_off;
   const std::vector<T> wts = block_weights(lay, groups, io.w, false, w_off);
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
@@ -1108,7 +1140,8 @@ void fwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const FwdIO
                                 [&](int64_t h, T* dst) {
                                   relayout<true>(img + h * sh.W * C, sh.W, lay, groups, dst);
                                 });
-        T* conv = io.conv + (b.n * sh.Ho + b.ho0) * sh.Wo * C;
+        const int64_t o = (b.n * sh.Ho + b.ho0) * sh.Wo * C;
+        T* conv = io.conv + o;
         T* out = lay.dense ? conv : scratch<T>(1, npix * lay.Cp);
         for (size_t i = 0; i < lay.blocks.size(); ++i) {
           const Block& blk = lay.blocks[i];
@@ -1127,33 +1160,12 @@ void fwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const FwdIO
           });
         }
         if (!lay.dense) relayout<false>(out, npix, lay, groups, conv);
+        if (!batch_stats) bn_act_nhwc(conv, npix * C, pc_eval.data(), period, act, io.y + o);
       }
     }
   });
-  const double count = static_cast<double>(sh.N * sh.Ho * sh.Wo);
-  std::vector<std::vector<double>> coef(3, std::vector<double>(C));  // mean, scale, beta
-  for (int64_t c = 0; c < C; ++c) {
-    double m, v;
-    if (batch_stats) {
-      double s = 0.0, q = 0.0;
-      for (int64_t bi = 0; bi < nb; ++bi) {
-        s += part[bi * 2 * C + c];
-        q += part[(bi * 2 + 1) * C + c];
-      }
-      m = s / count;
-      v = std::max(0.0, q / count - m * m);
-    } else {
-      m = io.rmean[c];
-      v = io.rvar[c];
-    }
-    io.mean[c] = static_cast<T>(m);
-    io.var[c] = static_cast<T>(v);
-    coef[0][c] = static_cast<T>(m);
-    coef[1][c] = bn_scale(static_cast<T>(io.gamma[c]), static_cast<T>(v), static_cast<T>(eps));
-    coef[2][c] = io.beta[c];
-  }
-  const std::vector<T> pc = periodic<T>(coef, C);
-  const int64_t period = kLanes * C;
+  if (!batch_stats) return;
+  const std::vector<T> pc = coefficients();
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t bi = b0; bi < b1; ++bi) {
       const Band& b = bands[bi];
