@@ -1,5 +1,6 @@
 """Benchmark of the mixed-kernel depthwise conv + BatchNorm + ReLU6 (HR-NAS's searching block
-hidden layer), training-mode BN (batch statistics, running-statistics update).
+hidden layer), training-mode BN (batch statistics, running-statistics update), and the inference
+forward.
 
 Shape: batch 8, 56x56, fp32 by default, NCHW and channels_last, 1 and 2 threads:
 
@@ -9,7 +10,10 @@ Shape: batch 8, 56x56, fp32 by default, NCHW and channels_last, 1 and 2 threads:
   the kind a search leaves: counts that are not multiples of 8 take the channels_last path's
   padded tile layout. Alive channels are passed compactly, as the shrinking
   supernet does: ``x`` holds only the A alive channels and ``channel_index`` lists them; the
-  parameters and running statistics stay full size.
+  parameters and running statistics stay full size;
+* eval (running statistics) of the mixed and the all-k=3 case: the inference forward under
+  ``torch.no_grad`` (mode ``forward`` only), what a searched or ``fuse_depthwise``d model runs
+  when deployed.
 
 Providers (baseline ``eager``):
 
@@ -51,7 +55,7 @@ from hrnas_kernels.mixed_dwconv_bn_act import api, reference
 OP = "mixed_dwconv_bn_act"
 ACTIVATION = "relu6"
 MOMENTUM, EPS = 0.1, 1e-5
-_MIXED = dict(N=8, C=96, H=56, W=56, kernel_sizes=(3, 5, 7), stride=1, alive=1.0)
+_MIXED = dict(N=8, C=96, H=56, W=56, kernel_sizes=(3, 5, 7), stride=1, alive=1.0, train=True)
 CASES = [
     _MIXED,
     dict(_MIXED, kernel_sizes=(3,)),
@@ -61,6 +65,8 @@ CASES = [
     dict(_MIXED, alive=0.25),
     dict(_MIXED, alive=0.1),
     dict(_MIXED, alive=(13, 5, 9)),
+    dict(_MIXED, train=False),
+    dict(_MIXED, kernel_sizes=(3,), train=False),
 ]
 # Smoke runs: the masked mixed case (gathered parameters, compact channels, the compiled
 # reference's graph break) at a quarter of the pixels and a quarter of the channels. One case
@@ -114,7 +120,7 @@ def label(case: dict) -> str:
     share = "/".join(map(str, alive)) if isinstance(alive, tuple) else f"{round(100 * alive)}%"
     return (
         f"N{case['N']} C{case['C']} k{ks} {case['H']}x{case['W']} s{case['stride']} "
-        f"alive {share} (A={sum(counts)})"
+        f"alive {share} (A={sum(counts)})" + ("" if case["train"] else " eval")
     )
 
 
@@ -137,6 +143,8 @@ def setup(case, provider, mode, device, dtype, memory_format):
     reason = h.provider_unavailable(provider, device)
     if reason:
         return reason
+    if not case["train"] and mode != "forward":
+        return "eval cases time the inference forward only"
     gen = torch.Generator().manual_seed(0)
     index, counts = alive_index(case)
     n, c, hh, ww, s = case["N"], case["C"], case["H"], case["W"], case["stride"]
@@ -157,7 +165,7 @@ def setup(case, provider, mode, device, dtype, memory_format):
     inputs = [x, *weights, gamma, beta]
     kwargs = dict(
         stride=s,
-        training=True,
+        training=case["train"],
         momentum=MOMENTUM,
         eps=EPS,
         activation=ACTIVATION,
@@ -167,7 +175,7 @@ def setup(case, provider, mode, device, dtype, memory_format):
     context = contextlib.nullcontext
     if provider == "eager":
 
-        def forward():
+        def run():
             return reference.mixed_dwconv_bn_act(*args, **kwargs)
     elif provider == "eager+compile":
         # The backward mode replays one graph (retain_graph=True), which a compiled backward that
@@ -182,19 +190,27 @@ def setup(case, provider, mode, device, dtype, memory_format):
             fullgraph=index is None,
         )
 
-        def forward():
+        def run():
             return compiled(*args, **kwargs)
+    else:
 
+        def run():
+            return api.fused_forward(*args, **kwargs, counts=counts, impl=provider)
+
+    if case["train"]:
+        forward = run
+    else:
+
+        def forward():
+            with torch.no_grad():
+                return run()
+
+    if provider == "eager+compile":
         try:
             with context():
                 h.autograd_call(forward, inputs, "forward" if mode == "forward" else "full")()
         except Exception as error:  # any compiler failure: skip with its reason
             return f"torch.compile failed: {type(error).__name__}: {error}"
-    else:
-
-        def forward():
-            return api.fused_forward(*args, **kwargs, counts=counts, impl=provider)
-
     with context():
         fn = h.autograd_call(forward, inputs, mode)
     return h.Prepared(fn=fn, nbytes=compulsory_bytes(case, mode, dtype), context=context)
