@@ -6,6 +6,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import _impl
+from .._alive import expand
 from . import ops, reference
 
 ACTIVATIONS = (None, "relu", "relu6")
@@ -34,13 +35,6 @@ def _compact(channel_index, counts, weights, bn_weight, bn_bias):
         start, offset = start + count, offset + w.shape[0]
     gamma = bn_weight.index_select(0, channel_index)
     return rows, gamma, bn_bias.index_select(0, channel_index), local
-
-
-def _expand(grad, index, size):
-    """A compact gradient at full size along dim 0: dead channels' entries exactly zero."""
-    shape = list(grad.shape)
-    shape[0] = size
-    return grad.new_zeros(shape).index_copy_(0, index, grad)
 
 
 def _forward_op(
@@ -108,9 +102,9 @@ class _MixedDepthwiseConvBNAct(torch.autograd.Function):
         index = ctx.channel_index
         if index is not None:
             channels = sum(ctx.sizes)
-            grad_w = [_expand(g, i, n) for g, i, n in zip(grad_w, ctx.local, ctx.sizes)]
-            grad_gamma = _expand(grad_gamma, index, channels)
-            grad_beta = _expand(grad_beta, index, channels)
+            grad_w = [expand(g, i, n) for g, i, n in zip(grad_w, ctx.local, ctx.sizes)]
+            grad_gamma = expand(grad_gamma, index, channels)
+            grad_beta = expand(grad_beta, index, channels)
         return (grad_x, grad_gamma, grad_beta, *([None] * 9), *grad_w)
 
 

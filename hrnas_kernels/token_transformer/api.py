@@ -6,6 +6,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import _impl
+from .._alive import expand
 from . import ops, reference
 
 _OPS = {"native": (ops.fwd, ops.bwd), "triton": (ops.fwd_triton, ops.bwd_triton)}
@@ -69,16 +70,6 @@ def _compact(token_index, w_in, bn_in_w, bn_in_b, query, w_out):
         None if query is None else query.index_select(0, token_index),
         w_out.index_select(1, token_index),
     )
-
-
-def _expand(grad, token_index, tokens, dim):
-    """A compact per-token gradient at its parameter's full size along ``dim``: dead tokens'
-    entries exactly zero."""
-    if token_index is None:
-        return grad
-    shape = list(grad.shape)
-    shape[dim] = tokens
-    return grad.new_zeros(shape).index_copy_(dim, token_index, grad)
 
 
 class _TokenTransformer(torch.autograd.Function):
@@ -151,11 +142,11 @@ class _TokenTransformer(torch.autograd.Function):
             None,
             g_x,
             None,
-            _expand(g_w_in, index, tokens, 0),
-            _expand(g_bn_in_w, index, tokens, 0),
-            _expand(g_bn_in_b, index, tokens, 0),
-            _expand(g_query, index, tokens, 0) if query is not None else None,
-            _expand(g_w_out, index, tokens, 1),
+            expand(g_w_in, index, tokens, 0),
+            expand(g_bn_in_w, index, tokens, 0),
+            expand(g_bn_in_b, index, tokens, 0),
+            expand(g_query, index, tokens, 0) if query is not None else None,
+            expand(g_w_out, index, tokens, 1),
             g_bn_out_w,
             g_bn_out_b,
             None,
