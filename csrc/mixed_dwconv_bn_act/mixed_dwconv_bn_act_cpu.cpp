@@ -9,9 +9,11 @@
 //         below); BatchNorm sums and weight gradients are per-task partials, reduced in task
 //         order afterwards, so the results are independent of the thread count here too.
 // Forward: conv -> tape (the pre-BN output in the output's layout, kept for backward: on CPU
-// storing beats recomputing a k x k conv) + per-channel sums; then BN + activation from the tape
-// while it is still in cache (NCHW: the task's planes; NHWC with running statistics: the band
-// just convolved; NHWC with batch statistics: a second pass, after every band's sums).
+// storing beats recomputing a k x k conv) + per-channel sums; then BN + activation. With running
+// statistics each plane (NCHW) or band (NHWC) is normalised right after its conv, while it is in
+// cache, and without save_tape (inference) the conv goes to scratch memory, not a tape. Batch
+// statistics need every conv value first: NCHW normalises the task's planes from the tape while
+// they are still in cache, NHWC makes a second pass after every band's sums.
 // Backward: one pass reduces sum(dz) and sum(dz * x_hat) per channel (dz = grad_y masked by the
 // activation, the mask from y recomputed from the tape by the forward's own code with its values:
 // the same bits, and two reads of y per element fewer); a second pass forms d(conv) per image and
@@ -447,7 +449,7 @@ struct FwdIO {
   const T* rmean;
   const T* rvar;
   T* y;
-  T* conv;
+  T* conv;  // the tape; null with running statistics when the caller keeps none
   A* mean;
   A* var;
 };
@@ -464,36 +466,43 @@ void fwd_task(const Problem<T, A>& pr, const std::vector<Group>& groups, const F
   A* out = scratch<A>(2, len);
   std::fill(tile, tile + tile_size, A(0));
   std::fill(out, out + len, A(0));
+  const int64_t c = t.c;
+  Vec<A> coef[3] = {};  // mean, scale, beta
+  const auto set_stats = [&](A m, A v) {
+    io.mean[c] = m;
+    io.var[c] = v;
+    coef[0] = simd::splat<A>(m);
+    coef[1] = simd::splat<A>(bn_scale(static_cast<A>(io.gamma[c]), v, pr.eps));
+    coef[2] = simd::splat<A>(static_cast<A>(io.beta[c]));
+  };
+  // Running statistics are known up front: each plane is normalised right after its conv.
+  if (!pr.batch_stats) set_stats(static_cast<A>(io.rmean[c]), static_cast<A>(io.rvar[c]));
   Vec<A> s = {}, q = {};
   for (int64_t n = 0; n < pr.N; ++n) {
     gather_tile(io.x, pr, n, t, g, tile);
     prefetch_plane<false>(io.x, pr.N, pr.C, n + 1, t.c, pr.H * pr.W);
-    prefetch_plane<true>(io.conv, pr.N, pr.C, n, t.c, HWo);
+    if (io.conv != nullptr) prefetch_plane<true>(io.conv, pr.N, pr.C, n, t.c, HWo);
+    if (!pr.batch_stats) prefetch_plane<true>(io.y, pr.N, pr.C, n, t.c, HWo);
     with_kernel(g.k, g.s, [&](auto K, auto S) {
       correlate_plane<decltype(K)::value, decltype(S)::value>(tile, wt, g, out);
     });
-    Vec<A> si = {}, qi = {};  // per image, then into the task totals
-    sum_and_square(out, len, &si, &qi);
-    s += si;
-    q += qi;
-    scatter(out, pr, n, t, HWo, io.conv);
+    if (pr.batch_stats) {
+      Vec<A> si = {}, qi = {};  // per image, then into the task totals
+      sum_and_square(out, len, &si, &qi);
+      s += si;
+      q += qi;
+    }
+    if (io.conv != nullptr) scatter(out, pr, n, t, HWo, io.conv);
+    if (!pr.batch_stats) {
+      batch_norm_act(out, out, len, coef, pr.act);
+      scatter(out, pr, n, t, HWo, io.y);
+    }
   }
+  if (!pr.batch_stats) return;
   const double count = static_cast<double>(pr.N * HWo);
-  const int64_t c = t.c;
-  A m, v;
-  if (pr.batch_stats) {
-    const double mu = slot_total<A>(s) / count;
-    m = static_cast<A>(mu);
-    v = static_cast<A>(std::max(0.0, slot_total<A>(q) / count - mu * mu));
-  } else {
-    m = static_cast<A>(io.rmean[c]);
-    v = static_cast<A>(io.rvar[c]);
-  }
-  io.mean[c] = m;
-  io.var[c] = v;
-  const Vec<A> coef[3] = {simd::splat<A>(m),  // mean, scale, beta
-                          simd::splat<A>(bn_scale(static_cast<A>(io.gamma[c]), v, pr.eps)),
-                          simd::splat<A>(static_cast<A>(io.beta[c]))};
+  const double mu = slot_total<A>(s) / count;
+  set_stats(static_cast<A>(mu),
+            static_cast<A>(std::max(0.0, slot_total<A>(q) / count - mu * mu)));
   for (int64_t n = 0; n < pr.N; ++n) {  // BN + activation from the tape, still in cache
     prefetch_plane<true>(io.y, pr.N, pr.C, n + 1, t.c, HWo);
     gather(io.conv, pr, n, t, g.Ho, g.Wo, out, g.Wo, 0);
@@ -1141,7 +1150,7 @@ void fwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const FwdIO
                                   relayout<true>(img + h * sh.W * C, sh.W, lay, groups, dst);
                                 });
         const int64_t o = (b.n * sh.Ho + b.ho0) * sh.Wo * C;
-        T* conv = io.conv + o;
+        T* conv = io.conv != nullptr ? io.conv + o : scratch<T>(3, npix * C);
         T* out = lay.dense ? conv : scratch<T>(1, npix * lay.Cp);
         for (size_t i = 0; i < lay.blocks.size(); ++i) {
           const Block& blk = lay.blocks[i];
@@ -1321,7 +1330,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
     const at::Tensor& x_in, at::TensorList weights, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, int64_t stride, bool use_batch_stats, double eps,
-    std::string_view activation) {
+    std::string_view activation, bool save_tape) {
   const Activation act = parse_activation(kOp, activation);
   const std::vector<Group> groups = check_and_group(x_in, weights, bn_weight, stride);
   TORCH_CHECK(x_in.device().is_cpu(), kOp, ": the CPU kernel got a tensor on ", x_in.device());
@@ -1331,11 +1340,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
   at::Tensor y = pooled_empty({N, C, Ho, Wo}, x.options(), fmt);
-  at::Tensor conv = pooled_empty({N, C, Ho, Wo}, x.options(), fmt);
+  // Batch statistics need the whole conv before BN, so the tape is made (and, without
+  // save_tape, dropped); with running statistics and no save_tape there is none: each band or
+  // plane is normalised from scratch memory.
+  const bool tape = save_tape || use_batch_stats;
+  at::Tensor conv = tape ? pooled_empty({N, C, Ho, Wo}, x.options(), fmt) : x.new_empty({0});
+  const at::Tensor tape_out = save_tape ? conv : x.new_empty({0});
   const auto stats_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor mean = at::empty({C}, x.options().dtype(stats_type));
   at::Tensor var = at::empty({C}, x.options().dtype(stats_type));
-  if (C == 0) return {y, conv, mean, var};
+  if (C == 0) return {y, tape_out, mean, var};
   TORCH_CHECK(N > 0 || !use_batch_stats, kOp, ": batch statistics of an empty batch are undefined");
   std::vector<at::Tensor> w;
   for (const at::Tensor& t : weights) w.push_back(t.contiguous());
@@ -1354,7 +1368,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
                                 gamma.const_data_ptr<scalar_t>(), beta.const_data_ptr<scalar_t>(),
                                 use_batch_stats ? nullptr : rm.const_data_ptr<scalar_t>(),
                                 use_batch_stats ? nullptr : rv.const_data_ptr<scalar_t>(),
-                                y.mutable_data_ptr<scalar_t>(), conv.mutable_data_ptr<scalar_t>(),
+                                y.mutable_data_ptr<scalar_t>(),
+                                tape ? conv.mutable_data_ptr<scalar_t>() : nullptr,
                                 mean.mutable_data_ptr<A>(), var.mutable_data_ptr<A>()};
     if (fmt == at::MemoryFormat::ChannelsLast) {
       fwd_nhwc<scalar_t>({N, C, H, W, stride, Ho, Wo}, groups, io, use_batch_stats, eps, act);
@@ -1363,7 +1378,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
                 [&](const Task& t) { fwd_task(pr, groups, io, t); });
     }
   });
-  return {y, conv, mean, var};
+  return {y, tape_out, mean, var};
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> bwd_cpu(

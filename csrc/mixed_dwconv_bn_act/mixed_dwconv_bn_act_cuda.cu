@@ -233,12 +233,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cuda(
     const at::Tensor& x, at::TensorList weights, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, int64_t stride, bool use_batch_stats, double eps,
-    std::string_view activation) {
+    std::string_view activation, bool save_tape) {
   TORCH_CHECK(x.is_cuda(), kOp, ": the CUDA kernel got a tensor on ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const CudaLaunch launch{c10::cuda::getCurrentCUDAStream()};
   return device::forward(launch, x, weights, bn_weight, bn_bias, running_mean, running_var,
-                         stride, use_batch_stats, eps, activation);
+                         stride, use_batch_stats, eps, activation, save_tape);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> bwd_cuda(

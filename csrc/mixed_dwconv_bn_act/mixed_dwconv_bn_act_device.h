@@ -222,7 +222,7 @@ struct FwdArgs {
   const T* x;
   const T* gamma;
   const T* beta;
-  T* conv;
+  T* conv;  // the tape; null with running statistics when the caller keeps none
   T* y;
   A* pmean;  // [A][nbp] partial mean of each position block (batch statistics)
   A* pm2;    // [A][nbp] its sum of squared deviations
@@ -244,7 +244,8 @@ HRNAS_HD A normalize(const FwdArgs<T, A>& a, int64_t c, A v) {
 }
 
 // Thread (tx, ty) of CTA (block, tile) of group j: conv of its positions -> the tape; batch
-// statistics: the Welford state of the stored (rounded) values; running statistics: y as well.
+// statistics: the Welford state of the stored (rounded) values; running statistics: y as well
+// (and the tape only if there is one).
 template <int K, typename T, typename A>
 HRNAS_HD Welford<A> fwd_conv_thread(const FwdArgs<T, A>& a, int j, int64_t block, int64_t tile,
                                     int tx, int ty) {
@@ -256,7 +257,7 @@ HRNAS_HD Welford<A> fwd_conv_thread(const FwdArgs<T, A>& a, int j, int64_t block
   for_positions(block, ty, a.tile, a.g.N, a.g.Ho, a.g.Wo, [&](int64_t n, int64_t ho, int64_t wo) {
     const T stored = static_cast<T>(conv_at<K, T, A>(a.x, wt, a.g, k, n, l.c, ho, wo));
     const int64_t off = offset_of(a.g.ys, n, l.c, ho, wo);
-    a.conv[off] = stored;
+    if (a.conv != nullptr) a.conv[off] = stored;
     if (a.batch_stats) {
       welford_add(st, static_cast<A>(stored));
     } else {
@@ -566,13 +567,14 @@ std::vector<const T*> row_pointers(const std::vector<at::Tensor>& w) {
   return p;
 }
 
-// The forward op (schema in hrnas_kernels/mixed_dwconv_bn_act/ops.py): (y, conv, mean, var).
+// The forward op (schema in hrnas_kernels/mixed_dwconv_bn_act/ops.py): (y, conv, mean, var);
+// conv is empty without save_tape (batch statistics still make one: the apply launch reads it).
 template <typename L>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     L& launch, const at::Tensor& x_in, at::TensorList weights, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, int64_t stride, bool use_batch_stats, double eps,
-    std::string_view activation) {
+    std::string_view activation, bool save_tape) {
   const Activation act = parse_activation(kOp, activation);
   const std::vector<Group> groups = check_and_group(x_in, weights, bn_weight, stride);
   check_forward_args(x_in, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps);
@@ -581,18 +583,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
   at::Tensor y = launch.empty({N, C, Ho, Wo}, x.options().memory_format(fmt));
-  at::Tensor conv = launch.empty({N, C, Ho, Wo}, x.options().memory_format(fmt));
+  const bool tape = save_tape || use_batch_stats;
+  at::Tensor conv = launch.empty({tape ? N : 0, C, Ho, Wo}, x.options().memory_format(fmt));
+  const at::Tensor tape_out = save_tape ? conv : launch.empty({0}, x.options());
   const auto stats_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor mean = launch.empty({C}, x.options().dtype(stats_type));
   at::Tensor var = launch.empty({C}, x.options().dtype(stats_type));
-  if (C == 0) return {y, conv, mean, var};
+  if (C == 0) return {y, tape_out, mean, var};
   const int64_t P = N * Ho * Wo;
   if (use_batch_stats) {
     TORCH_CHECK(P > 0, kOp, ": batch statistics of an empty batch are undefined");
   } else {
     mean.copy_(*running_mean);
     var.copy_(*running_var);
-    if (P == 0) return {y, conv, mean, var};
+    if (P == 0) return {y, tape_out, mean, var};
   }
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
   const Tile tile = tile_for(channels_last);
@@ -607,7 +611,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     a.x = x.const_data_ptr<scalar_t>();
     a.gamma = gamma.const_data_ptr<scalar_t>();
     a.beta = beta.const_data_ptr<scalar_t>();
-    a.conv = conv.mutable_data_ptr<scalar_t>();
+    a.conv = tape ? conv.mutable_data_ptr<scalar_t>() : nullptr;
     a.y = y.mutable_data_ptr<scalar_t>();
     a.pmean = use_batch_stats ? partial.mutable_data_ptr<A>() : nullptr;
     a.pm2 = use_batch_stats ? a.pmean + C * nbp : nullptr;
@@ -629,7 +633,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
       launch.fwd_apply(a, blocks_for(y.numel()), y.numel(), channels_last);
     }
   });
-  return {y, conv, mean, var};
+  return {y, tape_out, mean, var};
 }
 
 // The backward op: (grad x, grad of each weight group, grad gamma, grad beta).

@@ -51,13 +51,16 @@ def _forward_op(
     channel_index,
     counts,
     *weights,
+    save_tape=True,
 ):
     """The forward op of ``impl`` on the alive channels: ``(y, conv, mean, var)`` and the
-    gathered parameters ``(rows, gamma, beta, local)`` (see ``_compact``)."""
+    gathered parameters ``(rows, gamma, beta, local)`` (see ``_compact``); conv is the tape for
+    backward, empty without ``save_tape``."""
     rows, gamma, beta, local = _compact(channel_index, counts, weights, bn_weight, bn_bias)
     outs = _OPS[impl][0](
-        x, rows, gamma, beta, running_mean, running_var, stride, use_batch_stats, eps, activation
-    )
+        x, rows, gamma, beta, running_mean, running_var, stride, use_batch_stats, eps, activation,
+        save_tape,
+    )  # fmt: skip
     return outs, (rows, gamma, beta, local)
 
 
@@ -265,8 +268,8 @@ def fused_forward(
     )
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, bn_weight, bn_bias, *weights)):
         y, mean, var = _MixedDepthwiseConvBNAct.apply(*args)
-    else:  # nothing to differentiate (inference): the op alone, no autograd node
-        (y, _, mean, var), _ = _forward_op(*args)
+    else:  # nothing to differentiate (inference): the op alone, no autograd node, no tape
+        (y, _, mean, var), _ = _forward_op(*args, save_tape=False)
     if training and running_mean is not None and y.numel():
         count = y.shape[0] * y.shape[2] * y.shape[3]
         with torch.no_grad():

@@ -8,10 +8,10 @@ stay full size and dead rows get exactly zero gradient without the kernels knowi
 
     fwd(x [N, A, H, W], weights: per group [A_g, 1, k_g, k_g] (A_g may be 0, sum A_g = A),
         bn_weight [A], bn_bias [A], running_mean [A]?, running_var [A]?,
-        stride, use_batch_stats, eps, activation)
+        stride, use_batch_stats, eps, activation, save_tape=True)
       -> (y [N, A, Ho, Wo], conv [N, A, Ho, Wo] (pre-BN tape for backward: pass it back
-          unchanged; its element order is the kernel's own, e.g. the CPU kernel packs a
-          channels_last tape per 16-channel block),
+          unchanged; without save_tape, for inference, it is empty [0], and with running
+          statistics the kernels then write no tape at all),
           mean [A], var [A] (fp32/fp64 statistics: the batch's, biased, or the running ones))
     bwd(grad_y, y, x, conv, weights, bn_weight, bn_bias, mean, var, stride, use_batch_stats, eps,
         activation)
@@ -32,8 +32,8 @@ from .._layout import output_memory_format
 
 _FWD_SCHEMA = (
     "(Tensor x, Tensor[] weights, Tensor bn_weight, Tensor bn_bias, Tensor? running_mean, "
-    "Tensor? running_var, int stride, bool use_batch_stats, float eps, str activation) "
-    "-> (Tensor, Tensor, Tensor, Tensor)"
+    "Tensor? running_var, int stride, bool use_batch_stats, float eps, str activation, "
+    "bool save_tape=True) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 _BWD_SCHEMA = (
     "(Tensor grad_y, Tensor y, Tensor x, Tensor conv, Tensor[] weights, Tensor bn_weight, "
@@ -59,12 +59,16 @@ def _fwd_fake(
     use_batch_stats,
     eps,
     activation,
+    save_tape=True,
 ):
     n, a, h, w = x.shape
     shape = (n, a, (h - 1) // stride + 1, (w - 1) // stride + 1)
     fmt = output_memory_format(x)
     y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
-    conv = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    if save_tape:
+        conv = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    else:
+        conv = x.new_empty((0,))
     stats = [torch.empty((a,), dtype=stats_dtype(x.dtype), device=x.device) for _ in range(2)]
     return y, conv, stats[0], stats[1]
 
@@ -84,25 +88,16 @@ for _suffix in ("", "_triton"):
     torch.library.register_fake(f"hrnas_kernels::mixed_dwconv_bn_act_bwd{_suffix}", _bwd_fake)
 
 
-def _fwd_triton(
-    x, weights, bn_weight, bn_bias, running_mean, running_var, stride, use_batch_stats, eps, act
-):
+def _fwd_triton(*args):
     from . import triton as kernels
 
-    return kernels.fwd(
-        x, weights, bn_weight, bn_bias, running_mean, running_var, stride, use_batch_stats, eps, act
-    )
+    return kernels.fwd(*args)
 
 
-def _bwd_triton(
-    grad_y, y, x, conv, weights, bn_weight, bn_bias, mean, var, stride, use_batch_stats, eps, act
-):
+def _bwd_triton(*args):
     from . import triton as kernels
 
-    return kernels.bwd(
-        grad_y, y, x, conv, weights, bn_weight, bn_bias, mean, var, stride, use_batch_stats, eps,
-        act,
-    )  # fmt: skip
+    return kernels.bwd(*args)
 
 
 # Under TRITON_INTERPRET=1 the Triton kernels also serve CPU tensors: that is how CI tests them.

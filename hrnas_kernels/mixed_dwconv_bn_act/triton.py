@@ -291,12 +291,14 @@ def _fwd_conv_kernel(
     K2: tl.constexpr,
     S: tl.constexpr,
     BATCH_STATS: tl.constexpr,
+    TAPE: tl.constexpr,
     ACTIVATION: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    # Training: conv -> tape + per-block partial statistics. Eval: conv -> tape and y.
+    # Training: conv -> tape + per-block partial statistics. Eval: conv -> y (and the tape when
+    # TAPE; without it conv_ptr is y's and only sets the rounding type).
     pid_p = tl.program_id(0)
     t = tl.program_id(1)
     Ho = tl.cast(Ho, tl.int64)
@@ -322,7 +324,8 @@ def _fwd_conv_kernel(
     m = cmask[:, None] & pmask[None, :]
     off = n[None, :] * oN + c[:, None] * oC + (ho * oH + wo * oW)[None, :]
     stored = acc.to(conv_ptr.dtype.element_ty)
-    tl.store(conv_ptr + off, stored, mask=m)
+    if TAPE:
+        tl.store(conv_ptr + off, stored, mask=m)
     acc = stored.to(ACC)
     if BATCH_STATS:
         cnt = tl.minimum(P - pid_p.to(tl.int64) * BLOCK_P, BLOCK_P).to(ACC)
@@ -834,8 +837,9 @@ def _launches(groups, offsets, block_c):
 
 
 def fwd(x, weights, bn_weight, bn_bias, running_mean, running_var, stride, use_batch_stats, eps,
-        activation):  # fmt: skip
-    """``(y, conv, mean, var)`` of the compact-channel op; see ``ops.py`` for the contract."""
+        activation, save_tape=True):  # fmt: skip
+    """``(y, conv, mean, var)`` of the compact-channel op; see ``ops.py`` for the contract
+    (without ``save_tape`` conv is empty, and with running statistics none is written)."""
     groups = _groups(x, weights, bn_weight, stride, activation)
     _check_bias(x, bn_weight, bn_bias)
     if not use_batch_stats:
@@ -854,12 +858,14 @@ def fwd(x, weights, bn_weight, bn_bias, running_mean, running_var, stride, use_b
     N, A, H, W = x.shape
     Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
     y = torch.empty((N, A, Ho, Wo), dtype=x.dtype, device=x.device, memory_format=fmt)
-    conv = torch.empty_like(y)
+    tape = save_tape or use_batch_stats
+    conv = torch.empty_like(y) if tape else y
+    tape_out = conv if save_tape else x.new_empty((0,))
     sdt = stats_dtype(x.dtype)
     mean = torch.empty((A,), dtype=sdt, device=x.device)
     var = torch.empty((A,), dtype=sdt, device=x.device)
     if A == 0:
-        return y, conv, mean, var
+        return y, tape_out, mean, var
     P = N * Ho * Wo
     if use_batch_stats:
         _require(P > 0, "batch statistics of an empty batch are undefined")
@@ -867,7 +873,7 @@ def fwd(x, weights, bn_weight, bn_bias, running_mean, running_var, stride, use_b
         mean.copy_(running_mean)
         var.copy_(running_var)
         if P == 0:
-            return y, conv, mean, var
+            return y, tape_out, mean, var
     acc = _ACC[x.dtype]
     block_c, block_p = _TILES[fmt == torch.channels_last]
     nbp = triton.cdiv(P, block_p)
@@ -880,7 +886,8 @@ def fwd(x, weights, bn_weight, bn_bias, running_mean, running_var, stride, use_b
             _fwd_conv_kernel[(nbp, tiles)](
                 x, wpack, conv, y, partial[0], partial[1], mean, var, gamma, beta, *table,
                 nbp, P, H, W, Ho, Wo, *x.stride(), *y.stride(), eps, **ks,
-                S=stride, BATCH_STATS=use_batch_stats, ACTIVATION=_ACTIVATIONS[activation],
+                S=stride, BATCH_STATS=use_batch_stats, TAPE=tape,
+                ACTIVATION=_ACTIVATIONS[activation],
                 ACC=acc, BLOCK_C=block_c, BLOCK_P=block_p,
             )  # fmt: skip
         if use_batch_stats:
@@ -892,7 +899,7 @@ def fwd(x, weights, bn_weight, bn_bias, running_mean, running_var, stride, use_b
                 conv, y, mean, var, gamma, beta, A, P, Ho * Wo, Wo, *y.stride(), eps,
                 ACTIVATION=_ACTIVATIONS[activation], ACC=acc, BLOCK_C=block_c, BLOCK_P=block_p,
             )  # fmt: skip
-    return y, conv, mean, var
+    return y, tape_out, mean, var
 
 
 def bwd(grad_y, y, x, conv, weights, bn_weight, bn_bias, mean, var, stride, use_batch_stats, eps,

@@ -231,11 +231,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(
     const at::Tensor& x, at::TensorList weights, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, int64_t stride, bool use_batch_stats, double eps,
-    std::string_view activation) {
+    std::string_view activation, bool save_tape) {
   TORCH_CHECK(x.device().is_cpu(), kOp, ": the host replay runs on CPU tensors");
   const HostLaunch launch{Reversed};
   return device::forward(launch, x, weights, bn_weight, bn_bias, running_mean, running_var,
-                         stride, use_batch_stats, eps, activation);
+                         stride, use_batch_stats, eps, activation, save_tape);
 }
 
 template <bool Reversed>
@@ -261,8 +261,8 @@ namespace {
 
 constexpr const char* kFwdSchema =
     "(Tensor x, Tensor[] weights, Tensor bn_weight, Tensor bn_bias, Tensor? running_mean, "
-    "Tensor? running_var, int stride, bool use_batch_stats, float eps, str activation) "
-    "-> (Tensor, Tensor, Tensor, Tensor)";
+    "Tensor? running_var, int stride, bool use_batch_stats, float eps, str activation, "
+    "bool save_tape=True) -> (Tensor, Tensor, Tensor, Tensor)";
 constexpr const char* kBwdSchema =
     "(Tensor grad_y, Tensor y, Tensor x, Tensor conv, Tensor[] weights, Tensor bn_weight, "
     "Tensor bn_bias, Tensor mean, Tensor var, int stride, bool use_batch_stats, float eps, "

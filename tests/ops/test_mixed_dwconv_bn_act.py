@@ -94,6 +94,7 @@ INTERPRETER_TESTS = {
     "test_running_stats_follow_batch_norm_over_steps",
     "test_gradcheck_float64",
     "test_opcheck",
+    "test_forward_without_tape",
     "test_compile_fullgraph_dynamic",
     "test_module_matches_reference_and_caches_alive_index",
 }
@@ -565,6 +566,7 @@ def test_opcheck(impl_device, fmt):
         x, ws, gamma, beta, rm, rv = _op_inputs(device, fmt, use_batch_stats)
         args = (x, ws, gamma, beta, rm, rv, stride, use_batch_stats, 1e-5, act)
         torch.library.opcheck(fwd, args, test_utils=utils)
+        torch.library.opcheck(fwd, (*args, False), test_utils=utils)  # save_tape=False
         y, conv, mean, var = fwd(*args)
         gy = randn(y.shape, device=device, seed=9, memory_format=FORMATS[fmt])
         torch.library.opcheck(
@@ -572,6 +574,33 @@ def test_opcheck(impl_device, fmt):
             (gy, y, x, conv, ws, gamma, beta, mean, var, stride, use_batch_stats, 1e-5, act),
             test_utils=utils,
         )
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_forward_without_tape(impl_device, fmt, dtype):
+    """save_tape=False (the inference call) gives an empty tape and, bit for bit, the output and
+    statistics of a call that keeps it: running statistics (no tape is written at all) and batch
+    statistics, strides 1 and 2, a channel count with and without padding lanes, an empty group."""
+    impl, device = impl_device
+    fwd = ops.fwd if impl == "native" else ops.fwd_triton
+    for groups in [[(8, 3), (0, 5), (16, 7)], [(5, 3), (3, 5), (2, 7)]]:
+        c = sum(a for a, _ in groups)
+        x = randn((3, c, 9, 11), dtype=dtype, device=device, seed=1, memory_format=FORMATS[fmt])
+        ws = [randn((a, 1, k, k), dtype=dtype, device=device, seed=k) / k for a, k in groups]
+        gamma = randn((c,), dtype=dtype, device=device, seed=3)
+        beta = randn((c,), dtype=dtype, device=device, seed=4)
+        rm = randn((c,), dtype=dtype, device=device, seed=5)
+        rv = 1 + torch.rand(c, dtype=dtype, device=device)
+        for use_batch_stats, stride in [(False, 1), (False, 2), (True, 1), (True, 2)]:
+            stats = (None, None) if use_batch_stats else (rm, rv)
+            args = (x, ws, gamma, beta, *stats, stride, use_batch_stats, 1e-5, "relu6")
+            y, conv, mean, var = fwd(*args)
+            y2, conv2, mean2, var2 = fwd(*args, False)
+            assert conv.shape == y.shape and conv2.shape == (0,)
+            assert y2.is_contiguous(memory_format=FORMATS[fmt])
+            for a, b in [(y, y2), (mean, mean2), (var, var2)]:
+                assert torch.equal(a, b), (groups, use_batch_stats, stride)
 
 
 def test_compile_fullgraph_dynamic(impl_device):

@@ -211,6 +211,25 @@ def test_replay_tape_and_batch_statistics(replay, case, fmt):
     _assert_close(y, bn * gamma[:, None, None] + beta[:, None, None], "y")
 
 
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+@pytest.mark.parametrize("case", CASES[:3], ids=str)
+def test_replay_without_tape(replay, case, fmt):
+    """save_tape=False: an empty tape, and bit for bit the output and statistics of the call
+    that keeps one (running statistics: the conv launch then stores no tape; batch statistics)."""
+    ws, *per_channel = _params(case, torch.float32, "cpu")
+    ws = [w.detach() for w in ws]
+    gamma, beta, rm, rv = (t.detach() for t in per_channel)
+    x = randn((case.n, case.c, case.h, case.w), seed=3, memory_format=FORMATS[fmt])
+    for use_batch_stats in (False, True):
+        stats = (None, None) if use_batch_stats else (rm, rv)
+        args = (x, ws, gamma, beta, *stats, case.stride, use_batch_stats, 1e-5, "relu6")
+        y, conv, mean, var = replay.fwd(*args)
+        y2, conv2, mean2, var2 = replay.fwd(*args, False)
+        assert conv.shape == y.shape and conv2.shape == (0,)
+        for a, b in [(y, y2), (mean, mean2), (var, var2)]:
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("fmt", FORMATS, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
