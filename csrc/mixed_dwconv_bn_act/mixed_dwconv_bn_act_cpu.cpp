@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <tuple>
 #include <type_traits>
@@ -717,6 +718,19 @@ struct Band {
   int64_t n, ho0, ho1;  // image, output rows [ho0, ho1)
 };
 
+// Runs f(task) for tasks [0, nb) in parallel, each thread taking the next task when it is done
+// with one: a thread the host preempts (a shared 2-core VM) delays only its current task, where
+// at::parallel_for's fixed halves left the other thread waiting at the end. Tasks write only
+// their own outputs and partials, so the results do not depend on who ran what.
+template <typename F>
+void for_each_band(int64_t nb, F&& f) {
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nb));
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t bi; (bi = next.fetch_add(1, std::memory_order_relaxed)) < nb;) f(bi);
+  });
+}
+
 // The tasks: every image's rows, in two halves when there are at least 4 bands of them (so one
 // image still gives two threads work); few tasks keep the halo rows made twice few. The split
 // depends on the shape only.
@@ -1135,52 +1149,48 @@ void fwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const FwdIO
   const std::vector<T> pc_eval = batch_stats ? std::vector<T>() : coefficients();
   std::vector<int64_t> w_off;
   const std::vector<T> wts = block_weights(lay, groups, io.w, false, w_off);
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t bi = b0; bi < b1; ++bi) {
-      const Band& task = bands[bi];
-      const T* img = io.x + task.n * sh.H * sh.W * C;
-      const int64_t t0 = task.ho0 * S - lay.P, t1 = (task.ho1 - 1) * S + lay.P + 1;
-      RowTile<T> tile{scratch<T>(0, (t1 - t0) * x_row), x_row, lay.P * lay.Cp, sh.H, t0, t0,
-                      lay.dense};
-      for (int64_t ho0 = task.ho0; ho0 < task.ho1; ho0 += kBand) {
-        const Band b{task.n, ho0, std::min(task.ho1, ho0 + kBand)};
-        const int64_t R = b.ho1 - b.ho0, npix = R * sh.Wo;
-        const T* xt = tile.rows(b.ho0 * S - lay.P, (b.ho1 - 1) * S + lay.P + 1,
-                                [&](int64_t h, T* dst) {
-                                  relayout<true>(img + h * sh.W * C, sh.W, lay, groups, dst);
-                                });
-        const int64_t o = (b.n * sh.Ho + b.ho0) * sh.Wo * C;
-        T* conv = io.conv != nullptr ? io.conv + o : scratch<T>(3, npix * C);
-        T* out = lay.dense ? conv : scratch<T>(1, npix * lay.Cp);
-        for (size_t i = 0; i < lay.blocks.size(); ++i) {
-          const Block& blk = lay.blocks[i];
-          const Group& grp = groups[blk.g];
-          const int64_t p = grp.k / 2;
-          const T* wt = wts.data() + w_off[i];
-          const T* in = xt + (lay.P - p) * x_row + (lay.P - p) * lay.Cp + blk.off;
-          with_kernel(grp.k, S, [&](auto K, auto Sc) {
-            with_width(blk, [&](auto V) {
-              constexpr int kK = decltype(K)::value, kS = decltype(Sc)::value;
-              constexpr int kV = decltype(V)::value;
-              correlate_nhwc<kK, kS, kV, true>(in, x_row, wt, grp.k, R, sh.Wo, lay.Cp,
-                                               out + blk.off, blk.lanes, &part[bi * 2 * C + blk.c0],
-                                               &part[(bi * 2 + 1) * C + blk.c0]);
-            });
+  for_each_band(nb, [&](int64_t bi) {
+    const Band& task = bands[bi];
+    const T* img = io.x + task.n * sh.H * sh.W * C;
+    const int64_t t0 = task.ho0 * S - lay.P, t1 = (task.ho1 - 1) * S + lay.P + 1;
+    RowTile<T> tile{scratch<T>(0, (t1 - t0) * x_row), x_row, lay.P * lay.Cp, sh.H, t0, t0,
+                    lay.dense};
+    for (int64_t ho0 = task.ho0; ho0 < task.ho1; ho0 += kBand) {
+      const Band b{task.n, ho0, std::min(task.ho1, ho0 + kBand)};
+      const int64_t R = b.ho1 - b.ho0, npix = R * sh.Wo;
+      const T* xt = tile.rows(b.ho0 * S - lay.P, (b.ho1 - 1) * S + lay.P + 1,
+                              [&](int64_t h, T* dst) {
+                                relayout<true>(img + h * sh.W * C, sh.W, lay, groups, dst);
+                              });
+      const int64_t o = (b.n * sh.Ho + b.ho0) * sh.Wo * C;
+      T* conv = io.conv != nullptr ? io.conv + o : scratch<T>(3, npix * C);
+      T* out = lay.dense ? conv : scratch<T>(1, npix * lay.Cp);
+      for (size_t i = 0; i < lay.blocks.size(); ++i) {
+        const Block& blk = lay.blocks[i];
+        const Group& grp = groups[blk.g];
+        const int64_t p = grp.k / 2;
+        const T* wt = wts.data() + w_off[i];
+        const T* in = xt + (lay.P - p) * x_row + (lay.P - p) * lay.Cp + blk.off;
+        with_kernel(grp.k, S, [&](auto K, auto Sc) {
+          with_width(blk, [&](auto V) {
+            constexpr int kK = decltype(K)::value, kS = decltype(Sc)::value;
+            constexpr int kV = decltype(V)::value;
+            correlate_nhwc<kK, kS, kV, true>(in, x_row, wt, grp.k, R, sh.Wo, lay.Cp,
+                                             out + blk.off, blk.lanes, &part[bi * 2 * C + blk.c0],
+                                             &part[(bi * 2 + 1) * C + blk.c0]);
           });
-        }
-        if (!lay.dense) relayout<false>(out, npix, lay, groups, conv);
-        if (!batch_stats) bn_act_nhwc(conv, npix * C, pc_eval.data(), period, act, io.y + o);
+        });
       }
+      if (!lay.dense) relayout<false>(out, npix, lay, groups, conv);
+      if (!batch_stats) bn_act_nhwc(conv, npix * C, pc_eval.data(), period, act, io.y + o);
     }
   });
   if (!batch_stats) return;
   const std::vector<T> pc = coefficients();
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t bi = b0; bi < b1; ++bi) {
-      const Band& b = bands[bi];
-      const int64_t o = (b.n * sh.Ho + b.ho0) * sh.Wo * C;
-      bn_act_nhwc(io.conv + o, (b.ho1 - b.ho0) * sh.Wo * C, pc.data(), period, act, io.y + o);
-    }
+  for_each_band(nb, [&](int64_t bi) {
+    const Band& b = bands[bi];
+    const int64_t o = (b.n * sh.Ho + b.ho0) * sh.Wo * C;
+    bn_act_nhwc(io.conv + o, (b.ho1 - b.ho0) * sh.Wo * C, pc.data(), period, act, io.y + o);
   });
 }
 
@@ -1202,24 +1212,22 @@ void bwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const BwdIO
   }
   const std::vector<T> pfwd = periodic<T>({coef[0], coef[1], coef[2]}, C);
   std::vector<T> part(nb * 2 * C);
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t bi = b0; bi < b1; ++bi) {
-      const Band& b = bands[bi];
-      const int64_t o = (b.n * sh.Ho + b.ho0) * sh.Wo * C;
-      T* s = scratch<T>(0, 2 * period);
-      T* q = s + period;
-      std::fill(s, s + 2 * period, T(0));
-      grad_sums_nhwc(io.gy + o, io.conv + o, (b.ho1 - b.ho0) * sh.Wo * C, pfwd.data(), period,
-                     act, s, q);
-      for (int64_t c = 0; c < C; ++c) {
-        T a = T(0), bq = T(0);
-        for (int64_t i = 0; i < kLanes; ++i) {
-          a += s[i * C + c];
-          bq += q[i * C + c];
-        }
-        part[bi * 2 * C + c] = a;
-        part[(bi * 2 + 1) * C + c] = bq;
+  for_each_band(nb, [&](int64_t bi) {
+    const Band& b = bands[bi];
+    const int64_t o = (b.n * sh.Ho + b.ho0) * sh.Wo * C;
+    T* s = scratch<T>(0, 2 * period);
+    T* q = s + period;
+    std::fill(s, s + 2 * period, T(0));
+    grad_sums_nhwc(io.gy + o, io.conv + o, (b.ho1 - b.ho0) * sh.Wo * C, pfwd.data(), period,
+                   act, s, q);
+    for (int64_t c = 0; c < C; ++c) {
+      T a = T(0), bq = T(0);
+      for (int64_t i = 0; i < kLanes; ++i) {
+        a += s[i * C + c];
+        bq += q[i * C + c];
       }
+      part[bi * 2 * C + c] = a;
+      part[(bi * 2 + 1) * C + c] = bq;
     }
   });
   const double count = static_cast<double>(sh.N * sh.Ho * sh.Wo);
@@ -1250,61 +1258,59 @@ void bwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const BwdIO
   const int64_t wlen = static_cast<int64_t>(wts.size());
   std::vector<double> wpart(nb * wlen, 0.0);
   const int64_t x_row = (sh.W + 2 * P) * lay.Cp, d_row = (sh.Wo + 2 * P) * lay.Cp;
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t bi = b0; bi < b1; ++bi) {
-      const Band& task = bands[bi];
-      const T* img = io.x + task.n * sh.H * sh.W * C;
-      // d(conv) tile: output rows [ho0 - P, ho1 + P), columns [-P, Wo + P); x tile as forward
-      const int64_t dt0 = task.ho0 - P, dt1 = task.ho1 + P;
-      const int64_t x0 = task.ho0 * S - P, x1 = (task.ho1 - 1) * S + P + 1;
-      RowTile<T> dtile{scratch<T>(0, (dt1 - dt0) * d_row), d_row, P * lay.Cp, sh.Ho, dt0, dt0,
-                       lay.dense};
-      RowTile<T> xtile{scratch<T>(2, (x1 - x0) * x_row), x_row, P * lay.Cp, sh.H, x0, x0,
-                       lay.dense};
-      T* row = scratch<T>(1, sh.Wo * C);
-      for (int64_t ho0 = task.ho0; ho0 < task.ho1; ho0 += kBand) {
-        const Band b{task.n, ho0, std::min(task.ho1, ho0 + kBand)};
-        const int64_t R = b.ho1 - b.ho0;
-        const T* dt = dtile.rows(b.ho0 - P, b.ho1 + P, [&](int64_t ho, T* dst) {
-          const int64_t o = (b.n * sh.Ho + ho) * sh.Wo * C;
-          conv_grad_nhwc(io.gy + o, io.conv + o, sh.Wo * C, pc.data(), period, act,
-                         lay.dense ? dst : row);
-          if (!lay.dense) relayout<true>(row, sh.Wo, lay, groups, dst);
-        });
-        const T* xt = xtile.rows(b.ho0 * S - P, (b.ho1 - 1) * S + P + 1, [&](int64_t h, T* dst) {
-          relayout<true>(img + h * sh.W * C, sh.W, lay, groups, dst);
-        });
-        // input rows [hx0, hx1) of this band's input gradient
-        const int64_t hx0 = b.ho0 * S, hx1 = std::min(sh.H, b.ho1 * S);
-        T* gx = io.gx + (b.n * sh.H + hx0) * sh.W * C;
-        T* dx = lay.dense ? gx : scratch<T>(3, (hx1 - hx0) * sh.W * lay.Cp);
-        for (size_t i = 0; i < lay.blocks.size(); ++i) {
-          const Block& blk = lay.blocks[i];
-          const Group& grp = groups[blk.g];
-          const int64_t p = grp.k / 2;
-          const T* wt = wts.data() + w_off[i];
-          const T* d = dt + P * d_row + P * lay.Cp + blk.off;
-          const T* in = xt + (P - p) * x_row + (P - p) * lay.Cp + blk.off;
-          with_kernel(grp.k, S, [&](auto K, auto Sc) {
-            with_width(blk, [&](auto V) {
-              constexpr int kK = decltype(K)::value, kS = decltype(Sc)::value;
-              constexpr int kV = decltype(V)::value;
-              wgrad_nhwc<kK, kS, kV>(d, d_row, in, x_row, grp.k, R, sh.Wo, lay.Cp,
-                                     &wpart[bi * wlen + w_off[i]]);
-              if constexpr (kS == 1) {
-                const T* dd = dt + (P - p) * d_row + (P - p) * lay.Cp + blk.off;
-                correlate_nhwc<kK, 1, kV, false>(dd, d_row, wt, grp.k, R, sh.W, lay.Cp,
-                                                 dx + blk.off);
-              } else {
-                gather_stride2_nhwc<kK, kV>(dt + P * lay.Cp + blk.off, b.ho0 - P, d_row, wt,
-                                            grp.k, hx0, hx1, sh.W, lay.Cp, dx + blk.off,
-                                            sh.W * lay.Cp);
-              }
-            });
+  for_each_band(nb, [&](int64_t bi) {
+    const Band& task = bands[bi];
+    const T* img = io.x + task.n * sh.H * sh.W * C;
+    // d(conv) tile: output rows [ho0 - P, ho1 + P), columns [-P, Wo + P); x tile as forward
+    const int64_t dt0 = task.ho0 - P, dt1 = task.ho1 + P;
+    const int64_t x0 = task.ho0 * S - P, x1 = (task.ho1 - 1) * S + P + 1;
+    RowTile<T> dtile{scratch<T>(0, (dt1 - dt0) * d_row), d_row, P * lay.Cp, sh.Ho, dt0, dt0,
+                     lay.dense};
+    RowTile<T> xtile{scratch<T>(2, (x1 - x0) * x_row), x_row, P * lay.Cp, sh.H, x0, x0,
+                     lay.dense};
+    T* row = scratch<T>(1, sh.Wo * C);
+    for (int64_t ho0 = task.ho0; ho0 < task.ho1; ho0 += kBand) {
+      const Band b{task.n, ho0, std::min(task.ho1, ho0 + kBand)};
+      const int64_t R = b.ho1 - b.ho0;
+      const T* dt = dtile.rows(b.ho0 - P, b.ho1 + P, [&](int64_t ho, T* dst) {
+        const int64_t o = (b.n * sh.Ho + ho) * sh.Wo * C;
+        conv_grad_nhwc(io.gy + o, io.conv + o, sh.Wo * C, pc.data(), period, act,
+                       lay.dense ? dst : row);
+        if (!lay.dense) relayout<true>(row, sh.Wo, lay, groups, dst);
+      });
+      const T* xt = xtile.rows(b.ho0 * S - P, (b.ho1 - 1) * S + P + 1, [&](int64_t h, T* dst) {
+        relayout<true>(img + h * sh.W * C, sh.W, lay, groups, dst);
+      });
+      // input rows [hx0, hx1) of this band's input gradient
+      const int64_t hx0 = b.ho0 * S, hx1 = std::min(sh.H, b.ho1 * S);
+      T* gx = io.gx + (b.n * sh.H + hx0) * sh.W * C;
+      T* dx = lay.dense ? gx : scratch<T>(3, (hx1 - hx0) * sh.W * lay.Cp);
+      for (size_t i = 0; i < lay.blocks.size(); ++i) {
+        const Block& blk = lay.blocks[i];
+        const Group& grp = groups[blk.g];
+        const int64_t p = grp.k / 2;
+        const T* wt = wts.data() + w_off[i];
+        const T* d = dt + P * d_row + P * lay.Cp + blk.off;
+        const T* in = xt + (P - p) * x_row + (P - p) * lay.Cp + blk.off;
+        with_kernel(grp.k, S, [&](auto K, auto Sc) {
+          with_width(blk, [&](auto V) {
+            constexpr int kK = decltype(K)::value, kS = decltype(Sc)::value;
+            constexpr int kV = decltype(V)::value;
+            wgrad_nhwc<kK, kS, kV>(d, d_row, in, x_row, grp.k, R, sh.Wo, lay.Cp,
+                                   &wpart[bi * wlen + w_off[i]]);
+            if constexpr (kS == 1) {
+              const T* dd = dt + (P - p) * d_row + (P - p) * lay.Cp + blk.off;
+              correlate_nhwc<kK, 1, kV, false>(dd, d_row, wt, grp.k, R, sh.W, lay.Cp,
+                                               dx + blk.off);
+            } else {
+              gather_stride2_nhwc<kK, kV>(dt + P * lay.Cp + blk.off, b.ho0 - P, d_row, wt,
+                                          grp.k, hx0, hx1, sh.W, lay.Cp, dx + blk.off,
+                                          sh.W * lay.Cp);
+            }
           });
-        }
-        if (!lay.dense) relayout<false>(dx, (hx1 - hx0) * sh.W, lay, groups, gx);
+        });
       }
+      if (!lay.dense) relayout<false>(dx, (hx1 - hx0) * sh.W, lay, groups, gx);
     }
   });
   for (size_t i = 0; i < lay.blocks.size(); ++i) {
