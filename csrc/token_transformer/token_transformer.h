@@ -1,8 +1,10 @@
 // Dynamic-token transformer: the backward tape layout and the argument checks shared by the
 // kernels (hrnas_kernels/token_transformer/ops.py states the contract).
 //
-// The op works on compact tokens: every per-token tensor holds only the L alive tokens. Tokens
-// are the d = g * g values of a g x g grid. The tape is one flat buffer of N * tape_size values
+// The kernels work on compact tokens: every per-token tensor holds only the L alive tokens. The
+// ops take the full per-token parameters and an optional token_index and gather the alive ones
+// first (with_alive_tokens below); the backward puts the gradients back at full size, dead
+// tokens' entries exactly zero. Tokens are the d = g * g values of a g x g grid. The tape is one flat buffer of N * tape_size values
 // laid out quantity by quantity, each quantity a contiguous [N, ...] block, so the backward's
 // weight gradients read each as one [N * L, ...] operand without copies. ops.tape_size computes
 // the same total.
@@ -12,6 +14,8 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <tuple>
+#include <vector>
 
 #include "common/checks.h"
 
@@ -105,6 +109,103 @@ inline void check_weights(const at::Tensor& coords, const at::Tensor& w_in, at::
     check_same(kOp, "query_embed", *query, ref);
   }
   for (const at::Tensor* t : {&coords, &w_in, &w_out}) check_same(kOp, "a weight", *t, ref);
+}
+
+using FwdResult =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>,
+                             at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor>;
+
+// The alive tokens of the full per-token parameters: rows of input_proj_weight, of the input
+// BatchNorm's tensors and of query_embed, columns of reverse_proj_weight. Without an index every
+// token is alive and the tensors pass through. The index must hold distinct tokens of [0, L): the
+// public API checks that it is sorted and in range before the op; here the range is checked on
+// the CPU only (on a GPU that would cost a device synchronisation).
+class AliveTokens {
+ public:
+  AliveTokens(const std::optional<at::Tensor>& index, const at::Tensor& w_in,
+              const at::Tensor& ref)
+      : index_(index), tokens_(w_in.dim() == 2 ? w_in.size(0) : 0) {
+    if (!index_.has_value()) return;
+    TORCH_CHECK(index_->dim() == 1 && index_->scalar_type() == at::kLong, kOp,
+                ": token_index must be a 1-d int64 tensor, got ", index_->scalar_type(), " of shape ",
+                index_->sizes());
+    TORCH_CHECK(index_->device() == ref.device(), kOp, ": token_index is on ", index_->device(),
+                ", expected ", ref.device());
+    TORCH_CHECK(index_->numel() <= tokens_, kOp, ": token_index lists ", index_->numel(),
+                " tokens of ", tokens_);
+    if (index_->device().is_cpu()) {
+      const at::Tensor index = index_->contiguous();
+      const int64_t* p = index.const_data_ptr<int64_t>();
+      for (int64_t i = 0; i < index.numel(); ++i) {
+        TORCH_CHECK(p[i] >= 0 && p[i] < tokens_, kOp, ": token_index holds ", p[i],
+                    ", outside the tokens [0, ", tokens_, ")");
+      }
+    }
+  }
+  at::Tensor rows(const at::Tensor& t) const {
+    return index_.has_value() ? t.index_select(0, *index_) : t;
+  }
+  std::optional<at::Tensor> rows(const std::optional<at::Tensor>& t) const {
+    return t.has_value() ? std::optional<at::Tensor>(rows(*t)) : t;
+  }
+  at::Tensor cols(const at::Tensor& t) const {
+    return index_.has_value() ? t.index_select(1, *index_) : t;
+  }
+  // The gradient of a gathered tensor along `dim`, at full size: zero for the dead tokens.
+  at::Tensor scatter(const at::Tensor& grad, int64_t dim) const {
+    if (!index_.has_value()) return grad;
+    std::vector<int64_t> sizes = grad.sizes().vec();
+    sizes[dim] = tokens_;
+    return grad.new_zeros(sizes).index_copy_(dim, *index_, grad);
+  }
+
+ private:
+  std::optional<at::Tensor> index_;
+  int64_t tokens_;
+};
+
+// The forward op on the alive tokens, registered as such: `Fwd` is a kernel of the op's
+// signature less token_index.
+template <auto Fwd>
+FwdResult forward_alive_tokens(const at::Tensor& x, const at::Tensor& coords,
+                               const at::Tensor& w_in, const at::Tensor& bn_in_w,
+                               const at::Tensor& bn_in_b, const std::optional<at::Tensor>& rm_in,
+                               const std::optional<at::Tensor>& rv_in, at::TensorList encoder,
+                               const std::optional<at::Tensor>& query, at::TensorList decoder,
+                               const at::Tensor& w_out, const at::Tensor& bn_out_w,
+                               const at::Tensor& bn_out_b, const std::optional<at::Tensor>& rm_out,
+                               const std::optional<at::Tensor>& rv_out, int64_t heads,
+                               c10::SymIntArrayRef out_size, bool residual, double eps,
+                               bool save_tape, const std::optional<at::Tensor>& token_index) {
+  const AliveTokens a(token_index, w_in, x);
+  return Fwd(x, coords, a.rows(w_in), a.rows(bn_in_w), a.rows(bn_in_b), a.rows(rm_in),
+             a.rows(rv_in), encoder, a.rows(query), decoder, a.cols(w_out), bn_out_w, bn_out_b,
+             rm_out, rv_out, heads, out_size, residual, eps, save_tape);
+}
+
+// The backward op on the alive tokens (var_in holds the alive tokens' statistics, as the forward
+// returned them); the per-token gradients come back at full size.
+template <auto Bwd>
+BwdResult backward_alive_tokens(const at::Tensor& gy, const at::Tensor& tape,
+                                const at::Tensor& coords, const at::Tensor& w_in,
+                                const at::Tensor& bn_in_w, const at::Tensor& bn_in_b,
+                                const at::Tensor& var_in, at::TensorList encoder,
+                                const std::optional<at::Tensor>& query, at::TensorList decoder,
+                                const at::Tensor& w_out, const at::Tensor& bn_out_w,
+                                const at::Tensor& var_out, int64_t heads,
+                                c10::SymIntArrayRef in_size, bool residual, bool use_batch_stats,
+                                double eps, const std::optional<at::Tensor>& token_index) {
+  const AliveTokens a(token_index, w_in, gy);
+  BwdResult r = Bwd(gy, tape, coords, a.rows(w_in), a.rows(bn_in_w), a.rows(bn_in_b), var_in,
+                    encoder, a.rows(query), decoder, a.cols(w_out), bn_out_w, var_out, heads,
+                    in_size, residual, use_batch_stats, eps);
+  std::get<1>(r) = a.scatter(std::get<1>(r), 0);
+  std::get<2>(r) = a.scatter(std::get<2>(r), 0);
+  std::get<3>(r) = a.scatter(std::get<3>(r), 0);
+  if (query.has_value()) std::get<5>(r) = a.scatter(std::get<5>(r), 0);
+  std::get<7>(r) = a.scatter(std::get<7>(r), 1);
+  return r;
 }
 
 }  // namespace token_transformer

@@ -14,7 +14,7 @@
 //
 // Every value the backward needs is written once to the tape (token_transformer.h), so the
 // backward recomputes only the cheap affine outputs of the norms. Dead tokens do not exist here:
-// the caller passes the alive ones.
+// the registered ops gather the alive tokens' parameters first (token_transformer.h).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -817,7 +817,7 @@ std::vector<at::Tensor> contiguous(at::TensorList ts) {
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
+FwdResult fwd_cpu(
     const at::Tensor& x_in, const at::Tensor& coords_in, const at::Tensor& w_in_in,
     const at::Tensor& bn_in_w, const at::Tensor& bn_in_b, const std::optional<at::Tensor>& rm_in,
     const std::optional<at::Tensor>& rv_in, at::TensorList encoder_in,
@@ -938,14 +938,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {y, tape, mean_in, var_in, mean_out, var_out};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor,
-           std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor>
-bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& tape, const at::Tensor& coords_in,
-        const at::Tensor& w_in_in, const at::Tensor& bn_in_w_in, const at::Tensor& bn_in_b_in,
-        const at::Tensor& var_in, at::TensorList encoder_in, const std::optional<at::Tensor>& query_in,
-        at::TensorList decoder_in, const at::Tensor& w_out_in, const at::Tensor& bn_out_w_in,
-        const at::Tensor& var_out, int64_t heads, c10::SymIntArrayRef in_size, bool residual,
-        bool use_batch_stats, double eps) {
+BwdResult bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& tape,
+                  const at::Tensor& coords_in, const at::Tensor& w_in_in,
+                  const at::Tensor& bn_in_w_in, const at::Tensor& bn_in_b_in,
+                  const at::Tensor& var_in, at::TensorList encoder_in,
+                  const std::optional<at::Tensor>& query_in, at::TensorList decoder_in,
+                  const at::Tensor& w_out_in, const at::Tensor& bn_out_w_in,
+                  const at::Tensor& var_out, int64_t heads, c10::SymIntArrayRef in_size,
+                  bool residual, bool use_batch_stats, double eps) {
   check_nchw(kOp, "grad_out", grad_out_in);
   Dims s = check_common(coords_in, w_in_in, encoder_in, query_in, decoder_in, w_out_in, heads,
                         grad_out_in);
@@ -1092,8 +1092,8 @@ HRNAS_CPU_ISA_END
 
 TORCH_LIBRARY_IMPL(hrnas_kernels, CPU, m) {
   if (!HRNAS_CPU_ISA_SELECTED()) return;
-  m.impl("token_transformer_fwd", &fwd_cpu);
-  m.impl("token_transformer_bwd", &bwd_cpu);
+  m.impl("token_transformer_fwd", &forward_alive_tokens<&fwd_cpu>);
+  m.impl("token_transformer_bwd", &backward_alive_tokens<&bwd_cpu>);
 }
 
 }  // namespace token_transformer

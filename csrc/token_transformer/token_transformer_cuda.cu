@@ -1,7 +1,8 @@
 // Dynamic-token transformer on CUDA, forward and backward of the whole block in one op each.
 //
-// Semantics are those of token_transformer_cpu.cpp (compact tokens, the tape layout of
-// token_transformer.h); float64/32/16 and bfloat16 with float (double for float64) accumulation
+// Semantics are those of token_transformer_cpu.cpp (the kernels on compact tokens, the tape
+// layout of token_transformer.h; with a token_index the ops first gather the alive tokens'
+// parameters, index_select launches of their own, and scatter the gradients back); float64/32/16 and bfloat16 with float (double for float64) accumulation
 // and statistics. The CTA programs live in token_transformer_device.h (host-callable, checked on
 // the CPU by tests/ops/test_token_transformer_cuda_host.py), the host sequence in
 // token_transformer_run.h; this file only makes a CTA of them (each phase spread over the
@@ -26,8 +27,6 @@ namespace hrnas {
 namespace token_transformer {
 namespace {
 
-using device::BwdResult;
-using device::FwdResult;
 using device::kThreads;
 
 // A CTA on the GPU: thread t runs the bodies t, t + blockDim.x, ... of each phase. The members
@@ -114,8 +113,8 @@ BwdResult bwd_cuda(const at::Tensor& gy, const at::Tensor& tape, const at::Tenso
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hrnas_kernels, CUDA, m) {
-  m.impl("token_transformer_fwd", &fwd_cuda);
-  m.impl("token_transformer_bwd", &bwd_cuda);
+  m.impl("token_transformer_fwd", &forward_alive_tokens<&fwd_cuda>);
+  m.impl("token_transformer_bwd", &backward_alive_tokens<&bwd_cuda>);
 }
 
 }  // namespace token_transformer

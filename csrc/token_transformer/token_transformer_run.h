@@ -28,10 +28,6 @@ namespace hrnas {
 namespace token_transformer {
 namespace device {
 
-using FwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>,
-                             at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor>;
-
 inline at::ScalarType stats_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }

@@ -1,12 +1,11 @@
-"""Public dynamic-token transformer: validation, implementation choice, token gathering,
-autograd and the running-statistics update."""
+"""Public dynamic-token transformer: validation, implementation choice, autograd and the
+running-statistics update (the ops gather the alive tokens themselves: ``ops``)."""
 
 from collections.abc import Sequence
 
 import torch
 
 from .. import _impl
-from .._alive import expand
 from . import ops, reference
 
 _OPS = {"native": (ops.fwd, ops.bwd), "triton": (ops.fwd_triton, ops.bwd_triton)}
@@ -22,10 +21,22 @@ _OP = "token_transformer"
 
 
 def _forward_op(
-    meta, x, coords, w_in, bn_in_w, bn_in_b, query, w_out, bn_out_w, bn_out_b, *rest, save_tape
+    meta,
+    token_index,
+    x,
+    coords,
+    w_in,
+    bn_in_w,
+    bn_in_b,
+    query,
+    w_out,
+    bn_out_w,
+    bn_out_b,
+    *rest,
+    save_tape,
 ):
     """The forward op of ``meta``'s impl on the autograd function's argument list: y, the tape
-    (empty without ``save_tape``) and the four batch statistics."""
+    (empty without ``save_tape``) and the four statistics (the input ones of the alive tokens)."""
     impl, num_heads, out_size, residual, eps, n_enc = meta
     rm_in, rv_in, rm_out, rv_out, *layers = rest
     return _OPS[impl][0](
@@ -49,50 +60,28 @@ def _forward_op(
         residual,
         eps,
         save_tape,
-    )
-
-
-def _compact(token_index, w_in, bn_in_w, bn_in_b, query, w_out):
-    """The per-token parameters (in ``_forward_op``'s order) of the alive tokens, contiguous as
-    the ops take them; all tokens when ``token_index`` is None."""
-    if token_index is None:
-        return (
-            w_in.contiguous(),
-            bn_in_w,
-            bn_in_b,
-            None if query is None else query.contiguous(),
-            w_out.contiguous(),
-        )
-    return (
-        w_in.index_select(0, token_index),
-        bn_in_w.index_select(0, token_index),
-        bn_in_b.index_select(0, token_index),
-        None if query is None else query.index_select(0, token_index),
-        w_out.index_select(1, token_index),
+        token_index,
     )
 
 
 class _TokenTransformer(torch.autograd.Function):
-    """Autograd over the compact-token op pair. It takes the full per-token parameters and the
-    token index and gathers the alive tokens itself (plain ATen calls, outside autograd); its
-    backward puts the compact gradients back at full size, dead tokens' entries zero: one
-    autograd node instead of a differentiable gather (and its backward node) per parameter. The
-    statistics come out for the running-average update and are not differentiable."""
+    """Autograd over the op pair. The ops take the full per-token parameters and the token index
+    (they gather the alive tokens and give full-size gradients, dead tokens' entries zero): one
+    autograd node and no gather or scatter call around it. The statistics come out for the
+    running-average update and are not differentiable."""
 
     @staticmethod
     def forward(ctx, meta, token_index, x, coords, *params):
         impl, num_heads, _out_size, residual, eps, n_enc = meta
-        tokens = params[0].shape[0]
-        compact = _compact(token_index, *params[:5])
+        w_in, bn_in_w, bn_in_b, query, w_out = params[:5]
         bn_out_w, _bn_out_b, rm_in, _rv_in, _rm_out, _rv_out, *layers = params[5:]
         y, tape, mean_in, var_in, mean_out, var_out = _forward_op(
-            meta, x, coords, *compact, *params[5:], save_tape=True
+            meta, token_index, x, coords, *params, save_tape=True
         )
-        w_in, bn_in_w, bn_in_b, query, w_out = compact
         ctx.save_for_backward(
             tape, coords, w_in, bn_in_w, bn_in_b, var_in, query, w_out, bn_out_w, var_out, *layers
         )
-        ctx.token_index, ctx.tokens = token_index, tokens
+        ctx.token_index = token_index
         ctx.meta = (impl, num_heads, [x.shape[2], x.shape[3]], residual, eps, rm_in is None, n_enc)
         ctx.mark_non_differentiable(mean_in, var_in, mean_out, var_out)
         return y, mean_in, var_in, mean_out, var_out
@@ -123,6 +112,7 @@ class _TokenTransformer(torch.autograd.Function):
             residual,
             use_batch_stats,
             eps,
+            ctx.token_index,
         )
         (
             g_x,
@@ -136,17 +126,16 @@ class _TokenTransformer(torch.autograd.Function):
             g_bn_out_w,
             g_bn_out_b,
         ) = grads
-        index, tokens = ctx.token_index, ctx.tokens
         return (
             None,
             None,
             g_x,
             None,
-            expand(g_w_in, index, tokens, 0),
-            expand(g_bn_in_w, index, tokens, 0),
-            expand(g_bn_in_b, index, tokens, 0),
-            expand(g_query, index, tokens, 0) if query is not None else None,
-            expand(g_w_out, index, tokens, 1),
+            g_w_in,
+            g_bn_in_w,
+            g_bn_in_b,
+            g_query if query is not None else None,
+            g_w_out,
             g_bn_out_w,
             g_bn_out_b,
             None,
@@ -369,13 +358,10 @@ def fused_forward(
         )
     n, c, h, w = x.shape
     use_batch_stats = training or input_running_mean is None
-    rm_in, rv_in = input_running_mean, input_running_var
-    if token_index is not None and rm_in is not None:
-        rm_in, rv_in = rm_in.index_select(0, token_index), rv_in.index_select(0, token_index)
     running = (
         (None,) * 4
         if use_batch_stats
-        else (rm_in, rv_in, reverse_running_mean, reverse_running_var)
+        else (input_running_mean, input_running_var, reverse_running_mean, reverse_running_var)
     )
     out_size = [h // 2, w // 2] if downsample else [h, w]
     residual = not downsample and reverse_proj_weight.shape[0] == c
@@ -399,17 +385,18 @@ def fused_forward(
         )
     else:  # nothing to differentiate (inference): the op alone, no autograd node and no tape
         y, _, mean_in, var_in, mean_out, var_out = _forward_op(
-            meta, x, coords, *_compact(token_index, *per_token), *rest, save_tape=False
+            meta, token_index, x, coords, *per_token, *rest, save_tape=False
         )
     if training and input_running_mean is not None:
         count = n * coords.shape[-1] * coords.shape[-2]
         unbias = count / max(count - 1, 1)
         with torch.no_grad():
             # F.batch_norm's update, r = lerp(r, stat, momentum), in one foreach op; with a token
-            # index on the gathered alive entries (rm_in, rv_in: copies), then written back
-            alive = (
-                [input_running_mean, input_running_var] if token_index is None else [rm_in, rv_in]
-            )
+            # index on copies of the alive entries (the statistics are theirs), then written back
+            alive = [input_running_mean, input_running_var]
+            if token_index is not None:
+                alive = [r.index_select(0, token_index) for r in alive]
+                rm_in, rv_in = alive
             running = [*alive, reverse_running_mean, reverse_running_var]
             stats = (mean_in, var_in * unbias, mean_out, var_out * unbias)
             torch._foreach_lerp_(running, [s.to(r.dtype) for s, r in zip(stats, running)], momentum)

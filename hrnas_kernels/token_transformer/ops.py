@@ -1,10 +1,13 @@
 """Dispatcher contract of the dynamic-token transformer: schemas and fake kernels. Imports torch
 only.
 
-The ops work on *compact* tokens: every per-token tensor is already gathered to the L alive
-tokens (the public API's autograd function gathers them and scatters the gradients back, so
-parameters stay full size and dead tokens get exactly zero gradient without the kernels knowing
-about masks). The whole block is one forward and one backward op, in two families with one schema:
+The ops take the full per-token parameters and an optional ``token_index`` (an int64 ``[A]`` of
+distinct alive tokens of ``[0, L)``; None: all L alive) and gather the alive tokens' rows of
+``w_in``, ``bn_in_w``, ``bn_in_b``, ``rm_in``, ``rv_in``, ``query`` and columns of ``w_out``
+themselves: a masked call is one op call, with no gather or scatter calls around it. The kernels
+inside work on the A compact tokens; the backward returns those parameters' gradients at full
+size, dead tokens' entries exactly zero.
+The whole block is one forward and one backward op, in two families with one schema:
 ``token_transformer_{fwd,bwd}`` (the C++ kernels) and ``token_transformer_{fwd,bwd}_triton``
 (``triton.py``: Triton forward, backward composed of torch operations; imported on first call).
 
@@ -12,15 +15,19 @@ about masks). The whole block is one forward and one backward op, in two familie
         rm_in [L]?, rv_in [L]?, encoder: 8 tensors (reference.LAYER_WEIGHTS), query [L, d]?,
         decoder: 8 tensors or none, w_out [C_out, L], bn_out_w [C_out], bn_out_b [C_out],
         rm_out [C_out]?, rv_out [C_out]?, num_heads, out_size [Ho, Wo], residual, eps,
-        save_tape=True)
-      -> (y [N, C_out, Ho, Wo], tape [N * tape_size(...)] (what backward reads; [0] when not
-          save_tape: inference, where the CPU kernel then writes no tape at all),
-          mean_in [L], var_in [L], mean_out [C_out], var_out [C_out])
-    bwd(grad_y, tape, coords, w_in, bn_in_w, bn_in_b, var_in, encoder, query?, decoder, w_out,
-        bn_out_w, var_out, num_heads, in_size [H, W], residual, use_batch_stats, eps)
+        save_tape=True, token_index [A]?=None)
+      -> (y [N, C_out, Ho, Wo], tape [N * tape_size(..., A, ...)] (what backward reads; [0] when
+          not save_tape: inference, where the CPU kernel then writes no tape at all),
+          mean_in [A], var_in [A], mean_out [C_out], var_out [C_out])
+    bwd(grad_y, tape, coords, w_in, bn_in_w, bn_in_b, var_in [A], encoder, query?, decoder, w_out,
+        bn_out_w, var_out, num_heads, in_size [H, W], residual, use_batch_stats, eps,
+        token_index [A]?=None)
       -> (grad_x, grad_w_in, grad_bn_in_w, grad_bn_in_b, [grad of each encoder weight],
           grad_query ([0] without a decoder), [grad of each decoder weight], grad_w_out,
-          grad_bn_out_w, grad_bn_out_b)
+          grad_bn_out_w, grad_bn_out_b), the per-token ones full size
+
+``A`` is ``token_index``'s length (L without one): the statistics of the input BatchNorm are the
+alive tokens', in ``token_index``'s order.
 
 ``d = g * g``. The running statistics are given either all four (eval: normalise with them) or
 none (normalise with the batch statistics); the statistics outputs are the ones used (biased
@@ -40,14 +47,15 @@ _FWD_SCHEMA = (
     "Tensor[] encoder, Tensor? query_embed, Tensor[] decoder, Tensor reverse_proj_weight, "
     "Tensor reverse_norm_weight, Tensor reverse_norm_bias, Tensor? reverse_running_mean, "
     "Tensor? reverse_running_var, int num_heads, SymInt[] out_size, bool residual, float eps, "
-    "bool save_tape=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "bool save_tape=True, Tensor? token_index=None) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 _BWD_SCHEMA = (
     "(Tensor grad_out, Tensor tape, Tensor coords, Tensor input_proj_weight, "
     "Tensor input_norm_weight, Tensor input_norm_bias, Tensor input_var, Tensor[] encoder, "
     "Tensor? query_embed, Tensor[] decoder, Tensor reverse_proj_weight, "
     "Tensor reverse_norm_weight, Tensor reverse_var, int num_heads, SymInt[] in_size, "
-    "bool residual, bool use_batch_stats, float eps) "
+    "bool residual, bool use_batch_stats, float eps, Tensor? token_index=None) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor[], Tensor, Tensor[], Tensor, Tensor, Tensor)"
 )
 
@@ -88,9 +96,10 @@ def _fwd_fake(
     residual,
     eps,
     save_tape=True,
+    token_index=None,
 ):
     n, c = x.shape[0], x.shape[1]
-    tokens = input_proj_weight.shape[0]
+    tokens = input_proj_weight.shape[0] if token_index is None else token_index.shape[0]
     c_out = reverse_proj_weight.shape[0]
     dim = coords.shape[-1] * coords.shape[-2]
     layers = 1 + (len(decoder) > 0)
@@ -121,6 +130,7 @@ def _bwd_fake(
     residual,
     use_batch_stats,
     eps,
+    token_index=None,
 ):
     n = grad_out.shape[0]
     c = input_proj_weight.shape[1] - 2

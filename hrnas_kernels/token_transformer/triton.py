@@ -1,7 +1,8 @@
 """Triton forward of the dynamic-token transformer and its backward over the saved tape.
 
-The math is ``reference``'s module docstring, on the L alive tokens only (the API gathers the
-per-token parameters; ``ops`` states the op contract). Token dimension ``d = g * g``.
+The math is ``reference``'s module docstring, on the L alive tokens only (``fwd`` and ``bwd``
+gather the alive tokens' parameters with ``index_select`` first, and ``bwd`` scatters their
+gradients back to full size; ``ops`` states the op contract). Token dimension ``d = g * g``.
 
 Forward, 3 launches (2 with no token alive):
 
@@ -34,7 +35,7 @@ Backward (``bwd``): NOT a Triton kernel. It is written as batched torch operatio
 (``aten.upsample_bilinear2d_backward``), BN_out, the output projection, each layer in reverse
 (LayerNorm, feed-forward, attention with the saved probabilities, projections), BN_in, the input
 projection and the adjoint of the input resize. Dead tokens never reach it (compact tokens), so
-their parameters get exactly zero gradient from the API's scatter of the compact gradients.
+their parameters get exactly zero gradient from the scatter of the compact gradients.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._alive import expand
 from .._impl import TRITON_INTERPRET
 from ..multires_fusion.triton import _bilinear_tap
 from . import reference
@@ -531,9 +533,16 @@ def fwd(
     residual,
     eps,
     save_tape=True,
+    token_index=None,
 ):
     """The op ``token_transformer_fwd_triton`` (contract: ``ops``; without ``save_tape`` the
     kernels still write the tape, which is not returned)."""
+    if token_index is not None:
+        w_in, bn_in_w, bn_in_b, rm_in, rv_in, query = (
+            None if t is None else t.index_select(0, token_index)
+            for t in (w_in, bn_in_w, bn_in_b, rm_in, rv_in, query)
+        )
+        w_out = w_out.index_select(1, token_index)
     _require(x.dtype in _ACC, f"the Triton kernels got dtype {x.dtype}")
     _require(x.dim() == 4 and coords.dim() == 3, "x must be [N, C, H, W] and coords [2, g, g]")
     n, c, h, w = x.shape
@@ -739,9 +748,17 @@ def bwd(
     residual,
     use_batch_stats,
     eps,
+    token_index=None,
 ):
     """The op ``token_transformer_bwd_triton``: batched torch operations over the tape, in the
     accumulation type (see the module docstring)."""
+    full = w_in.shape[0]
+    if token_index is not None:
+        w_in, bn_in_w, bn_in_b, query = (
+            None if t is None else t.index_select(0, token_index)
+            for t in (w_in, bn_in_w, bn_in_b, query)
+        )
+        w_out = w_out.index_select(1, token_index)
     _require(grad_y.dtype in _ACC, f"the Triton kernels got dtype {grad_y.dtype}")
     acc = stats_dtype(grad_y.dtype)
     dtype = grad_y.dtype
@@ -814,13 +831,13 @@ def bwd(
         g_x = g_x + g
     return (
         g_x.to(dtype),
-        g_w_in.to(dtype),
-        g_bn_in_w.to(dtype),
-        g_bn_in_b.to(dtype),
+        expand(g_w_in.to(dtype), token_index, full, 0),
+        expand(g_bn_in_w.to(dtype), token_index, full, 0),
+        expand(g_bn_in_b.to(dtype), token_index, full, 0),
         [t.to(dtype) for t in g_enc],
-        g_query,
+        expand(g_query, token_index, full, 0) if use_decoder else g_query,
         [t.to(dtype) for t in g_dec],
-        g_w_out.to(dtype),
+        expand(g_w_out.to(dtype), token_index, full, 1),
         g_bn_out_w.to(dtype),
         g_bn_out_b.to(dtype),
     )

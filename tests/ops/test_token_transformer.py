@@ -487,18 +487,78 @@ def _op_args(device, use_batch_stats, decoder, tokens=5):
     return [x] + a + [2, [6, 5], True, 1e-5]
 
 
-@pytest.mark.parametrize("use_batch_stats,decoder", [(True, True), (False, False)])
-def test_opcheck(impl_device, use_batch_stats, decoder):
+# (use_batch_stats, decoder, masked): masked passes token_index [0, 2, 3] of the 5 tokens
+OPCHECK_CASES = [
+    (True, True, False),
+    (False, False, False),
+    (True, True, True),
+    (False, True, True),
+]
+
+
+@pytest.mark.parametrize("use_batch_stats,decoder,masked", OPCHECK_CASES)
+def test_opcheck(impl_device, use_batch_stats, decoder, masked):
     impl, device = impl_device
     fwd, bwd = (ops.fwd, ops.bwd) if impl == "native" else (ops.fwd_triton, ops.bwd_triton)
     utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
     args = _op_args(device, use_batch_stats, decoder)
-    torch.library.opcheck(fwd, args, test_utils=utils)
-    y, tape, mean_in, var_in, mean_out, var_out = fwd(*args)
+    index = torch.tensor([0, 2, 3], device=device) if masked else None
+    fwd_args = [*args, True, index]
+    torch.library.opcheck(fwd, fwd_args, test_utils=utils)
+    y, tape, mean_in, var_in, mean_out, var_out = fwd(*fwd_args)
     gy = randn(y.shape, device=device, seed=9)
     bwd_args = [gy, tape, *args[1:5], var_in, *args[7:12], var_out]
-    bwd_args += [2, [6, 5], True, use_batch_stats, 1e-5]
+    bwd_args += [2, [6, 5], True, use_batch_stats, 1e-5, index]
     torch.library.opcheck(bwd, bwd_args, test_utils=utils)
+
+
+@pytest.mark.parametrize("use_batch_stats", [True, False], ids=["batch_stats", "running_stats"])
+def test_op_gathers_alive_tokens(impl_device, use_batch_stats):
+    """With a token_index the op pair gives bitwise what it gives on the alive tokens'
+    parameters gathered beforehand (output, tape, statistics), and the backward's per-token
+    gradients are those compact ones at the alive entries and exactly zero at the dead."""
+    impl, device = impl_device
+    fwd, bwd = (ops.fwd, ops.bwd) if impl == "native" else (ops.fwd_triton, ops.bwd_triton)
+    args = _op_args(device, use_batch_stats, decoder=True)
+    index = torch.tensor([1, 3, 4], device=device)
+    compact = list(args)
+    for i in (2, 3, 4, 5, 6, 8):  # w_in, bn_in_w, bn_in_b, rm_in, rv_in, query: rows
+        if compact[i] is not None:
+            compact[i] = compact[i].index_select(0, index)
+    compact[10] = compact[10].index_select(1, index)  # w_out: columns
+    masked, expected = fwd(*args, True, index), fwd(*compact)
+    for a, e in zip(masked, expected):
+        assert torch.equal(a, e)
+    y, tape, _, var_in, _, var_out = expected
+    gy = randn(y.shape, device=device, seed=9)
+    rest = [2, [6, 5], True, use_batch_stats, 1e-5]
+    g_masked = bwd(gy, tape, *args[1:5], var_in, *args[7:12], var_out, *rest, index)
+    g_compact = bwd(gy, tape, *compact[1:5], var_in, *compact[7:12], var_out, *rest)
+    dead = torch.tensor([0, 2], device=device)
+    # the per-token gradients: (position in the result, its parameter's in args, token dim)
+    for i, p, dim in ((1, 2, 0), (2, 3, 0), (3, 4, 0), (5, 8, 0), (7, 10, 1)):
+        assert g_masked[i].shape == args[p].shape
+        assert torch.equal(g_masked[i].index_select(dim, index), g_compact[i])
+        assert not g_masked[i].index_select(dim, dead).any()
+    for i in (0, 8, 9):
+        assert torch.equal(g_masked[i], g_compact[i])
+    for i in (4, 6):
+        assert all(torch.equal(a, e) for a, e in zip(g_masked[i], g_compact[i]))
+
+
+def test_op_rejects_a_bad_token_index():
+    """Direct callers of the native op get clear errors for a token_index the public function
+    would have refused (it checks sortedness and range before the op)."""
+    args = _op_args("cpu", use_batch_stats=True, decoder=False)
+    for index, message in (
+        (torch.tensor([0.0, 1.0]), "token_index must be a 1-d int64 tensor"),
+        (torch.tensor([[0, 1]]), "token_index must be a 1-d int64 tensor"),
+        (torch.arange(6), "token_index lists 6 tokens of 5"),
+        (torch.tensor([0, 7]), r"token_index holds 7, outside the tokens \[0, 5\)"),
+        (torch.tensor([-1]), r"token_index holds -1, outside the tokens \[0, 5\)"),
+    ):
+        with pytest.raises(RuntimeError, match=message):
+            ops.fwd(*args, True, index)
 
 
 @pytest.mark.parametrize("use_batch_stats,decoder", [(True, True), (False, False)])

@@ -162,7 +162,7 @@ def test_tolerance_catches_a_wrong_index(driver):
         a[11],
     )
     fwd_args = [x, coords, w_in, bn_in_w, bn_in_b, None, None, enc, query, dec, w_out, bn_out_w]
-    fwd_args += [bn_out_b, None, None, case[8], [h, w], False, 1e-5, True]
+    fwd_args += [bn_out_b, None, None, case[8], [h, w], False, 1e-5, True, None]
     y, tape, _, var_in, _, var_out = driver.fwd(*fwd_args)
     gy = randn(y.shape, dtype=torch.float64, seed=8)
 
@@ -186,6 +186,7 @@ def test_tolerance_catches_a_wrong_index(driver):
             False,
             True,
             1e-5,
+            None,
         )
         return torch.cat([t.flatten() for t in (g[0], g[1], *g[4], g[5], *g[6], g[7])])
 

@@ -12,8 +12,16 @@ import torch
 from hrnas_kernels._testing import assert_close_to_reference, randn, runnable
 from hrnas_kernels.token_transformer import ops
 
-from .test_token_transformer import CASES, _functional_args, _grads, _mask, _module
+from .test_token_transformer import (
+    CASES,
+    OPCHECK_CASES,
+    _functional_args,
+    _grads,
+    _mask,
+    _module,
+)
 from .test_token_transformer import test_matches_reference as _matches_reference
+from .test_token_transformer import test_op_gathers_alive_tokens as _op_gathers_alive_tokens
 from .test_token_transformer import test_opcheck as _opcheck
 
 TRITON_CPU = pytest.param(("triton", "cpu"), id="triton-cpu", marks=pytest.mark.triton)
@@ -72,9 +80,16 @@ def test_gradcheck_float64(triton_device, training):
     assert torch.autograd.gradcheck(f, (x, flat), eps=1e-6, atol=1e-7, rtol=1e-6, fast_mode=True)
 
 
-@pytest.mark.parametrize("use_batch_stats,decoder", [(True, True), (False, False)])
-def test_opcheck(triton_device, use_batch_stats, decoder):
-    _opcheck(triton_device, use_batch_stats, decoder)
+@pytest.mark.parametrize("use_batch_stats,decoder,masked", OPCHECK_CASES)
+def test_opcheck(triton_device, use_batch_stats, decoder, masked):
+    _opcheck(triton_device, use_batch_stats, decoder, masked)
+
+
+@pytest.mark.parametrize("use_batch_stats", [True, False], ids=["batch_stats", "running_stats"])
+def test_op_gathers_alive_tokens(triton_device, use_batch_stats):
+    """The Triton op pair gathers the alive tokens and scatters their gradients as the native
+    one does (the op suite's check)."""
+    _op_gathers_alive_tokens(triton_device, use_batch_stats)
 
 
 def test_tape_layout_matches_tape_size():
