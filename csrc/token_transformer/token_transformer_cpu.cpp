@@ -401,19 +401,25 @@ std::vector<T> taps_matrix(const Taps<T>& t, int64_t in, bool transposed) {
   return m;
 }
 
-// z [P, g, g] -> out [P, Ho, Wo] (+ add [P, Ho, Wo] when not null).
+// z [P, g, g] -> out [P, Ho, Wo] (+ add [P, Ho, Wo] when not null). The widened rows are
+// padded to whole vectors (zero columns in the taps matrix), so the GEMM has no scalar tail
+// (Wo = 28 or 14: a third or more of its columns otherwise).
 template <typename T>
 void resize_from_grid(const T* z, int64_t P, int64_t g, int64_t Ho, int64_t Wo, const T* add,
                       T* out) {
   const Taps<T> r = make_taps<T>(Ho, g);
-  const std::vector<T> widen = taps_matrix<T>(make_taps<T>(Wo, g), g, true);  // [g, Wo]
+  const int64_t Wp = (Wo + simd::kWidth - 1) / simd::kWidth * simd::kWidth;
+  const std::vector<T> taps = taps_matrix<T>(make_taps<T>(Wo, g), g, true);  // [g, Wo]
+  std::vector<T> widen(g * Wp, T(0));                                          // [g, Wp]
+  for (int64_t k = 0; k < g; ++k)
+    std::copy(taps.begin() + k * Wo, taps.begin() + (k + 1) * Wo, widen.begin() + k * Wp);
   at::parallel_for(0, P, 1, [&](int64_t pb, int64_t pe) {
-    T* wide = scratch<T>(0, g * Wo);
+    T* wide = scratch<T>(0, g * Wp);
     for (int64_t p = pb; p < pe; ++p) {
-      gemm<T>(g, Wo, g, z + p * g * g, g, widen.data(), Wo, wide, Wo, false);
+      gemm<T>(g, Wp, g, z + p * g * g, g, widen.data(), Wp, wide, Wp, false);
       for (int64_t i = 0; i < Ho; ++i) {
-        const T* ra = wide + r.i0[i] * Wo;
-        const T* rb = wide + r.i1[i] * Wo;
+        const T* ra = wide + r.i0[i] * Wp;
+        const T* rb = wide + r.i1[i] * Wp;
         const T w0 = r.w0[i], w1 = r.w1[i];
         T* o = out + (p * Ho + i) * Wo;
         if (add != nullptr) {
