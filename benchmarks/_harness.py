@@ -31,11 +31,13 @@ Gradients are returned by ``torch.autograd.grad``, never accumulated into ``.gra
 Timing: CUDA uses ``triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])``, which flushes L2
 before each call (CUDA events with the same flush when Triton is missing). CPU uses
 ``torch.utils.benchmark.Timer(...).blocked_autorange(...)`` under the requested thread count,
-interleaved: the providers of one (case, mode) are prepared together and timed in
-``CPU_ROUNDS`` rounds of ``min_run_time / CPU_ROUNDS`` each, the order rotating every round, until
-each has at least ``MIN_CPU_SAMPLES`` blocks; p20/p50/p80 are taken over the per-call means of
-the blocks. On a machine whose speed drifts within seconds (a shared VM), the baseline and the
-providers then see the same drift, and the ratios in a row stay comparable.
+interleaved: the providers of one (case, mode) (and of every case a script groups with it through
+``run(interleave=...)``) are prepared together and timed in ``CPU_ROUNDS`` rounds of
+``min_run_time / CPU_ROUNDS`` each, the order rotating every round, until each has at least
+``MIN_CPU_SAMPLES`` blocks; p20/p50/p80 are taken over the per-call means of the blocks. On a
+machine whose speed drifts within seconds (a shared VM), the baseline and the providers (and
+the grouped cases) then see the same drift, and the ratios in a row (and between grouped rows)
+stay comparable.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import contextlib
 import csv
 import ctypes
 import datetime
+import itertools
 import math
 import os
 import re
@@ -238,10 +241,11 @@ def _quantiles_ms(times: Sequence[float]) -> tuple[float, float, float]:
 
 
 def measure_cpu_interleaved(
-    prepared: dict[str, Prepared], threads: int, min_run_time: float
-) -> dict[str, _Result | Exception]:
-    """Time several providers of one (case, mode) on CPU in alternating rounds (see the module
-    docstring); a provider whose call raises gets its exception and leaves the rounds."""
+    prepared: dict, threads: int, min_run_time: float
+) -> dict[object, _Result | Exception]:
+    """Time several callables (the providers of one (case, mode), or of a group of cases) on CPU
+    in alternating rounds (see the module docstring), keyed as ``prepared``; one whose call
+    raises gets its exception and leaves the rounds."""
     out: dict[str, _Result | Exception] = {}
     timers, times = {}, {}
     for name, prep in prepared.items():
@@ -462,13 +466,18 @@ def _print_block(title, labels, modes, providers, baseline, cells, notes):
 
 
 def _measure_block(
-    cases, labels, providers, modes, setup, device, dtype, fmt, threads, min_run_time
+    cases, labels, providers, modes, setup, device, dtype, fmt, threads, min_run_time, interleave
 ):
     """Results of one (threads, dtype, memory format) block: cells keyed (label, mode, provider)
-    holding a ``_Result`` or a footnote marker, the footnotes, and the number of errors. On CPU
-    the providers of a (case, mode) are set up together and timed interleaved; on CUDA one at a
-    time."""
+    holding a ``_Result`` or a footnote marker (in case, mode, provider order), the footnotes,
+    and the number of errors. On CPU the providers of a (case, mode) are set up together and
+    timed interleaved, and so are those of every case with the same ``interleave(case)`` key
+    (each case alone without one); on CUDA one at a time."""
     cells, notes, errors = {}, [], 0
+    groups: dict = {}
+    for case, case_label in zip(cases, labels):
+        key = interleave(case) if interleave else case_label
+        groups.setdefault(key, []).append((case, case_label))
 
     def footnote(key, kind, note):
         if note not in notes:
@@ -478,35 +487,41 @@ def _measure_block(
     def error_note(provider, mode, error):
         return f"{provider} {mode}: error: {type(error).__name__}: {error}"
 
-    for case, case_label in zip(cases, labels):
+    for group in groups.values():
         for mode in modes:
             ready = {}
-            for provider in providers:
-                key = (case_label, mode, provider)
-                try:
-                    prepared = setup(case, provider, mode, device, dtype, MEMORY_FORMATS[fmt])
-                    if isinstance(prepared, str):
-                        footnote(key, "skip", f"{provider}: skipped: {prepared}")
-                    elif device == "cpu":
-                        ready[provider] = prepared
-                    else:
-                        cells[key] = measure(prepared, device, threads, min_run_time)
-                except Exception as error:  # reported in the table; the run goes on
-                    errors += 1
-                    footnote(key, "error", error_note(provider, mode, error))
-                finally:
-                    prepared = None  # free the inputs and graphs before the next setup
+            for case, case_label in group:
+                for provider in providers:
+                    key = (case_label, mode, provider)
+                    try:
+                        prepared = setup(case, provider, mode, device, dtype, MEMORY_FORMATS[fmt])
+                        if isinstance(prepared, str):
+                            footnote(key, "skip", f"{provider}: skipped: {prepared}")
+                        elif device == "cpu":
+                            ready[key] = prepared
+                        else:
+                            cells[key] = measure(prepared, device, threads, min_run_time)
+                    except Exception as error:  # reported in the table; the run goes on
+                        errors += 1
+                        footnote(key, "error", error_note(provider, mode, error))
+                    finally:
+                        prepared = None  # free the inputs and graphs before the next setup
             if ready:
                 results = measure_cpu_interleaved(ready, threads, min_run_time)
                 ready = None
-                for provider, result in results.items():
-                    key = (case_label, mode, provider)
+                for key, result in results.items():
                     if isinstance(result, Exception):
                         errors += 1
-                        footnote(key, "error", error_note(provider, mode, result))
+                        footnote(key, "error", error_note(key[2], mode, result))
                     else:
                         cells[key] = result
-    return cells, notes, errors
+    order = {key: i for i, key in enumerate(itertools.product(labels, modes, providers))}
+    return dict(sorted(cells.items(), key=lambda kv: order[kv[0]])), notes, errors
+
+
+def all_but(*names: str) -> Callable[[dict], tuple]:
+    """An ``interleave`` key for ``run``: cases that differ only in ``names`` are timed together."""
+    return lambda case: tuple(sorted((k, v) for k, v in case.items() if k not in names))
 
 
 def _rows(cells, baseline, peak_gbps, common):
@@ -546,8 +561,14 @@ def run(
     args: argparse.Namespace,
     threads: Sequence[int] = (1, 2),
     memory_formats: Sequence[str] = ("nchw",),
+    interleave: Callable[[dict], object] | None = None,
 ) -> int:
     """Measure every (threads, dtype, memory format, case, provider, mode); returns the exit code.
+
+    ``interleave(case)``, when given, keys groups of cases that are timed together on CPU: all
+    their providers in the same alternating rounds, so ratios between the cases of a group (the
+    alive-fraction criteria: 25% alive against 100%) come from the same minutes of a machine
+    whose speed drifts, as the speedups within a case do.
 
     Rows are appended to the CSV block by block (one block per thread count, dtype and memory
     format), so an interrupted run keeps what it measured. A provider whose ``setup`` returns a
@@ -605,6 +626,7 @@ def run(
                         fmt,
                         n_threads,
                         min_run_time,
+                        interleave,
                     )
                     errors += block_errors
                     common = {
