@@ -118,30 +118,36 @@ using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std
 
 // The alive tokens of the full per-token parameters: rows of input_proj_weight, of the input
 // BatchNorm's tensors and of query_embed, columns of reverse_proj_weight. Without an index every
-// token is alive and the tensors pass through. The index must hold distinct tokens of [0, L): the
-// public API checks that it is sorted and in range before the op; here the range is checked on
-// the CPU only (on a GPU that would cost a device synchronisation).
+// token is alive. The index must hold distinct tokens of [0, L): the public API checks that it is
+// sorted and in range before the op; check_token_index checks the range on the CPU only (on a
+// GPU that would cost a device synchronisation). AliveTokens gathers the parameters (the CPU ops
+// and the CUDA backward); the CUDA forward programs read them through the index instead.
+inline void check_token_index(const std::optional<at::Tensor>& index, int64_t tokens,
+                              const at::Tensor& ref) {
+  if (!index.has_value()) return;
+  TORCH_CHECK(index->dim() == 1 && index->scalar_type() == at::kLong, kOp,
+              ": token_index must be a 1-d int64 tensor, got ", index->scalar_type(), " of shape ",
+              index->sizes());
+  TORCH_CHECK(index->device() == ref.device(), kOp, ": token_index is on ", index->device(),
+              ", expected ", ref.device());
+  TORCH_CHECK(index->numel() <= tokens, kOp, ": token_index lists ", index->numel(),
+              " tokens of ", tokens);
+  if (index->device().is_cpu()) {
+    const at::Tensor c = index->contiguous();
+    const int64_t* p = c.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < c.numel(); ++i) {
+      TORCH_CHECK(p[i] >= 0 && p[i] < tokens, kOp, ": token_index holds ", p[i],
+                  ", outside the tokens [0, ", tokens, ")");
+    }
+  }
+}
+
 class AliveTokens {
  public:
   AliveTokens(const std::optional<at::Tensor>& index, const at::Tensor& w_in,
               const at::Tensor& ref)
       : index_(index), tokens_(w_in.dim() == 2 ? w_in.size(0) : 0) {
-    if (!index_.has_value()) return;
-    TORCH_CHECK(index_->dim() == 1 && index_->scalar_type() == at::kLong, kOp,
-                ": token_index must be a 1-d int64 tensor, got ", index_->scalar_type(), " of shape ",
-                index_->sizes());
-    TORCH_CHECK(index_->device() == ref.device(), kOp, ": token_index is on ", index_->device(),
-                ", expected ", ref.device());
-    TORCH_CHECK(index_->numel() <= tokens_, kOp, ": token_index lists ", index_->numel(),
-                " tokens of ", tokens_);
-    if (index_->device().is_cpu()) {
-      const at::Tensor index = index_->contiguous();
-      const int64_t* p = index.const_data_ptr<int64_t>();
-      for (int64_t i = 0; i < index.numel(); ++i) {
-        TORCH_CHECK(p[i] >= 0 && p[i] < tokens_, kOp, ": token_index holds ", p[i],
-                    ", outside the tokens [0, ", tokens_, ")");
-      }
-    }
+    check_token_index(index_, tokens_, ref);
   }
   at::Tensor rows(const at::Tensor& t) const {
     return index_.has_value() ? t.index_select(0, *index_) : t;
@@ -165,8 +171,8 @@ class AliveTokens {
   int64_t tokens_;
 };
 
-// The forward op on the alive tokens, registered as such: `Fwd` is a kernel of the op's
-// signature less token_index.
+// The forward op on the gathered alive tokens, registered as such for the CPU: `Fwd` is a kernel
+// of the op's signature less token_index.
 template <auto Fwd>
 FwdResult forward_alive_tokens(const at::Tensor& x, const at::Tensor& coords,
                                const at::Tensor& w_in, const at::Tensor& bn_in_w,

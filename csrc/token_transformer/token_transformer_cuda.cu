@@ -1,8 +1,9 @@
 // Dynamic-token transformer on CUDA, forward and backward of the whole block in one op each.
 //
-// Semantics are those of token_transformer_cpu.cpp (the kernels on compact tokens, the tape
-// layout of token_transformer.h; with a token_index the ops first gather the alive tokens'
-// parameters, index_select launches of their own, and scatter the gradients back); float64/32/16 and bfloat16 with float (double for float64) accumulation
+// Semantics are those of token_transformer_cpu.cpp (compact tokens, the tape layout of
+// token_transformer.h; with a token_index the forward programs read the alive tokens'
+// parameters through it, while the backward gathers them first, index_select launches of its
+// own, and scatters the gradients back); float64/32/16 and bfloat16 with float (double for float64) accumulation
 // and statistics. The CTA programs live in token_transformer_device.h (host-callable, checked on
 // the CPU by tests/ops/test_token_transformer_cuda_host.py), the host sequence in
 // token_transformer_run.h; this file only makes a CTA of them (each phase spread over the
@@ -68,7 +69,8 @@ FwdResult fwd_cuda(const at::Tensor& x, const at::Tensor& coords, const at::Tens
                    at::TensorList decoder, const at::Tensor& w_out, const at::Tensor& bn_out_w,
                    const at::Tensor& bn_out_b, const std::optional<at::Tensor>& rm_out,
                    const std::optional<at::Tensor>& rv_out, int64_t heads,
-                   c10::SymIntArrayRef out_size, bool residual, double eps, bool save_tape) {
+                   c10::SymIntArrayRef out_size, bool residual, double eps, bool save_tape,
+                   const std::optional<at::Tensor>& token_index) {
   TORCH_CHECK(x.is_cuda(), kOp, ": the CUDA kernel got x on ", x.device());
   TORCH_CHECK(out_size.size() == 2, kOp, ": out_size must be [Ho, Wo]");
   const int64_t Ho = out_size[0].guard_int(__FILE__, __LINE__);
@@ -80,7 +82,7 @@ FwdResult fwd_cuda(const at::Tensor& x, const at::Tensor& coords, const at::Tens
                                   "token_transformer_fwd_cuda", [&] {
     r = device::forward<scalar_t>(exec, x, coords, w_in, bn_in_w, bn_in_b, rm_in, rv_in, encoder,
                                   query, decoder, w_out, bn_out_w, bn_out_b, rm_out, rv_out,
-                                  heads, Ho, Wo, residual, eps);
+                                  heads, Ho, Wo, residual, eps, token_index);
   });
   // the programs keep their intermediates on the tape; without save_tape it is not returned
   if (!save_tape) std::get<1>(r) = std::get<1>(r).new_empty({0});
@@ -113,7 +115,7 @@ BwdResult bwd_cuda(const at::Tensor& gy, const at::Tensor& tape, const at::Tenso
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hrnas_kernels, CUDA, m) {
-  m.impl("token_transformer_fwd", &forward_alive_tokens<&fwd_cuda>);
+  m.impl("token_transformer_fwd", &fwd_cuda);
   m.impl("token_transformer_bwd", &backward_alive_tokens<&bwd_cuda>);
 }
 

@@ -263,8 +263,14 @@ struct Dims {
 
 template <typename T, typename A>
 struct FwdArgs {
-  Dims s;
+  Dims s;  // s.L: the alive tokens
   A eps;
+  // The per-token parameters are full size (`tokens` rows; columns of w_out): alive token l is
+  // row row(l), token[l] with an index, l without one (token null, tokens == s.L). The forward
+  // programs read them through it, so a masked forward needs no gather launches.
+  const int64_t* token;
+  int64_t tokens;
+  HRNAS_HD int64_t row(int64_t l) const { return token != nullptr ? token[l] : l; }
   const T *x, *coords, *w_in, *bn_in_w, *bn_in_b, *rm_in, *rv_in;
   const T* enc[8];
   const T* query;
@@ -330,7 +336,7 @@ struct FwdTokens {
     cta.sync();
     cta.each(s.L * d, [&](int64_t i) {
       const int64_t l = i / d, j = i % d;
-      const T* w = a.w_in + l * K;
+      const T* w = a.w_in + a.row(l) * K;
       u[i] = dot<A>(w, 1, f + j, d, C) + static_cast<A>(w[C]) * static_cast<A>(a.coords[j]) +
              static_cast<A>(w[C + 1]) * static_cast<A>(a.coords[d + j]);
     });
@@ -345,7 +351,8 @@ struct FwdTokens {
 };
 
 // One post-norm layer of sample n: mem [L, d] -> out [L, d], the layer's tape filled; query:
-// the decoder's learned queries [L, d] (null: the encoder, whose queries are mem).
+// the decoder's learned queries, full size (alive query l is row a.row(l)), or null (the
+// encoder, whose queries are mem).
 template <class Cta, typename T, typename A>
 HRNAS_HD void layer_forward(const Cta& cta, const FwdArgs<T, A>& a, const T* const* w,
                             const LayerTape& lt, int64_t n, const T* query, const A* mem,
@@ -358,8 +365,9 @@ HRNAS_HD void layer_forward(const Cta& cta, const FwdArgs<T, A>& a, const T* con
   A* t1 = a.ws + a.w.t1 + n * L * d;
   cta.each(L * d3, [&](int64_t i) {
     const int64_t r = i / d3, c = i % d3;
-    t.qkv[i] = static_cast<T>(query != nullptr && c < d ? dot<A>(query + r * d, 1, w[0] + c * d, 1, d)
-                                                       : dot<A>(mem + r * d, 1, w[0] + c * d, 1, d));
+    t.qkv[i] = static_cast<T>(query != nullptr && c < d
+                                  ? dot<A>(query + a.row(r) * d, 1, w[0] + c * d, 1, d)
+                                  : dot<A>(mem + r * d, 1, w[0] + c * d, 1, d));
   });
   cta.sync();
   const A scale = A(1) / std::sqrt(static_cast<A>(hd));
@@ -423,7 +431,8 @@ struct FwdLayers {
     cta.each(L, [&](int64_t l) {
       const Moments<A> m =
           s.batch_stats ? merge_moments(a.ws + a.w.in_part, s.N, 2 * L, l, d)
-                        : Moments<A>{static_cast<A>(a.rm_in[l]), static_cast<A>(a.rv_in[l])};
+                        : Moments<A>{static_cast<A>(a.rm_in[a.row(l)]),
+                                     static_cast<A>(a.rv_in[a.row(l)])};
       stat[2 * l] = m.mean;
       stat[2 * l + 1] = A(1) / std::sqrt(m.m2 + a.eps);
       if (n == 0) {
@@ -437,7 +446,7 @@ struct FwdLayers {
       const int64_t l = i / d;
       const A xh = (u[i] - stat[2 * l]) * stat[2 * l + 1];
       uhat[i] = static_cast<T>(xh);
-      u[i] = xh * static_cast<A>(a.bn_in_w[l]) + static_cast<A>(a.bn_in_b[l]);
+      u[i] = xh * static_cast<A>(a.bn_in_w[a.row(l)]) + static_cast<A>(a.bn_in_b[a.row(l)]);
     });
     cta.sync();
     A* m = a.ws + a.w.m + n * L * d;
@@ -450,7 +459,10 @@ struct FwdLayers {
     A* z = a.ws + a.w.z + n * s.Co * d;
     cta.each(s.Co * d, [&](int64_t i) {
       const int64_t co = i / d, j = i % d;
-      z[i] = dot<A>(a.w_out + co * L, 1, o + j, d, L);
+      A acc = 0;  // dot() over the alive columns of row co
+      for (int64_t l = 0; l < L; ++l)
+        acc += static_cast<A>(a.w_out[co * a.tokens + a.row(l)]) * static_cast<A>(o[l * d + j]);
+      z[i] = acc;
     });
     cta.sync();
     cta.each(s.Co, [&](int64_t co) {

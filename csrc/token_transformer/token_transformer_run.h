@@ -69,10 +69,16 @@ FwdResult forward(const Exec& exec, const at::Tensor& x_in, const at::Tensor& co
                   const at::Tensor& w_out_in, const at::Tensor& bn_out_w_in,
                   const at::Tensor& bn_out_b_in, const std::optional<at::Tensor>& rm_out,
                   const std::optional<at::Tensor>& rv_out, int64_t heads, int64_t Ho,
-                  int64_t Wo, bool residual, double eps) {
+                  int64_t Wo, bool residual, double eps,
+                  const std::optional<at::Tensor>& token_index) {
   using A = at::opmath_type<T>;
   check_nchw(kOp, "x", x_in);
   Dims s = check_args(coords_in, w_in_in, encoder, query_in, decoder, w_out_in, heads, x_in);
+  const int64_t tokens = s.L;  // the per-token parameters' size; s.L: the alive tokens
+  check_token_index(token_index, tokens, x_in);
+  const at::Tensor index =
+      token_index.has_value() ? token_index->contiguous() : at::Tensor();
+  if (index.defined()) s.L = index.numel();
   s.N = x_in.size(0);
   s.H = x_in.size(2);
   s.W = x_in.size(3);
@@ -98,8 +104,8 @@ FwdResult forward(const Exec& exec, const at::Tensor& x_in, const at::Tensor& co
   at::Tensor mean_in = at::empty({s.L}, sopt), var_in = at::empty({s.L}, sopt);
   at::Tensor mean_out = at::empty({s.Co}, sopt), var_out = at::empty({s.Co}, sopt);
   if (s.N == 0) {  // eval on an empty batch: the statistics used are the running ones
-    mean_in.copy_(*rm_in);
-    var_in.copy_(*rv_in);
+    mean_in.copy_(index.defined() ? rm_in->index_select(0, index) : *rm_in);
+    var_in.copy_(index.defined() ? rv_in->index_select(0, index) : *rv_in);
     mean_out.copy_(*rm_out);
     var_out.copy_(*rv_out);
     return {y, tape, mean_in, var_in, mean_out, var_out};
@@ -116,6 +122,8 @@ FwdResult forward(const Exec& exec, const at::Tensor& x_in, const at::Tensor& co
   FwdArgs<T, A> a{};
   a.s = s;
   a.eps = static_cast<A>(eps);
+  a.token = index.defined() ? index.const_data_ptr<int64_t>() : nullptr;
+  a.tokens = tokens;
   a.x = x.const_data_ptr<T>();
   a.coords = coords.const_data_ptr<T>();
   a.w_in = w_in.const_data_ptr<T>();

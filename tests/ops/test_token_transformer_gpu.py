@@ -148,10 +148,19 @@ def test_low_precision_matches_reference(impl, dtype, training):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", CUDA_IMPLS)
+@pytest.mark.parametrize(
+    "impl,masked",
+    [
+        pytest.param("triton", False, marks=pytest.mark.triton),
+        ("native", False),
+        ("native", True),
+    ],
+)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_forward_launches(impl, training):
-    """The forward op of the whole block (N=8, C=36, 28x28, 64 tokens) is at most 4 kernels."""
+def test_forward_launches(impl, masked, training):
+    """The forward op of the whole block (N=8, C=36, 28x28, 64 tokens) is at most 4 kernels; the
+    native one also with half the tokens alive (its programs read them through the index; the
+    Triton op gathers them with index_select launches first)."""
     _cuda_impl(impl)
     fwd = ops.fwd_triton if impl == "triton" else ops.fwd
     case = (8, 36, None, 28, 28, 64, 8, 1, False, True)
@@ -161,7 +170,8 @@ def test_forward_launches(impl, training):
         a[4] = a[5] = a[12] = a[13] = None
     x = randn((8, 36, 28, 28), device="cuda", seed=1)
     args = [x, *a[:6], [t.detach() for t in a[6]], a[7], [t.detach() for t in a[8]], *a[9:]]
-    args += [1, [28, 28], True, 1e-5]
+    index = torch.arange(0, 64, 2, device="cuda") if masked else None
+    args += [1, [28, 28], True, 1e-5, True, index]
     fwd(*args)  # compile first
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

@@ -15,7 +15,6 @@ namespace {
 
 using hrnas::token_transformer::backward_alive_tokens;
 using hrnas::token_transformer::BwdResult;
-using hrnas::token_transformer::forward_alive_tokens;
 using hrnas::token_transformer::FwdResult;
 using namespace hrnas::token_transformer::device;
 
@@ -60,22 +59,23 @@ struct HostExec {
 
 void set_order(bool deferred) { g_deferred = deferred; }
 
-// The host sequence on compact tokens, as fwd_cuda and bwd_cuda of token_transformer_cuda.cu.
-FwdResult fwd_compact(const at::Tensor& x, const at::Tensor& coords, const at::Tensor& w_in,
-                      const at::Tensor& bn_in_w, const at::Tensor& bn_in_b,
-                      const std::optional<at::Tensor>& rm_in,
-                      const std::optional<at::Tensor>& rv_in, at::TensorList encoder,
-                      const std::optional<at::Tensor>& query, at::TensorList decoder,
-                      const at::Tensor& w_out, const at::Tensor& bn_out_w,
-                      const at::Tensor& bn_out_b, const std::optional<at::Tensor>& rm_out,
-                      const std::optional<at::Tensor>& rv_out, int64_t heads,
-                      c10::SymIntArrayRef out_size, bool residual, double eps, bool save_tape) {
+// The host sequence, as fwd_cuda and bwd_cuda of token_transformer_cuda.cu: the forward reads
+// the alive tokens through the index, the backward runs on gathered (compact) tokens.
+FwdResult fwd(const at::Tensor& x, const at::Tensor& coords, const at::Tensor& w_in,
+              const at::Tensor& bn_in_w, const at::Tensor& bn_in_b,
+              const std::optional<at::Tensor>& rm_in, const std::optional<at::Tensor>& rv_in,
+              const std::vector<at::Tensor>& encoder, const std::optional<at::Tensor>& query,
+              const std::vector<at::Tensor>& decoder, const at::Tensor& w_out,
+              const at::Tensor& bn_out_w, const at::Tensor& bn_out_b,
+              const std::optional<at::Tensor>& rm_out, const std::optional<at::Tensor>& rv_out,
+              int64_t heads, const std::vector<int64_t>& out_size, bool residual, double eps,
+              bool save_tape, const std::optional<at::Tensor>& token_index) {
   TORCH_CHECK(out_size.size() == 2, "out_size must be [Ho, Wo]");
   FwdResult r;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "token_transformer_host_fwd", [&] {
     r = forward<scalar_t>(HostExec{}, x, coords, w_in, bn_in_w, bn_in_b, rm_in, rv_in, encoder,
                           query, decoder, w_out, bn_out_w, bn_out_b, rm_out, rv_out, heads,
-                          out_size[0].expect_int(), out_size[1].expect_int(), residual, eps);
+                          out_size[0], out_size[1], residual, eps, token_index);
   });
   if (!save_tape) std::get<1>(r) = std::get<1>(r).new_empty({0});
   return r;
@@ -100,23 +100,7 @@ BwdResult bwd_compact(const at::Tensor& gy, const at::Tensor& tape, const at::Te
   return r;
 }
 
-// The op pair as registered for CUDA: the alive tokens gathered first (token_transformer.h).
-FwdResult fwd(const at::Tensor& x, const at::Tensor& coords, const at::Tensor& w_in,
-              const at::Tensor& bn_in_w, const at::Tensor& bn_in_b,
-              const std::optional<at::Tensor>& rm_in, const std::optional<at::Tensor>& rv_in,
-              const std::vector<at::Tensor>& encoder, const std::optional<at::Tensor>& query,
-              const std::vector<at::Tensor>& decoder, const at::Tensor& w_out,
-              const at::Tensor& bn_out_w, const at::Tensor& bn_out_b,
-              const std::optional<at::Tensor>& rm_out, const std::optional<at::Tensor>& rv_out,
-              int64_t heads, const std::vector<int64_t>& out_size, bool residual, double eps,
-              bool save_tape, const std::optional<at::Tensor>& token_index) {
-  return forward_alive_tokens<&fwd_compact>(x, coords, w_in, bn_in_w, bn_in_b, rm_in, rv_in,
-                                            encoder, query, decoder, w_out, bn_out_w, bn_out_b,
-                                            rm_out, rv_out, heads,
-                                            c10::fromIntArrayRefSlow(out_size), residual, eps,
-                                            save_tape, token_index);
-}
-
+// The backward as registered for CUDA: the alive tokens gathered first (token_transformer.h).
 BwdResult bwd(const at::Tensor& gy, const at::Tensor& tape, const at::Tensor& coords,
               const at::Tensor& w_in, const at::Tensor& bn_in_w, const at::Tensor& bn_in_b,
               const at::Tensor& var_in, const std::vector<at::Tensor>& encoder,
