@@ -246,7 +246,7 @@ def measure_cpu_interleaved(
     """Time several callables (the providers of one (case, mode), or of a group of cases) on CPU
     in alternating rounds (see the module docstring), keyed as ``prepared``; one whose call
     raises gets its exception and leaves the rounds."""
-    out: dict[str, _Result | Exception] = {}
+    out: dict[object, _Result | Exception] = {}
     timers, times = {}, {}
     for name, prep in prepared.items():
         fn = _with_grad_reset(prep.fn, prep.grad_to_none)

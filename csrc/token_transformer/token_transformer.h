@@ -2,10 +2,11 @@
 // kernels (hrnas_kernels/token_transformer/ops.py states the contract).
 //
 // The kernels work on compact tokens: every per-token tensor holds only the L alive tokens. The
-// ops take the full per-token parameters and an optional token_index and gather the alive ones
-// first (with_alive_tokens below); the backward puts the gradients back at full size, dead
-// tokens' entries exactly zero. Tokens are the d = g * g values of a g x g grid. The tape is one flat buffer of N * tape_size values
-// laid out quantity by quantity, each quantity a contiguous [N, ...] block, so the backward's
+// ops take the full per-token parameters and an optional token_index; AliveTokens below gathers
+// the alive ones for the kernels (the CUDA forward programs read them through the index instead)
+// and puts the gradients back at full size, dead tokens' entries exactly zero. Tokens are the
+// d = g * g values of a g x g grid. The tape is one flat buffer of N * tape_size values laid out
+// quantity by quantity, each quantity a contiguous [N, ...] block, so the backward's
 // weight gradients read each as one [N * L, ...] operand without copies. ops.tape_size computes
 // the same total.
 #pragma once
@@ -113,8 +114,9 @@ inline void check_weights(const at::Tensor& coords, const at::Tensor& w_in, at::
 
 using FwdResult =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>,
-                             at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor>;
+using BwdResult =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor,
+               std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor>;
 
 // The alive tokens of the full per-token parameters: rows of input_proj_weight, of the input
 // BatchNorm's tensors and of query_embed, columns of reverse_proj_weight. Without an index every

@@ -3,11 +3,11 @@
 // Semantics are those of token_transformer_cpu.cpp (compact tokens, the tape layout of
 // token_transformer.h; with a token_index the forward programs read the alive tokens'
 // parameters through it, while the backward gathers them first, index_select launches of its
-// own, and scatters the gradients back); float64/32/16 and bfloat16 with float (double for float64) accumulation
-// and statistics. The CTA programs live in token_transformer_device.h (host-callable, checked on
-// the CPU by tests/ops/test_token_transformer_cuda_host.py), the host sequence in
-// token_transformer_run.h; this file only makes a CTA of them (each phase spread over the
-// threads, __syncthreads between phases) and launches them:
+// own, and scatters the gradients back); float64/32/16 and bfloat16 with float (double for
+// float64) accumulation and statistics. The CTA programs live in token_transformer_device.h
+// (host-callable, checked on the CPU by tests/ops/test_token_transformer_cuda_host.py), the host
+// sequence in token_transformer_run.h; this file only makes a CTA of them (each phase spread over
+// the threads, __syncthreads between phases) and launches them:
 // forward 3 kernels (tokens per sample; BN_in + encoder + decoder + output projection per
 // sample; BN_out + resize + residual per output plane), backward 4 (per plane; per sample twice;
 // the weight gradients' per-sample partials summed in sample order). Deterministic: fixed

@@ -512,6 +512,16 @@ def _block(size: int) -> int:
     return max(16, triton.next_power_of_2(max(size, 1)))
 
 
+def _alive_tokens(token_index, *rows, w_out):
+    """The alive tokens' rows of each of ``rows`` (None stays None) and columns of ``w_out``, as
+    the native ops gather them (csrc/token_transformer/token_transformer.h, AliveTokens); the
+    tensors themselves without an index."""
+    if token_index is None:
+        return (*rows, w_out)
+    gathered = [None if t is None else t.index_select(0, token_index) for t in rows]
+    return (*gathered, w_out.index_select(1, token_index))
+
+
 def fwd(
     x,
     coords,
@@ -537,12 +547,9 @@ def fwd(
 ):
     """The op ``token_transformer_fwd_triton`` (contract: ``ops``; without ``save_tape`` the
     kernels still write the tape, which is not returned)."""
-    if token_index is not None:
-        w_in, bn_in_w, bn_in_b, rm_in, rv_in, query = (
-            None if t is None else t.index_select(0, token_index)
-            for t in (w_in, bn_in_w, bn_in_b, rm_in, rv_in, query)
-        )
-        w_out = w_out.index_select(1, token_index)
+    w_in, bn_in_w, bn_in_b, rm_in, rv_in, query, w_out = _alive_tokens(
+        token_index, w_in, bn_in_w, bn_in_b, rm_in, rv_in, query, w_out=w_out
+    )
     _require(x.dtype in _ACC, f"the Triton kernels got dtype {x.dtype}")
     _require(x.dim() == 4 and coords.dim() == 3, "x must be [N, C, H, W] and coords [2, g, g]")
     n, c, h, w = x.shape
@@ -753,12 +760,9 @@ def bwd(
     """The op ``token_transformer_bwd_triton``: batched torch operations over the tape, in the
     accumulation type (see the module docstring)."""
     full = w_in.shape[0]
-    if token_index is not None:
-        w_in, bn_in_w, bn_in_b, query = (
-            None if t is None else t.index_select(0, token_index)
-            for t in (w_in, bn_in_w, bn_in_b, query)
-        )
-        w_out = w_out.index_select(1, token_index)
+    w_in, bn_in_w, bn_in_b, query, w_out = _alive_tokens(
+        token_index, w_in, bn_in_w, bn_in_b, query, w_out=w_out
+    )
     _require(grad_y.dtype in _ACC, f"the Triton kernels got dtype {grad_y.dtype}")
     acc = stats_dtype(grad_y.dtype)
     dtype = grad_y.dtype
