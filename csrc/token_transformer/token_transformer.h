@@ -3,12 +3,12 @@
 //
 // The kernels work on compact tokens: every per-token tensor holds only the L alive tokens. The
 // ops take the full per-token parameters and an optional token_index; AliveTokens below gathers
-// the alive ones for the kernels (the CUDA forward programs read them through the index instead)
-// and puts the gradients back at full size, dead tokens' entries exactly zero. Tokens are the
-// d = g * g values of a g x g grid. The tape is one flat buffer of N * tape_size values laid out
-// quantity by quantity, each quantity a contiguous [N, ...] block, so the backward's
-// weight gradients read each as one [N * L, ...] operand without copies. ops.tape_size computes
-// the same total.
+// the alive ones for the kernels (the CUDA forward programs read them through the index instead,
+// as triton.py's forward kernels do) and puts the gradients back at full size, dead tokens'
+// entries exactly zero. Tokens are the d = g * g values of a g x g grid. The tape is one flat
+// buffer of N * tape_size values laid out quantity by quantity, each quantity a contiguous
+// [N, ...] block, so the backward's weight gradients read each as one [N * L, ...] operand
+// without copies. ops.tape_size computes the same total.
 #pragma once
 
 #include <ATen/core/Tensor.h>

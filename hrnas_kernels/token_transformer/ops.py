@@ -4,10 +4,10 @@ only.
 The ops take the full per-token parameters and an optional ``token_index`` (an int64 ``[A]`` of
 distinct alive tokens of ``[0, L)``; None: all L alive) and gather the alive tokens' rows of
 ``w_in``, ``bn_in_w``, ``bn_in_b``, ``rm_in``, ``rv_in``, ``query`` and columns of ``w_out``
-themselves (the CUDA forward programs read them through the index, without copies): a masked
-call is one op call, with no gather or scatter calls around it. The kernels
-inside work on the A compact tokens; the backward returns those parameters' gradients at full
-size, dead tokens' entries exactly zero.
+themselves (the CUDA and Triton forward programs read them through the index, without copies):
+a masked call is one op call, with no gather or scatter calls around it. The kernels inside work
+on the A compact tokens; the backward returns those parameters' gradients at full size, dead
+tokens' entries exactly zero.
 The whole block is one forward and one backward op, in two families with one schema:
 ``token_transformer_{fwd,bwd}`` (the C++ kernels) and ``token_transformer_{fwd,bwd}_triton``
 (``triton.py``: Triton forward, backward composed of torch operations; imported on first call).

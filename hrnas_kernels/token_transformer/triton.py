@@ -1,10 +1,13 @@
 """Triton forward of the dynamic-token transformer and its backward over the saved tape.
 
-The math is ``reference``'s module docstring, on the L alive tokens only (``fwd`` and ``bwd``
-gather the alive tokens' parameters with ``index_select`` first, and ``bwd`` scatters their
-gradients back to full size; ``ops`` states the op contract). Token dimension ``d = g * g``.
+The math is ``reference``'s module docstring, on the L alive tokens only (``ops`` states the op
+contract). The forward kernels read the alive tokens' parameters through ``token_index`` (rows of
+``W_in``, BN_in, the running statistics and the queries, columns of ``W_out``); ``bwd`` gathers
+them with ``index_select`` and scatters their gradients back to full size. Token dimension
+``d = g * g``.
 
-Forward, 3 launches (2 with no token alive):
+Forward, 3 launches (2 with no token alive), masked or not, training or eval (the kernels store
+the statistics they normalise with, running ones included: no copy launches):
 
 1. ``_tokenize_kernel``, one program per sample n: ``f = resize(x[n], (g, g))`` (bilinear,
    align_corners=False, ATen's source taps, shared with ``multires_fusion.triton``), stored on
@@ -116,10 +119,19 @@ def _resize_gather(plane, dst_h, dst_w, in_h, in_w, out_h, out_w, mask, ACC: tl.
 
 
 @triton.jit
+def _alive_rows(index_ptr, rows, row_ok, INDEXED: tl.constexpr):
+    # The parameter row of each compact token: token_index[rows] for a masked call, else rows.
+    if INDEXED:
+        return tl.load(index_ptr + rows, mask=row_ok, other=0)
+    return rows.to(tl.int64)
+
+
+@triton.jit
 def _tokenize_kernel(
     x_ptr,
     coords_ptr,
     w_in_ptr,
+    index_ptr,
     tape_ptr,
     u_ptr,
     C,
@@ -128,6 +140,7 @@ def _tokenize_kernel(
     G,
     L,
     D,
+    INDEXED: tl.constexpr,
     BL: tl.constexpr,
     BD: tl.constexpr,
     BC: tl.constexpr,
@@ -142,6 +155,7 @@ def _tokenize_kernel(
     cols = tl.arange(0, BD)
     row_ok = rows < L
     col_ok = cols < D
+    tok = _alive_rows(index_ptr, rows, row_ok, INDEXED)
     gy = (cols // G)[None, :]
     gx = (cols % G)[None, :]
     u = tl.zeros((BL, BD), dtype=ACC)
@@ -155,15 +169,15 @@ def _tokenize_kernel(
         f_at = tape_ptr + (n * C + ch)[:, None] * D + cols[None, :]
         tl.store(f_at, f.to(tape_ptr.dtype.element_ty), mask=ok)
         w = tl.load(
-            w_in_ptr + rows[:, None] * cin + ch[None, :],
+            w_in_ptr + tok[:, None] * cin + ch[None, :],
             mask=row_ok[:, None] & (ch < C)[None, :],
             other=0.0,
         ).to(ACC)
         u += tl.dot(w, f, input_precision="ieee", out_dtype=ACC)
     px = tl.load(coords_ptr + cols, mask=col_ok, other=0.0).to(ACC)
     py = tl.load(coords_ptr + D + cols, mask=col_ok, other=0.0).to(ACC)
-    wx = tl.load(w_in_ptr + rows * cin + C, mask=row_ok, other=0.0).to(ACC)
-    wy = tl.load(w_in_ptr + rows * cin + C + 1, mask=row_ok, other=0.0).to(ACC)
+    wx = tl.load(w_in_ptr + tok * cin + C, mask=row_ok, other=0.0).to(ACC)
+    wy = tl.load(w_in_ptr + tok * cin + C + 1, mask=row_ok, other=0.0).to(ACC)
     u += wx[:, None] * px[None, :] + wy[:, None] * py[None, :]
     ok = row_ok[:, None] & col_ok[None, :]
     tl.store(u_ptr + (n * L + rows)[:, None] * D + cols[None, :], u, mask=ok)
@@ -293,8 +307,11 @@ def _batch_stats(ptr, tile, ok, N, stride, D, ROWS: tl.constexpr, ACC: tl.conste
 def _layers_kernel(
     u_ptr,
     tape_ptr,
+    index_ptr,
     bn_w_ptr,
     bn_b_ptr,
+    rm_ptr,
+    rv_ptr,
     mean_ptr,
     var_ptr,
     query_ptr,
@@ -335,6 +352,7 @@ def _layers_kernel(
     d_r2_at,
     N,
     L,
+    L_ALL,
     D,
     C_OUT,
     HEADS,
@@ -342,6 +360,7 @@ def _layers_kernel(
     eps,
     USE_BATCH: tl.constexpr,
     DECODER: tl.constexpr,
+    INDEXED: tl.constexpr,
     BL: tl.constexpr,
     BD: tl.constexpr,
     BC: tl.constexpr,
@@ -354,21 +373,22 @@ def _layers_kernel(
     col_ok = cols < D
     ok = row_ok[:, None] & col_ok[None, :]
     tile = rows[:, None] * D + cols[None, :]
+    tok = _alive_rows(index_ptr, rows, row_ok, INDEXED)
     if USE_BATCH:
         mean, var = _batch_stats(u_ptr, tile, ok, N, L * D, D, BL, ACC)
-        if n == 0:
-            tl.store(mean_ptr + rows, mean, mask=row_ok)
-            tl.store(var_ptr + rows, var, mask=row_ok)
     else:
-        mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
-        var = tl.load(var_ptr + rows, mask=row_ok, other=1.0)
+        mean = tl.load(rm_ptr + tok, mask=row_ok, other=0.0).to(ACC)
+        var = tl.load(rv_ptr + tok, mask=row_ok, other=1.0).to(ACC)
+    if n == 0:
+        tl.store(mean_ptr + rows, mean, mask=row_ok)
+        tl.store(var_ptr + rows, var, mask=row_ok)
     rstd = 1.0 / tl.sqrt(var + eps)
     u = tl.load(u_ptr + n * L * D + tile, mask=ok, other=0.0)
     uhat = tl.where(ok, (u - mean[:, None]) * rstd[:, None], 0.0)
     dt = tape_ptr.dtype.element_ty
     tl.store(tape_ptr + off_uhat + n * L * D + tile, uhat.to(dt), mask=ok)
-    gamma = tl.load(bn_w_ptr + rows, mask=row_ok, other=0.0).to(ACC)
-    beta = tl.load(bn_b_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+    gamma = tl.load(bn_w_ptr + tok, mask=row_ok, other=0.0).to(ACC)
+    beta = tl.load(bn_b_ptr + tok, mask=row_ok, other=0.0).to(ACC)
     t = tl.where(ok, uhat * gamma[:, None] + beta[:, None], 0.0).to(ACC)
     o = _layer(
         t,
@@ -401,7 +421,8 @@ def _layers_kernel(
         ACC,
     )
     if DECODER:
-        query = tl.load(query_ptr + tile, mask=ok, other=0.0).to(ACC)
+        query_at = query_ptr + tok[:, None] * D + cols[None, :]
+        query = tl.load(query_at, mask=ok, other=0.0).to(ACC)
         o = _layer(
             query,
             o,
@@ -436,7 +457,7 @@ def _layers_kernel(
         ch = c0 + tl.arange(0, BC)
         ch_ok = ch < C_OUT
         w = tl.load(
-            w_out_ptr + ch[:, None] * L + rows[None, :],
+            w_out_ptr + ch[:, None] * L_ALL + tok[None, :],
             mask=ch_ok[:, None] & row_ok[None, :],
             other=0.0,
         ).to(ACC)
@@ -453,6 +474,8 @@ def _detokenize_kernel(
     y_ptr,
     bn_w_ptr,
     bn_b_ptr,
+    rm_ptr,
+    rv_ptr,
     mean_ptr,
     var_ptr,
     off_zhat,
@@ -481,12 +504,12 @@ def _detokenize_kernel(
     tile = ch[:, None] * D + cols[None, :]
     if USE_BATCH:
         mean, var = _batch_stats(z_ptr, tile, ok, N, C_OUT * D, D, BCO, ACC)
-        if n == 0:
-            tl.store(mean_ptr + ch, mean, mask=ch_ok)
-            tl.store(var_ptr + ch, var, mask=ch_ok)
     else:
-        mean = tl.load(mean_ptr + ch, mask=ch_ok, other=0.0)
-        var = tl.load(var_ptr + ch, mask=ch_ok, other=1.0)
+        mean = tl.load(rm_ptr + ch, mask=ch_ok, other=0.0).to(ACC)
+        var = tl.load(rv_ptr + ch, mask=ch_ok, other=1.0).to(ACC)
+    if n == 0:
+        tl.store(mean_ptr + ch, mean, mask=ch_ok)
+        tl.store(var_ptr + ch, var, mask=ch_ok)
     rstd = 1.0 / tl.sqrt(var + eps)
     zn = tl.load(z_ptr + n * C_OUT * D + tile, mask=ok, other=0.0)
     zhat = (zn - mean[:, None]) * rstd[:, None]
@@ -512,10 +535,38 @@ def _block(size: int) -> int:
     return max(16, triton.next_power_of_2(max(size, 1)))
 
 
+def _check_token_index(token_index, tokens: int, ref: torch.Tensor) -> None:
+    """``check_token_index`` of csrc/token_transformer/token_transformer.h, with its messages: the
+    range is checked on the CPU only (on a GPU it would cost a device synchronisation; the public
+    API checks it before the op)."""
+    if token_index is None:
+        return
+    _require(
+        token_index.dim() == 1 and token_index.dtype == torch.int64,
+        f"token_index must be a 1-d int64 tensor, got {token_index.dtype} of shape "
+        f"{list(token_index.shape)}",
+    )
+    _require(
+        token_index.device == ref.device,
+        f"token_index is on {token_index.device}, expected {ref.device}",
+    )
+    _require(
+        token_index.numel() <= tokens,
+        f"token_index lists {token_index.numel()} tokens of {tokens}",
+    )
+    if token_index.device.type == "cpu":
+        for value in token_index.tolist():
+            _require(
+                0 <= value < tokens,
+                f"token_index holds {value}, outside the tokens [0, {tokens})",
+            )
+
+
 def _alive_tokens(token_index, *rows, w_out):
     """The alive tokens' rows of each of ``rows`` (None stays None) and columns of ``w_out``, as
-    the native ops gather them (csrc/token_transformer/token_transformer.h, AliveTokens); the
-    tensors themselves without an index."""
+    the native backward gathers them (csrc/token_transformer/token_transformer.h, AliveTokens);
+    the tensors themselves without an index."""
+    _check_token_index(token_index, w_out.shape[1], w_out)
     if token_index is None:
         return (*rows, w_out)
     gathered = [None if t is None else t.index_select(0, token_index) for t in rows]
@@ -546,19 +597,19 @@ def fwd(
     token_index=None,
 ):
     """The op ``token_transformer_fwd_triton`` (contract: ``ops``; without ``save_tape`` the
-    kernels still write the tape, which is not returned)."""
-    w_in, bn_in_w, bn_in_b, rm_in, rv_in, query, w_out = _alive_tokens(
-        token_index, w_in, bn_in_w, bn_in_b, rm_in, rv_in, query, w_out=w_out
-    )
+    kernels still write the tape, which is not returned). The kernels read the alive tokens'
+    parameters through ``token_index``: a masked call launches what an unmasked one does."""
     _require(x.dtype in _ACC, f"the Triton kernels got dtype {x.dtype}")
     _require(x.dim() == 4 and coords.dim() == 3, "x must be [N, C, H, W] and coords [2, g, g]")
     n, c, h, w = x.shape
     grid = coords.shape[-1]
     d = grid * grid
-    tokens = w_in.shape[0]
+    all_tokens = w_in.shape[0]
+    _check_token_index(token_index, all_tokens, x)
+    tokens = all_tokens if token_index is None else token_index.numel()
     c_out = w_out.shape[0]
     _require(
-        w_in.shape == (tokens, c + 2) and w_out.shape == (c_out, tokens),
+        w_in.shape == (all_tokens, c + 2) and w_out.shape == (c_out, all_tokens),
         f"input_proj_weight {tuple(w_in.shape)} / reverse_proj_weight {tuple(w_out.shape)} "
         f"do not fit x {tuple(x.shape)}",
     )
@@ -582,16 +633,22 @@ def fwd(
     stats = [torch.empty((k,), dtype=acc_dtype, device=x.device) for k in (tokens, c_out)]
     mean_in, var_in = stats[0], torch.empty_like(stats[0])
     mean_out, var_out = stats[1], torch.empty_like(stats[1])
-    if not use_batch:
-        for dst, src in ((mean_in, rm_in), (var_in, rv_in), (mean_out, rm_out), (var_out, rv_out)):
+    _require(n > 0 or not use_batch, "batch statistics of an empty batch are undefined")
+    if n == 0:  # eval on an empty batch: no program runs, the statistics used are the running ones
+        rm_in, rv_in = _alive_tokens(token_index, rm_in, rv_in, w_out=w_out)[:2]
+        for dst, src in zip((mean_in, var_in, mean_out, var_out), (rm_in, rv_in, rm_out, rv_out)):
             dst.copy_(src)
-    if n == 0:
         return y, tape if save_tape else tape.new_empty((0,)), mean_in, var_in, mean_out, var_out
     x = x.contiguous()
     # no token: W_out o is an empty sum, exactly zero
     z_new = torch.empty if tokens else torch.zeros
     z = z_new((n, c_out, d), dtype=acc_dtype, device=x.device)
     block_l, block_d = _block(tokens), _block(d)
+    indexed = token_index is not None
+    # Pointers a launch does not read (no index; batch statistics) get a stand-in tensor.
+    index = token_index.contiguous() if indexed else w_in
+    running_in = (mean_in, var_in) if use_batch else (rm_in.contiguous(), rv_in.contiguous())
+    running_out = (mean_out, var_out) if use_batch else (rm_out.contiguous(), rv_out.contiguous())
     with _device(x):
         if tokens:
             u = torch.empty((n, tokens, d), dtype=acc_dtype, device=x.device)
@@ -599,6 +656,7 @@ def fwd(
                 x,
                 coords.contiguous(),
                 w_in.contiguous(),
+                index,
                 tape,
                 u,
                 c,
@@ -607,6 +665,7 @@ def fwd(
                 grid,
                 tokens,
                 d,
+                INDEXED=indexed,
                 BL=block_l,
                 BD=block_d,
                 BC=BLOCK_C,
@@ -619,8 +678,10 @@ def fwd(
             _layers_kernel[(n,)](
                 u,
                 tape,
+                index,
                 bn_in_w,
                 bn_in_b,
+                *running_in,
                 mean_in,
                 var_in,
                 query.contiguous() if use_decoder else enc[0],
@@ -633,6 +694,7 @@ def fwd(
                 *offs[layers - 1],
                 n,
                 tokens,
+                all_tokens,
                 d,
                 c_out,
                 num_heads,
@@ -640,6 +702,7 @@ def fwd(
                 eps,
                 USE_BATCH=use_batch,
                 DECODER=use_decoder,
+                INDEXED=indexed,
                 BL=block_l,
                 BD=block_d,
                 BC=BLOCK_C,
@@ -654,6 +717,7 @@ def fwd(
             y,
             bn_out_w,
             bn_out_b,
+            *running_out,
             mean_out,
             var_out,
             layout["zhat"],

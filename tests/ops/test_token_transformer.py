@@ -546,8 +546,8 @@ def test_op_gathers_alive_tokens(impl_device, use_batch_stats):
         assert all(torch.equal(a, e) for a, e in zip(g_masked[i], g_compact[i]))
 
 
-def test_op_rejects_a_bad_token_index():
-    """Direct callers of the native op get clear errors for a token_index the public function
+def check_op_rejects_a_bad_token_index(fwd):
+    """Direct callers of the forward op get clear errors for a token_index the public function
     would have refused (it checks sortedness and range before the op)."""
     args = _op_args("cpu", use_batch_stats=True, decoder=False)
     for index, message in (
@@ -558,7 +558,33 @@ def test_op_rejects_a_bad_token_index():
         (torch.tensor([-1]), r"token_index holds -1, outside the tokens \[0, 5\)"),
     ):
         with pytest.raises(RuntimeError, match=message):
-            ops.fwd(*args, True, index)
+            fwd(*args, True, index)
+
+
+def check_op_on_an_empty_batch(fwd):
+    """The forward op on no sample (the public function refuses one): in eval an empty output
+    and the running statistics (the alive tokens' ones for BN_in); batch statistics refused."""
+    index = torch.tensor([1, 3, 4])
+    args = _op_args("cpu", use_batch_stats=False, decoder=True)
+    args[0] = args[0][:0]
+    y, tape, *stats = fwd(*args, True, index)
+    assert y.shape == (0, 3, 6, 5) and tape.shape == (0,)
+    rm_in, rv_in, rm_out, rv_out = args[5], args[6], args[13], args[14]
+    expected = [rm_in.index_select(0, index), rv_in.index_select(0, index), rm_out, rv_out]
+    for got, want in zip(stats, expected):
+        assert torch.equal(got, want)
+    args = _op_args("cpu", use_batch_stats=True, decoder=True)
+    args[0] = args[0][:0]
+    with pytest.raises(RuntimeError, match="batch statistics of an empty batch are undefined"):
+        fwd(*args, True, index)
+
+
+def test_op_rejects_a_bad_token_index():
+    check_op_rejects_a_bad_token_index(ops.fwd)
+
+
+def test_op_on_an_empty_batch():
+    check_op_on_an_empty_batch(ops.fwd)
 
 
 @pytest.mark.parametrize("use_batch_stats,decoder", [(True, True), (False, False)])

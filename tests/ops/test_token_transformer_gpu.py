@@ -19,6 +19,8 @@ from .test_token_transformer import (
     _grads,
     _mask,
     _module,
+    check_op_on_an_empty_batch,
+    check_op_rejects_a_bad_token_index,
 )
 from .test_token_transformer import test_matches_reference as _matches_reference
 from .test_token_transformer import test_op_gathers_alive_tokens as _op_gathers_alive_tokens
@@ -87,9 +89,20 @@ def test_opcheck(triton_device, use_batch_stats, decoder, masked):
 
 @pytest.mark.parametrize("use_batch_stats", [True, False], ids=["batch_stats", "running_stats"])
 def test_op_gathers_alive_tokens(triton_device, use_batch_stats):
-    """The Triton op pair gathers the alive tokens and scatters their gradients as the native
-    one does (the op suite's check)."""
+    """The Triton forward reads the alive tokens through the index and the backward gathers them
+    and scatters their gradients: as the native op pair, bitwise what the pair gives on
+    pre-gathered parameters (the op suite's check)."""
     _op_gathers_alive_tokens(triton_device, use_batch_stats)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("check", [check_op_rejects_a_bad_token_index, check_op_on_an_empty_batch])
+def test_op_edge_cases_on_cpu(check):
+    """The native op suite's bad-index and empty-batch checks, on the Triton forward."""
+    why = runnable("triton", "cpu")
+    if why:
+        pytest.skip(why)
+    check(ops.fwd_triton)
 
 
 def test_tape_layout_matches_tape_size():
@@ -152,15 +165,15 @@ def test_low_precision_matches_reference(impl, dtype, training):
     "impl,masked",
     [
         pytest.param("triton", False, marks=pytest.mark.triton),
+        pytest.param("triton", True, marks=pytest.mark.triton),
         ("native", False),
         ("native", True),
     ],
 )
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_forward_launches(impl, masked, training):
-    """The forward op of the whole block (N=8, C=36, 28x28, 64 tokens) is at most 4 kernels; the
-    native one also with half the tokens alive (its programs read them through the index; the
-    Triton op gathers them with index_select launches first)."""
+    """The forward op of the whole block (N=8, C=36, 28x28, 64 tokens) is at most 4 kernels, also
+    with half the tokens alive (both families' programs read them through the index)."""
     _cuda_impl(impl)
     fwd = ops.fwd_triton if impl == "triton" else ops.fwd
     case = (8, 36, None, 28, 28, 64, 8, 1, False, True)
@@ -204,8 +217,9 @@ def test_native_cuda_is_repeatable(dtype):
 
 def test_kernels_compile_for_sm90():
     """The three kernels lower through Triton's NVIDIA backend and ptxas for an H100 (sm_90) at
-    the largest tile (64 tokens, an 8x8 grid), without a GPU: the interpreter does not check
-    what only compilation rejects (it accepted a non-constexpr global this way)."""
+    the largest tile (64 tokens, an 8x8 grid), masked and not, training and eval, without a GPU:
+    the interpreter does not check what only compilation rejects (it accepted a non-constexpr
+    global this way)."""
     pytest.importorskip("triton")
     import triton
     import triton.language as tl
@@ -219,26 +233,28 @@ def test_kernels_compile_for_sm90():
             return "i64"  # tape offsets
         if name in ("scale", "eps"):
             return "fp32"
+        if name == "index_ptr":
+            return "*i64"
         if name.endswith("_ptr") or name[:2] in ("e_", "d_"):
             return "*fp32"
         return "i32"
 
     common = {"BL": 64, "BD": 64, "BC": 16, "ACC": tl.float32}
+    detokenize = {"RESIDUAL": True, "BCO": 4, "BD": 64, "BLOCK": 256, "ACC": tl.float32}
     for fn, consts, warps in [
-        (kernels._tokenize_kernel, common, 4),
-        (kernels._layers_kernel, {**common, "USE_BATCH": True, "DECODER": True}, 8),
+        (kernels._tokenize_kernel, {**common, "INDEXED": True}, 4),
         (
-            kernels._detokenize_kernel,
-            {
-                "USE_BATCH": True,
-                "RESIDUAL": True,
-                "BCO": 4,
-                "BD": 64,
-                "BLOCK": 256,
-                "ACC": tl.float32,
-            },
-            4,
+            kernels._layers_kernel,
+            {**common, "USE_BATCH": True, "DECODER": True, "INDEXED": False},
+            8,
         ),
+        (
+            kernels._layers_kernel,
+            {**common, "USE_BATCH": False, "DECODER": True, "INDEXED": True},
+            8,
+        ),
+        (kernels._detokenize_kernel, {**detokenize, "USE_BATCH": True}, 4),
+        (kernels._detokenize_kernel, {**detokenize, "USE_BATCH": False}, 4),
     ]:
         names = fn.arg_names
         signature = {a: "constexpr" if a in consts else arg_type(a) for a in names}
