@@ -161,7 +161,10 @@ def device_slug(name: str) -> str:
 
 
 def git_sha() -> str:
-    """Short HEAD sha, ``-dirty`` when anything outside benchmarks/results differs from HEAD."""
+    """Short HEAD sha, ``-dirty`` when anything outside benchmarks/results differs from HEAD;
+    ``HRNAS_GIT_SHA`` when set (a copy of the tree without .git, as on a lent GPU machine)."""
+    if os.environ.get("HRNAS_GIT_SHA"):
+        return os.environ["HRNAS_GIT_SHA"]
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
