@@ -122,8 +122,10 @@ def _resize_gather(plane, dst_h, dst_w, in_h, in_w, out_h, out_w, mask, ACC: tl.
 def _alive_rows(index_ptr, rows, row_ok, INDEXED: tl.constexpr):
     # The parameter row of each compact token: token_index[rows] for a masked call, else rows.
     if INDEXED:
-        return tl.load(index_ptr + rows, mask=row_ok, other=0)
-    return rows.to(tl.int64)
+        tok = tl.load(index_ptr + rows, mask=row_ok, other=0)
+    else:
+        tok = rows.to(tl.int64)
+    return tok
 
 
 @triton.jit
