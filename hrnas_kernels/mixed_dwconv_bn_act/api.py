@@ -20,6 +20,14 @@ SUPPORTED = {
     ("triton", "cpu"): (torch.float32, torch.float64),  # TRITON_INTERPRET=1 only
 }
 _OP = "mixed_dwconv_bn_act"
+# The CPU kernels' NCHW path vectorises along W, plane by plane; on narrow outputs their
+# channels_last path (vectors along C) is faster even with a copy of x and of y each way, so NCHW
+# inputs whose output is at most this wide run through it. Measured on the AMD EPYC (Zen 3, AVX2),
+# 2 threads, N=8, all-3x3 and 3/5/7 layers of 96-960 channels (README): a call that records the
+# graph (forward + backward) took 0.38-1.01 of its NCHW time at output widths 7-28 and 1.24 at 56;
+# a forward alone (inference, no_grad) gained only at width 7, and lost up to 1.7x at 14-28.
+NCHW_AS_CHANNELS_LAST_MAX_WIDTH = 28
+NCHW_AS_CHANNELS_LAST_MAX_WIDTH_NO_GRAPH = 7
 
 
 def _compact(channel_index, counts, weights, bn_weight, bn_bias):
@@ -229,6 +237,27 @@ def fused_forward(
 ):
     """The op with validated arguments and known per-group alive counts (``counts``), so a
     caller that caches its alive index (the nn.Module, the supernet) skips the host sync."""
+    records_graph = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, bn_weight, bn_bias, *weights)
+    )
+    if _nchw_as_channels_last(x, impl, stride, records_graph):
+        y = fused_forward(
+            x.contiguous(memory_format=torch.channels_last),
+            weights,
+            bn_weight,
+            bn_bias,
+            running_mean,
+            running_var,
+            stride=stride,
+            training=training,
+            momentum=momentum,
+            eps=eps,
+            activation=activation,
+            channel_index=channel_index,
+            counts=counts,
+            impl=impl,
+        )
+        return y.contiguous()
     if impl == "reference":
         return reference.mixed_dwconv_bn_act(
             x,
@@ -266,7 +295,7 @@ def fused_forward(
         counts,
         *weights,
     )
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, bn_weight, bn_bias, *weights)):
+    if records_graph:
         y, mean, var = _MixedDepthwiseConvBNAct.apply(*args)
     else:  # nothing to differentiate (inference): the op alone, no autograd node, no tape
         (y, _, mean, var), _ = _forward_op(*args, save_tape=False)
@@ -285,6 +314,23 @@ def fused_forward(
                 running_mean.index_copy_(0, channel_index, rm)
                 running_var.index_copy_(0, channel_index, rv)
     return y
+
+
+def _nchw_as_channels_last(x, impl, stride, records_graph) -> bool:
+    """Whether the native CPU call on ``x`` (not channels_last) runs on a channels_last copy of
+    it, its output copied back to NCHW: see NCHW_AS_CHANNELS_LAST_MAX_WIDTH."""
+    if (
+        impl != "native"
+        or x.device.type != "cpu"
+        or x.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return False
+    widest = (
+        NCHW_AS_CHANNELS_LAST_MAX_WIDTH
+        if records_graph
+        else NCHW_AS_CHANNELS_LAST_MAX_WIDTH_NO_GRAPH
+    )
+    return (x.shape[3] - 1) // stride + 1 <= widest
 
 
 def resolve_impl(impl: str, x: torch.Tensor) -> str:

@@ -45,6 +45,21 @@ def impl_device(impl_device, request):
 
 
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+# The public function runs narrow NCHW calls of the native CPU kernels through their
+# channels_last path (api.NCHW_AS_CHANNELS_LAST_MAX_WIDTH); these tests' images are all narrow,
+# so they turn that off to keep the NCHW kernels under test, and test_narrow_nchw_* below check
+# the routing itself with the shipped widths.
+ROUTED_WIDTHS = (api.NCHW_AS_CHANNELS_LAST_MAX_WIDTH, api.NCHW_AS_CHANNELS_LAST_MAX_WIDTH_NO_GRAPH)
+
+
+def _route_narrow_nchw(monkeypatch, widths):
+    monkeypatch.setattr(api, "NCHW_AS_CHANNELS_LAST_MAX_WIDTH", widths[0])
+    monkeypatch.setattr(api, "NCHW_AS_CHANNELS_LAST_MAX_WIDTH_NO_GRAPH", widths[1])
+
+
+@pytest.fixture(autouse=True)
+def _nchw_kernels(monkeypatch):
+    _route_narrow_nchw(monkeypatch, (0, 0))
 
 
 @dataclass(frozen=True)
@@ -319,6 +334,77 @@ def test_non_contiguous_inputs(impl_device):
         assert_close_to_reference(grads[0], ref_grads[0], torch.float32, what="grad x")
         for g, r in zip(grads[1:], ref_grads[1:]):
             _assert_reduced_grad_close(g, r, torch.float32)
+
+
+class _OpCalls:
+    """Records the memory format of x in every forward op call of the native family."""
+
+    def __init__(self, monkeypatch):
+        self.formats = []
+        fwd, bwd = api._OPS["native"]
+
+        def spy(x, *args):
+            cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            self.formats.append("channels_last" if cl else "nchw")
+            return fwd(x, *args)
+
+        monkeypatch.setitem(api._OPS, "native", (spy, bwd))
+
+
+@pytest.mark.parametrize(
+    "w,stride,grad,routed",
+    [
+        (28, 1, True, True),  # output width 28: at the limit for a call that records the graph
+        (29, 1, True, False),
+        (55, 2, True, True),  # stride 2: output width 28
+        (7, 1, False, True),  # no graph: only width 7 and below
+        (8, 1, False, False),
+        (13, 2, False, True),
+    ],
+)
+def test_narrow_nchw_runs_channels_last(monkeypatch, w, stride, grad, routed):
+    """Native CPU calls on NCHW x with a narrow output run the channels_last kernels on a copy
+    (x stays NCHW for the caller, the output is NCHW); channels_last x and wide outputs do not."""
+    if runnable("native", "cpu"):
+        pytest.skip(runnable("native", "cpu"))
+    _route_narrow_nchw(monkeypatch, ROUTED_WIDTHS)
+    calls = _OpCalls(monkeypatch)
+    layer = MixedDepthwiseConvBNAct(6, (3, 5), stride=stride, impl="native")
+    for fmt in FORMATS.values():
+        x = randn((2, 6, 5, w), seed=1, memory_format=fmt).requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            y = layer(x)
+        assert y.is_contiguous(memory_format=fmt)
+    assert calls.formats == ["channels_last" if routed else "nchw", "channels_last"]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("masked", [False, True], ids=["all-alive", "masked"])
+def test_narrow_nchw_matches_reference(monkeypatch, training, masked):
+    """Routed through channels_last, a narrow NCHW call gives the reference's output, every
+    gradient (dead channels' exactly zero) and running statistics, in float64."""
+    if runnable("native", "cpu"):
+        pytest.skip(runnable("native", "cpu"))
+    _route_narrow_nchw(monkeypatch, ROUTED_WIDTHS)
+    calls = _OpCalls(monkeypatch)
+    case = Case(3, (5, 4, 3), (3, 5, 7), 9, 11, 2)
+    ws, gamma, beta, rm, rv = _params(case, torch.float64, "cpu")
+    index = torch.tensor([0, 2, 3, 5, 6, 8, 11]) if masked else None
+    alive = case.c if index is None else index.numel()
+    x = randn((case.n, alive, case.h, case.w), dtype=torch.float64, seed=1).requires_grad_()
+    results = []
+    for impl in ("native", "reference"):
+        stats = [rm.clone(), rv.clone()]
+        out, grads = _call(x, ws, gamma, beta, *stats, case, index, training, impl)
+        results.append((out, grads, stats))
+    (out, grads, stats), (ref, ref_grads, ref_stats) = results
+    assert calls.formats == ["channels_last"] and out.is_contiguous()
+    tol = dict(atol=TOLERANCES[torch.float64][0], rtol=TOLERANCES[torch.float64][1])
+    torch.testing.assert_close([out, *grads, *stats], [ref, *ref_grads, *ref_stats], **tol)
+    if masked:
+        dead = torch.ones(case.c, dtype=torch.bool)
+        dead[index] = False
+        assert not grads[-2][dead].any() and not grads[-1][dead].any()
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
