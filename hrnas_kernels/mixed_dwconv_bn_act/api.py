@@ -240,24 +240,6 @@ def fused_forward(
     records_graph = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, bn_weight, bn_bias, *weights)
     )
-    if _nchw_as_channels_last(x, impl, stride, records_graph):
-        y = fused_forward(
-            x.contiguous(memory_format=torch.channels_last),
-            weights,
-            bn_weight,
-            bn_bias,
-            running_mean,
-            running_var,
-            stride=stride,
-            training=training,
-            momentum=momentum,
-            eps=eps,
-            activation=activation,
-            channel_index=channel_index,
-            counts=counts,
-            impl=impl,
-        )
-        return y.contiguous()
     if impl == "reference":
         return reference.mixed_dwconv_bn_act(
             x,
@@ -273,6 +255,9 @@ def fused_forward(
             activation=activation,
             channel_index=channel_index,
         )
+    routed = _nchw_as_channels_last(x, impl, stride, records_graph)
+    if routed:  # the kernels run on a channels_last copy; y goes back to NCHW at the end
+        x = x.contiguous(memory_format=torch.channels_last)
     use_batch_stats = training or running_mean is None
     rm, rv = running_mean, running_var
     if channel_index is not None and running_mean is not None:
@@ -313,7 +298,7 @@ def fused_forward(
             if channel_index is not None:
                 running_mean.index_copy_(0, channel_index, rm)
                 running_var.index_copy_(0, channel_index, rv)
-    return y
+    return y.contiguous() if routed else y
 
 
 def _nchw_as_channels_last(x, impl, stride, records_graph) -> bool:

@@ -637,7 +637,8 @@ def fwd(
     mean_out, var_out = stats[1], torch.empty_like(stats[1])
     _require(n > 0 or not use_batch, "batch statistics of an empty batch are undefined")
     if n == 0:  # eval on an empty batch: no program runs, the statistics used are the running ones
-        rm_in, rv_in = _alive_tokens(token_index, rm_in, rv_in, w_out=w_out)[:2]
+        if token_index is not None:
+            rm_in, rv_in = rm_in.index_select(0, token_index), rv_in.index_select(0, token_index)
         for dst, src in zip((mean_in, var_in, mean_out, var_out), (rm_in, rv_in, rm_out, rv_out)):
             dst.copy_(src)
         return y, tape if save_tape else tape.new_empty((0,)), mean_in, var_in, mean_out, var_out
