@@ -308,7 +308,7 @@ def cmd_retrain(args) -> int:
 
 def cmd_eval(args) -> int:
     config = _config(args)
-    net = _load_net(Path(args.checkpoint))
+    net = job.in_layout(_load_net(Path(args.checkpoint)), config)
     train_set, test_set = job.datasets(config)
     if isinstance(net, Supernet):
         recalibrate_bn(net, job.recalibration_inputs(train_set, config))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import torch
 import yaml
 
 DEFAULT = Path(__file__).parent / "configs" / "default.yaml"
@@ -18,6 +19,8 @@ NULLABLE = {
     "data.train_count",
     "data.test_count",
 }
+# The values of ``memory_format``: the layout networks are moved to (``job.in_layout``).
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
 # Keys that take a string or null (a path).
 PATHS = {"search.latency_table"}
 
@@ -111,6 +114,11 @@ def load_config(path: str | Path | None = None, overrides=()) -> dict:
         raise ValueError(
             f"config: give one of search.target_macs, search.target_ratio, "
             f"search.target_latency, not {' and '.join(given)} (set the others to null)"
+        )
+    if config["memory_format"] not in MEMORY_FORMATS:
+        raise ValueError(
+            f"config: memory_format must be one of {sorted(MEMORY_FORMATS)}, "
+            f"got {config['memory_format']!r}"
         )
     init = config["retrain"]["init"]
     if init not in ("scratch", "inherit"):

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .config import MEMORY_FORMATS
 from .data import build_dataset
 from .export import build_from_arch, export_subnet
 from .search.recalibrate import recalibrate_bn
@@ -33,10 +34,17 @@ def datasets(config: dict):
     return one("train", data["train_count"]), one("test", data["test_count"])
 
 
+def in_layout(net: nn.Module, config: dict) -> nn.Module:
+    """``net`` with its weights in ``config["memory_format"]``. The inputs need no
+    conversion: a convolution with channels_last weights gives a channels_last output, and the
+    fused ops keep their input's layout, so the whole network runs in it."""
+    return net.to(memory_format=MEMORY_FORMATS[config["memory_format"]])
+
+
 def supernet(config: dict, dataset) -> Supernet:
     """The supernet of ``config["space"]`` (no transformers, ``config["impl"]``) for
     ``dataset``: its classes (or keypoints) and its input size, so MACs everywhere are those of
-    the real input. The space's task must be the dataset's."""
+    the real input, in ``config["memory_format"]``. The space's task must be the dataset's."""
     task = TASKS[dataset.task]
     size = tuple(dataset.batch([0])["image"].shape[-2:])
     net = build_supernet(
@@ -51,7 +59,7 @@ def supernet(config: dict, dataset) -> Supernet:
             f"space {config['space']!r} is for {net.space.task}, "
             f"dataset {config['data']['name']!r} for {task}"
         )
-    return net
+    return in_layout(net, config)
 
 
 def recalibration_inputs(dataset, config: dict):
@@ -73,10 +81,11 @@ def retrain(
     supernet: Supernet | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> tuple[nn.Module, float]:
-    """``arch`` trained with ``config["retrain"]`` and its BN statistics recalibrated on
-    ``train_set``; returns ``(net, seconds of training)``. ``retrain.init``: ``scratch`` builds
-    the network fresh under ``retrain.seed``, ``inherit`` takes ``supernet``'s weights
-    (``export_subnet``). ``on_step(step, loss)`` as ``hrnas.train.train``."""
+    """``arch`` in ``config["memory_format"]``, trained with ``config["retrain"]`` and its BN
+    statistics recalibrated on ``train_set``; returns ``(net, seconds of training)``.
+    ``retrain.init``: ``scratch`` builds the network fresh under ``retrain.seed``, ``inherit``
+    takes ``supernet``'s weights (``export_subnet``). ``on_step(step, loss)`` as
+    ``hrnas.train.train``."""
     rc = config["retrain"]
     if rc["init"] == "inherit":
         if supernet is None:
@@ -87,6 +96,7 @@ def retrain(
     else:
         torch.manual_seed(rc["seed"])
         net = build_from_arch(arch)
+    in_layout(net, config)
     start = time.perf_counter()
     train(
         net,

@@ -96,6 +96,7 @@ def test_python_dash_m_help():
         (["search.target_latency=2.0"], "not target_ratio and target_latency"),
         (["search.latency_table=3"], "search.latency_table must be a path or null"),
         (["retrain.init=warm"], "retrain.init"),
+        (["memory_format=nhwc"], "memory_format must be one of"),
         (["data=3"], "data must be a mapping"),
         (["nokey"], "key.sub=value"),
     ],

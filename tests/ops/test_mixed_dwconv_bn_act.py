@@ -378,6 +378,24 @@ def test_narrow_nchw_runs_channels_last(monkeypatch, w, stride, grad, routed):
     assert calls.formats == ["channels_last" if routed else "nchw", "channels_last"]
 
 
+def test_narrow_nchw_gradient_goes_back_nchw(monkeypatch):
+    """The gradient a routed call passes to the op before it is NCHW, as its x was: a
+    channels_last one made that op's backward run on mixed layouts (several times slower)."""
+    if runnable("native", "cpu"):
+        pytest.skip(runnable("native", "cpu"))
+    _route_narrow_nchw(monkeypatch, ROUTED_WIDTHS)
+    calls = _OpCalls(monkeypatch)
+    layer = MixedDepthwiseConvBNAct(6, (3, 5), impl="native")
+    x = randn((2, 6, 5, 7), seed=1).requires_grad_()
+    before = x.relu()
+    seen = []
+    before.register_hook(lambda g: seen.append(g))
+    layer(before).square().sum().backward()
+    assert calls.formats == ["channels_last"]
+    (grad,) = seen
+    assert grad.is_contiguous()
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("masked", [False, True], ids=["all-alive", "masked"])
 def test_narrow_nchw_matches_reference(monkeypatch, training, masked):
