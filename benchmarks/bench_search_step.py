@@ -10,15 +10,19 @@ momentum, foreach). Cases:
 * ``hrnas-cls`` with transformers, batch 8 at 3x224x224, cross-entropy;
 
 each at 100%, 50% and 25% alive units (the same fraction of every channel group and of every
-transformer's tokens, a seeded choice). Providers (baseline ``reference``): the same supernet
-with ``impl="reference"`` (plain PyTorch ops: per-kernel-size depthwise convs, ``F.batch_norm``,
-``F.interpolate`` sums, the eager transformer) and with ``impl="auto"`` (the fused kernels).
+transformer's tokens, a seeded choice), with the supernet's weights NCHW and channels_last (the
+``hrnas`` default, ``memory_format`` in the run config: every conv output follows the weights,
+so the whole network runs in that layout; the input stays NCHW). Providers (baseline
+``reference``): the same supernet with ``impl="reference"`` (plain PyTorch ops: per-kernel-size
+depthwise convs, ``F.batch_norm``, ``F.interpolate`` sums, the eager transformer) and with
+``impl="auto"`` (the fused kernels).
 
 Peak memory: on CUDA ``max_memory_allocated`` over a step; on CPU the largest total size of the
 tensors autograd keeps for backward during one forward (the activation memory of the step,
 storages counted once), which is what the alive fraction changes.
 
-Run ``python benchmarks/bench_search_step.py [--threads 1 2] [--spaces hrnas-seg] [--quick]``;
+Run ``python benchmarks/bench_search_step.py [--threads 1 2] [--spaces hrnas-seg]
+[--memory-format nchw|channels_last] [--quick]``;
 ``--quick`` (or ``HRNAS_BENCH_QUICK=1`` under pytest) uses the ``-tiny`` spaces at 64x64 inputs.
 """
 
@@ -63,11 +67,18 @@ def _keep_fraction(net, alive: float, seed: int = 0) -> None:
 class SearchStep:
     """The step of the module docstring on a supernet built for ``case`` with ``impl``."""
 
-    def __init__(self, case: dict, impl: str, device: str, dtype: torch.dtype):
+    def __init__(
+        self,
+        case: dict,
+        impl: str,
+        device: str,
+        dtype: torch.dtype,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ):
         torch.manual_seed(0)
         classes = 19 if "seg" in case["space"] else 1000
         self.net = hrnas.build_supernet(case["space"], num_classes=classes, impl=impl)
-        self.net.to(device=device, dtype=dtype).train()
+        self.net.to(device=device, dtype=dtype, memory_format=memory_format).train()
         _keep_fraction(self.net, case["alive"])
         self.units = self.net.search_units()
         cost = torch.tensor([u.cost for u in self.units], dtype=torch.float64)
@@ -133,6 +144,9 @@ def main(argv=None) -> int:
     providers = [p for p in PROVIDERS if not args.providers or p in args.providers]
     min_run_time = args.min_run_time or (h.QUICK_MIN_RUN_TIME if args.quick else 1.0)
     threads = args.threads or ([torch.get_num_threads()] if device == "cuda" else [1, 2])
+    formats = (
+        ["nchw", "channels_last"] if args.memory_format in (None, "both") else [args.memory_format]
+    )
     dev_name, sha = h.device_name(device), h.git_sha()
     out_path = args.out or h.RESULTS_DIR / f"{OP}_{h.device_slug(dev_name)}.csv"
     print(
@@ -147,14 +161,14 @@ def main(argv=None) -> int:
     try:
         for n_threads in threads:
             torch.set_num_threads(n_threads)
-            for dtype_name in args.dtype:
+            for dtype_name, fmt in ((d, f) for d in args.dtype for f in formats):
                 dtype = getattr(torch, dtype_name)
-                print(f"== {dtype_name}, {n_threads} thread{'s' * (n_threads != 1)}")
+                print(f"== {dtype_name}, {fmt}, {n_threads} thread{'s' * (n_threads != 1)}")
                 full = {}
                 base = {}
                 for case in cases:
                     for provider in providers:
-                        step = SearchStep(case, provider, device, dtype)
+                        step = SearchStep(case, provider, device, dtype, h.MEMORY_FORMATS[fmt])
                         result = h.measure(h.Prepared(step), device, n_threads, min_run_time)
                         peak = result.peak if device == "cuda" else step.activation_mb()
                         key = (case["space"], provider)
@@ -177,7 +191,7 @@ def main(argv=None) -> int:
                                 "mode": "full",
                                 "shape": label(case),
                                 "dtype": dtype_name,
-                                "memory_format": "nchw",
+                                "memory_format": fmt,
                                 "threads": n_threads,
                                 "device": dev_name,
                                 "torch_version": torch.__version__,

@@ -1,4 +1,4 @@
-"""pytest-benchmark view of bench_search_step: the same step, cases and providers.
+"""pytest-benchmark view of bench_search_step: the same step, cases, providers and layouts.
 
 ``HRNAS_BENCH_QUICK=1`` (the default) runs the ``-tiny`` spaces at 64x64 (a smoke test);
 ``0`` the full cases (``hrnas-seg`` at 2x3x256x512, ``hrnas-cls`` at 8x3x224x224).
@@ -19,8 +19,10 @@ def _case_id(case: dict) -> str:
     return re.sub(r"[^\w/.%=]+", "-", bench.label(case)).strip("-")
 
 
+@pytest.mark.parametrize("memory_format", h.MEMORY_FORMATS)
 @pytest.mark.parametrize("provider", bench.PROVIDERS)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_search_step(benchmark, bench_device, bench_threads, case, provider):
-    step = bench.SearchStep(case, provider, bench_device, torch.float32)
+def test_search_step(benchmark, bench_device, bench_threads, case, provider, memory_format):
+    fmt = h.MEMORY_FORMATS[memory_format]
+    step = bench.SearchStep(case, provider, bench_device, torch.float32, fmt)
     h.run_pytest_benchmark(benchmark, h.Prepared(step), bench_device, QUICK)
