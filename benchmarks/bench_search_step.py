@@ -116,7 +116,10 @@ class SearchStep:
             if t.device.type != "meta" and t.numel():
                 storage = t.untyped_storage()
                 seen[storage.data_ptr()] = storage.nbytes()
-            return t
+            # Detached: a saved output packed as itself refers to its own grad_fn, a cycle
+            # between the graph and the tensor that outlived `del loss` (2-3 GB per call for
+            # hrnas-cls, so a full run died of memory). Still held: no storage is counted twice.
+            return t.detach()
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = self.loss()
