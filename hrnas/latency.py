@@ -76,8 +76,22 @@ def measure_ms(net, input_size, batch: int = 1, repeats: int = 10, seed: int = 0
         net.train(was_training)
 
 
-def _block_inputs(block, sizes, batch: int, gen):
-    xs = [torch.randn(batch, c, *s, generator=gen) for c, s in zip(block.in_channels, sizes)]
+def _layout(net) -> torch.memory_format:
+    """channels_last when ``net``'s conv weights are (``hrnas.job.in_layout``): its blocks then
+    get channels_last inputs inside the network, so they are timed on such inputs alone too."""
+    last = torch.channels_last
+    cl = any(
+        p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=last)
+        for p in net.parameters()
+    )
+    return last if cl else torch.contiguous_format
+
+
+def _block_inputs(block, sizes, batch: int, gen, fmt: torch.memory_format):
+    xs = [
+        torch.randn(batch, c, *s, generator=gen).contiguous(memory_format=fmt)
+        for c, s in zip(block.in_channels, sizes)
+    ]
     return xs if block.multi_input else xs[0]
 
 
@@ -125,7 +139,8 @@ def measure_table(
     gen = torch.Generator().manual_seed(seed)
     try:
         found, _ = net.block_input_sizes(size)
-        inputs = {name: _block_inputs(b, found[b], batch, gen) for name, b in net.blocks()}
+        fmt = _layout(net)
+        inputs = {name: _block_inputs(b, found[b], batch, gen, fmt) for name, b in net.blocks()}
         image = torch.randn(batch, 3, *size, generator=gen)
         rows = {name: [] for name in groups}
         times = {name: [] for name in groups}

@@ -12,6 +12,8 @@ from hrnas.data import FashionSegmentation
 from hrnas.latency import (
     FORMAT,
     VERSION,
+    _block_inputs,
+    _layout,
     check_table,
     load_table,
     measure_table,
@@ -56,6 +58,21 @@ def measured():
         return net, measure_table(net, SIZE, batch=1, repeats=1, samples=4)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_blocks_are_timed_in_the_networks_layout():
+    """A channels_last network's blocks get channels_last inputs inside it, so the table times
+    them alone on such inputs; an NCHW network's on NCHW ones."""
+    net = _net()
+    found, _ = net.block_input_sizes(SIZE)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        net.to(memory_format=fmt)
+        assert _layout(net) == fmt
+        gen = torch.Generator().manual_seed(0)
+        for _, block in net.blocks():
+            inputs = _block_inputs(block, found[block], 1, gen, _layout(net))
+            for x in inputs if isinstance(inputs, list) else [inputs]:
+                assert x.is_contiguous(memory_format=fmt)
 
 
 def test_measured_table_round_trips(measured, tmp_path):
