@@ -73,18 +73,31 @@ def _forward_op(
 
 
 class _MixedDepthwiseConvBNAct(torch.autograd.Function):
-    """Autograd over the compact-channel op pair. It takes ``_forward_op``'s arguments (the full
-    parameters and the alive index) and gathers the alive channels itself (plain ATen calls,
-    outside autograd); its backward puts the compact gradients back at full size, dead channels'
-    entries zero: one node instead of a differentiable gather per parameter. mean/var come out
-    for the running-stat update."""
+    """Autograd over the compact-channel op pair. It takes ``routed`` and ``_forward_op``'s
+    arguments (the full parameters and the alive index) and gathers the alive channels itself
+    (plain ATen calls, outside autograd); its backward puts the compact gradients back at full
+    size, dead channels' entries zero: one node instead of a differentiable gather per
+    parameter. mean/var come out for the running-stat update.
+
+    ``routed`` (see NCHW_AS_CHANNELS_LAST_MAX_WIDTH): the kernels run on a channels_last copy of
+    the NCHW x, made here and again in backward rather than saved (the caller's x is usually
+    kept by the op before anyway; saving the copy cost hrnas-cls 23% more activation memory),
+    y and x's gradient are handed over NCHW (a channels_last gradient made the NCHW ops before
+    run their backward on mixed layouts, several times slower)."""
 
     @staticmethod
-    def forward(ctx, *args):
+    def forward(ctx, routed, *args):
+        x = args[0]
+        if routed:
+            args = (x.contiguous(memory_format=torch.channels_last), *args[1:])
         (y, conv, mean, var), (rows, gamma, beta, local) = _forward_op(*args)
-        x, _, _, _, _, stride, use_batch_stats, eps, activation, impl, index, _, *weights = args
+        if routed:
+            # the CPU backward recomputes the activation's mask from the tape and only checks
+            # y's shape (ops.py), so it gets this NCHW y and no channels_last one is kept
+            y = y.contiguous()
+        _, _, _, _, _, stride, use_batch_stats, eps, activation, impl, index, _, *weights = args
         ctx.save_for_backward(y, x, conv, gamma, beta, mean, var, *rows)
-        ctx.stride, ctx.use_batch_stats, ctx.eps = stride, use_batch_stats, eps
+        ctx.routed, ctx.stride, ctx.use_batch_stats, ctx.eps = routed, stride, use_batch_stats, eps
         ctx.activation, ctx.impl = activation, impl
         ctx.channel_index, ctx.local = index, local
         ctx.sizes = [w.shape[0] for w in weights]
@@ -95,6 +108,8 @@ class _MixedDepthwiseConvBNAct(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, _grad_mean, _grad_var):
         y, x, conv, gamma, beta, mean, var, *rows = ctx.saved_tensors
+        if ctx.routed:
+            x = x.contiguous(memory_format=torch.channels_last)
         grad_x, grad_w, grad_gamma, grad_beta = _OPS[ctx.impl][1](
             grad_y,
             y,
@@ -110,27 +125,15 @@ class _MixedDepthwiseConvBNAct(torch.autograd.Function):
             ctx.eps,
             ctx.activation,
         )
+        if ctx.routed:
+            grad_x = grad_x.contiguous()
         index = ctx.channel_index
         if index is not None:
             channels = sum(ctx.sizes)
             grad_w = [expand(g, i, n) for g, i, n in zip(grad_w, ctx.local, ctx.sizes)]
             grad_gamma = expand(grad_gamma, index, channels)
             grad_beta = expand(grad_beta, index, channels)
-        return (grad_x, grad_gamma, grad_beta, *([None] * 9), *grad_w)
-
-
-class _AsChannelsLast(torch.autograd.Function):
-    """A channels_last copy of an NCHW ``x`` whose gradient goes back NCHW. A plain copy's
-    gradient keeps the layout it arrives in, and the NCHW ops before a routed call then ran
-    their backward on mixed layouts, several times slower than the copy."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.contiguous(memory_format=torch.channels_last)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous()
+        return (None, grad_x, grad_gamma, grad_beta, *([None] * 9), *grad_w)
 
 
 def _check(
@@ -270,8 +273,6 @@ def fused_forward(
             channel_index=channel_index,
         )
     routed = _nchw_as_channels_last(x, impl, stride, records_graph)
-    if routed:  # the kernels run on a channels_last copy; y goes back to NCHW at the end
-        x = _AsChannelsLast.apply(x)
     use_batch_stats = training or running_mean is None
     rm, rv = running_mean, running_var
     if channel_index is not None and running_mean is not None:
@@ -295,9 +296,13 @@ def fused_forward(
         *weights,
     )
     if records_graph:
-        y, mean, var = _MixedDepthwiseConvBNAct.apply(*args)
+        y, mean, var = _MixedDepthwiseConvBNAct.apply(routed, *args)
     else:  # nothing to differentiate (inference): the op alone, no autograd node, no tape
+        if routed:
+            args = (x.contiguous(memory_format=torch.channels_last), *args[1:])
         (y, _, mean, var), _ = _forward_op(*args, save_tape=False)
+        if routed:
+            y = y.contiguous()
     if training and running_mean is not None and y.numel():
         count = y.shape[0] * y.shape[2] * y.shape[3]
         with torch.no_grad():
@@ -312,7 +317,7 @@ def fused_forward(
             if channel_index is not None:
                 running_mean.index_copy_(0, channel_index, rm)
                 running_var.index_copy_(0, channel_index, rv)
-    return y.contiguous() if routed else y
+    return y
 
 
 def _nchw_as_channels_last(x, impl, stride, records_graph) -> bool:
