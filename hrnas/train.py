@@ -97,11 +97,29 @@ class BatchStream:
 
 def make_optimizer(net: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW (the authors' dense-task optimizer, eps 1e-3) with weight decay on conv and linear
-    weights only (the authors exempt BN parameters and biases)."""
-    decay = [p for p in net.parameters() if p.dim() > 1]
-    rest = [p for p in net.parameters() if p.dim() <= 1]
+    weights only (the authors exempt BN parameters and biases). On CPU and CUDA it is torch's
+    fused AdamW, one kernel over all parameters: the default per-parameter loop took 11.4 ms a
+    step for the default job's 244 parameter tensors, the fused one 1.95 ms (1 thread)."""
+    params = list(net.parameters())
+    decay = [p for p in params if p.dim() > 1]
+    rest = [p for p in params if p.dim() <= 1]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0}]
-    return torch.optim.AdamW(groups, lr=lr, eps=1e-3)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    optimizer = torch.optim.AdamW(groups, lr=lr, eps=1e-3, fused=fused or None)
+    if fused:
+        optimizer.register_step_pre_hook(_grads_in_param_layout)
+    return optimizer
+
+
+def _grads_in_param_layout(optimizer, _args, _kwargs) -> None:
+    """The fused AdamW reads each gradient in its parameter's memory order: on CPU (torch
+    2.13) a gradient with other strides, a contiguous one for a channels_last weight say, is
+    silently misread, and CUDA refuses it. Autograd's gradients already have their parameter's
+    strides; any other is copied into them here."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None and p.grad.stride() != p.stride():
+                p.grad = torch.empty_like(p).copy_(p.grad)
 
 
 def one_cycle(optimizer, lr: float, steps: int):

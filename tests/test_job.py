@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hrnas import job
 from hrnas.config import load_config
 from hrnas.export import export_arch
-from hrnas.train import as_input
+from hrnas.train import as_input, make_optimizer
 from tests.nas.conftest import _one_thread  # noqa: F401  (autouse: one thread per test)
 
 SMALL = ["data.train_count=8", "data.test_count=4", "data.options={size: 32}"]
@@ -85,3 +85,40 @@ def test_retrained_network_is_channels_last():
     net, _ = job.retrain(config, arch, train_set)
     x = as_input(train_set.batch(range(2))["image"])
     assert _not_channels_last(net.train(), x) == []
+
+
+@pytest.mark.parametrize("grad_layout", ["param", "contiguous"])
+def test_optimizer_is_fused_adamw_with_the_authors_settings(grad_layout):
+    """The fused AdamW takes the steps the per-parameter loop takes (float64, 5 steps), with
+    weight decay on conv/linear weights only, also from gradients whose strides are not their
+    channels_last parameters' (the fused kernel alone misreads those)."""
+    config = load_config(None, SMALL)
+    train_set, _ = job.datasets(config)
+    torch.manual_seed(0)
+    net = job.supernet(config, train_set).double()
+    loop_net = job.supernet(config, train_set).double()
+    loop_net.load_state_dict(net.state_dict())
+    opt = make_optimizer(net, lr=0.01, weight_decay=0.1)
+    assert opt.defaults["fused"] and opt.defaults["eps"] == 1e-3
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0]
+    assert all(p.dim() > 1 for p in opt.param_groups[0]["params"])
+    loop = torch.optim.AdamW(
+        [
+            {"params": [p for p in loop_net.parameters() if p.dim() > 1], "weight_decay": 0.1},
+            {"params": [p for p in loop_net.parameters() if p.dim() <= 1], "weight_decay": 0},
+        ],
+        lr=0.01,
+        eps=1e-3,
+        foreach=False,
+    )
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        for p, q in zip(net.parameters(), loop_net.parameters()):
+            grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            if grad_layout == "param":  # as autograd's accumulated gradients are
+                grad = torch.empty_like(p).copy_(grad)
+            p.grad, q.grad = grad, grad.clone()
+        opt.step()
+        loop.step()
+    for (name, p), q in zip(net.named_parameters(), loop_net.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15, msg=name)
