@@ -352,6 +352,12 @@ def measure(prepared: Prepared, device: str, threads: int, min_run_time: float) 
     return _Result(p20, p50, p80, peak, prepared.nbytes)
 
 
+def selected_formats(args: argparse.Namespace, declared: Sequence[str]) -> list[str]:
+    """The memory formats to measure: ``--memory-format``'s one, or every one the script
+    declares (no flag, or ``both``)."""
+    return list(declared) if args.memory_format in (None, "both") else [args.memory_format]
+
+
 def parse_args(
     description: str | None = None,
     argv: Sequence[str] | None = None,
@@ -588,7 +594,7 @@ def run(
     if len(set(labels)) != len(labels):
         sys.exit(f"{op}: label() gives two cases the same shape string: {labels}")
     min_run_time = args.min_run_time or (QUICK_MIN_RUN_TIME if args.quick else DEFAULT_MIN_RUN_TIME)
-    formats = list(memory_formats) if args.memory_format in (None, "both") else [args.memory_format]
+    formats = selected_formats(args, memory_formats)
     if device == "cuda":
         thread_counts = args.threads or [torch.get_num_threads()]
     else:

@@ -147,9 +147,7 @@ def main(argv=None) -> int:
     providers = [p for p in PROVIDERS if not args.providers or p in args.providers]
     min_run_time = args.min_run_time or (h.QUICK_MIN_RUN_TIME if args.quick else 1.0)
     threads = args.threads or ([torch.get_num_threads()] if device == "cuda" else [1, 2])
-    formats = (
-        ["nchw", "channels_last"] if args.memory_format in (None, "both") else [args.memory_format]
-    )
+    formats = h.selected_formats(args, ["nchw", "channels_last"])
     dev_name, sha = h.device_name(device), h.git_sha()
     out_path = args.out or h.RESULTS_DIR / f"{OP}_{h.device_slug(dev_name)}.csv"
     print(

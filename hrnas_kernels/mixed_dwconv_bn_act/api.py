@@ -60,16 +60,25 @@ def _forward_op(
     counts,
     *weights,
     save_tape=True,
+    routed=False,
 ):
     """The forward op of ``impl`` on the alive channels: ``(y, conv, mean, var)`` and the
     gathered parameters ``(rows, gamma, beta, local)`` (see ``_compact``); conv is the tape for
-    backward, empty without ``save_tape``."""
+    backward, empty without ``save_tape``. ``routed`` (see NCHW_AS_CHANNELS_LAST_MAX_WIDTH):
+    the op runs on a channels_last copy of the NCHW x and y is handed back NCHW; the tape stays
+    channels_last, as the backward's copy of x will be. The CPU backward recomputes the
+    activation's mask from the tape and only checks y's shape (ops.py), so no channels_last y
+    is kept."""
     rows, gamma, beta, local = _compact(channel_index, counts, weights, bn_weight, bn_bias)
-    outs = _OPS[impl][0](
+    if routed:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y, conv, mean, var = _OPS[impl][0](
         x, rows, gamma, beta, running_mean, running_var, stride, use_batch_stats, eps, activation,
         save_tape,
     )  # fmt: skip
-    return outs, (rows, gamma, beta, local)
+    if routed:
+        y = y.contiguous()
+    return (y, conv, mean, var), (rows, gamma, beta, local)
 
 
 class _MixedDepthwiseConvBNAct(torch.autograd.Function):
@@ -79,23 +88,16 @@ class _MixedDepthwiseConvBNAct(torch.autograd.Function):
     size, dead channels' entries zero: one node instead of a differentiable gather per
     parameter. mean/var come out for the running-stat update.
 
-    ``routed`` (see NCHW_AS_CHANNELS_LAST_MAX_WIDTH): the kernels run on a channels_last copy of
-    the NCHW x, made here and again in backward rather than saved (the caller's x is usually
-    kept by the op before anyway; saving the copy cost hrnas-cls 23% more activation memory),
-    y and x's gradient are handed over NCHW (a channels_last gradient made the NCHW ops before
-    run their backward on mixed layouts, several times slower)."""
+    ``routed`` (see ``_forward_op``): the caller's NCHW x is saved and its channels_last copy
+    made again in backward rather than kept (the op before usually keeps x anyway; keeping the
+    copy cost hrnas-cls 23% more activation memory), and x's gradient is handed back NCHW (a
+    channels_last gradient made the NCHW ops before run their backward on mixed layouts,
+    several times slower)."""
 
     @staticmethod
     def forward(ctx, routed, *args):
-        x = args[0]
-        if routed:
-            args = (x.contiguous(memory_format=torch.channels_last), *args[1:])
-        (y, conv, mean, var), (rows, gamma, beta, local) = _forward_op(*args)
-        if routed:
-            # the CPU backward recomputes the activation's mask from the tape and only checks
-            # y's shape (ops.py), so it gets this NCHW y and no channels_last one is kept
-            y = y.contiguous()
-        _, _, _, _, _, stride, use_batch_stats, eps, activation, impl, index, _, *weights = args
+        (y, conv, mean, var), (rows, gamma, beta, local) = _forward_op(*args, routed=routed)
+        x, _, _, _, _, stride, use_batch_stats, eps, activation, impl, index, _, *weights = args
         ctx.save_for_backward(y, x, conv, gamma, beta, mean, var, *rows)
         ctx.routed, ctx.stride, ctx.use_batch_stats, ctx.eps = routed, stride, use_batch_stats, eps
         ctx.activation, ctx.impl = activation, impl
@@ -298,11 +300,7 @@ def fused_forward(
     if records_graph:
         y, mean, var = _MixedDepthwiseConvBNAct.apply(routed, *args)
     else:  # nothing to differentiate (inference): the op alone, no autograd node, no tape
-        if routed:
-            args = (x.contiguous(memory_format=torch.channels_last), *args[1:])
-        (y, _, mean, var), _ = _forward_op(*args, save_tape=False)
-        if routed:
-            y = y.contiguous()
+        (y, _, mean, var), _ = _forward_op(*args, save_tape=False, routed=routed)
     if training and running_mean is not None and y.numel():
         count = y.shape[0] * y.shape[2] * y.shape[3]
         with torch.no_grad():

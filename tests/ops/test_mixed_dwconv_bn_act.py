@@ -378,15 +378,20 @@ def test_narrow_nchw_runs_channels_last(monkeypatch, w, stride, grad, routed):
     assert calls.formats == ["channels_last" if routed else "nchw", "channels_last"]
 
 
-def test_narrow_nchw_gradient_goes_back_nchw(monkeypatch):
-    """The gradient a routed call passes to the op before it is NCHW, as its x was: a
-    channels_last one made that op's backward run on mixed layouts (several times slower)."""
+def _routed_layer(monkeypatch):
+    """(op-call recorder, a native layer, an NCHW x that requires grad) whose call is routed."""
     if runnable("native", "cpu"):
         pytest.skip(runnable("native", "cpu"))
     _route_narrow_nchw(monkeypatch, ROUTED_WIDTHS)
     calls = _OpCalls(monkeypatch)
     layer = MixedDepthwiseConvBNAct(6, (3, 5), impl="native")
-    x = randn((2, 6, 5, 7), seed=1).requires_grad_()
+    return calls, layer, randn((2, 6, 5, 7), seed=1).requires_grad_()
+
+
+def test_narrow_nchw_gradient_goes_back_nchw(monkeypatch):
+    """The gradient a routed call passes to the op before it is NCHW, as its x was: a
+    channels_last one made that op's backward run on mixed layouts (several times slower)."""
+    calls, layer, x = _routed_layer(monkeypatch)
     before = x.relu()
     seen = []
     before.register_hook(lambda g: seen.append(g))
@@ -399,12 +404,7 @@ def test_narrow_nchw_gradient_goes_back_nchw(monkeypatch):
 def test_narrow_nchw_saves_no_channels_last_copy_of_x(monkeypatch):
     """A routed call keeps the caller's NCHW x for backward, not its channels_last copy (the
     copy is made again there): a second x per layer cost hrnas-cls 23% more activation memory."""
-    if runnable("native", "cpu"):
-        pytest.skip(runnable("native", "cpu"))
-    _route_narrow_nchw(monkeypatch, ROUTED_WIDTHS)
-    calls = _OpCalls(monkeypatch)
-    layer = MixedDepthwiseConvBNAct(6, (3, 5), impl="native")
-    x = randn((2, 6, 5, 7), seed=1).requires_grad_()
+    calls, layer, x = _routed_layer(monkeypatch)
     saved = []
 
     def pack(t):
