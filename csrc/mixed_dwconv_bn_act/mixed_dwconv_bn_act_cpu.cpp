@@ -87,10 +87,9 @@ HRNAS_INLINE int64_t tile_col(int64_t wo, int64_t kw, const Geom& g) {
 
 // out[ho][wo] = sum_{kh,kw} wt[kh][kw] * tile[ho*S + kh][wo*S + kw]   (out is Ho x Wo; columns as
 // tile_col places them)
-// kRows output rows are computed together: with one accumulator the k*k FMAs of a vector form a
-// single dependency chain and run at FMA latency, with kRows independent chains at throughput.
-constexpr int64_t kRows = 4;
-
+// Output rows go 8, then 4 at a time, then one by one: with one accumulator the k*k FMAs of a
+// vector form a single dependency chain and run at FMA latency; the FMA units (two, 4 cycles
+// deep, on the machines we measured) need 8 independent chains in flight to run at throughput.
 template <int K, int S, typename A>
 void correlate_plane(const A* __restrict tile, const A* __restrict wt, const Geom g,
                      A* __restrict out) {
@@ -111,42 +110,38 @@ void correlate_plane(const A* __restrict tile, const A* __restrict wt, const Geo
   // Vectors of kLanes outputs along W; the last one ends at Wo and may overlap the one before
   // (recomputing a few outputs beats a scalar tail of k*k dependent FMAs per output).
   int64_t ho = 0;
-  for (; ho + kRows <= g.Ho; ho += kRows) {
-    for (int64_t w0 = 0; w0 < g.Wo; w0 += kLanes) {
-      const int64_t wo = std::min(w0, g.Wo - kLanes);
-      Vec<A> acc[kRows] = {};
-      for (int64_t kh = 0; kh < k; ++kh) {
-        const A* r = tile + (ho * S + kh) * g.Wp;
-        for (int64_t kw = 0; kw < k; ++kw) {
-          const A wv = wt[kh * k + kw];
-          const int64_t col = tile_col<S>(wo, kw, g);
-          for (int64_t i = 0; i < kRows; ++i) acc[i] += wv * simd::load(r + i * S * g.Wp + col);
+  const auto rows = [&](auto Rc) {
+    constexpr int R = decltype(Rc)::value;
+    for (; ho + R <= g.Ho; ho += R) {
+      for (int64_t w0 = 0; w0 < g.Wo; w0 += kLanes) {
+        const int64_t wo = std::min(w0, g.Wo - kLanes);
+        Vec<A> acc[R] = {};
+        for (int64_t kh = 0; kh < k; ++kh) {
+          const A* r = tile + (ho * S + kh) * g.Wp;
+          for (int64_t kw = 0; kw < k; ++kw) {
+            const A wv = wt[kh * k + kw];
+            const int64_t col = tile_col<S>(wo, kw, g);
+            for (int i = 0; i < R; ++i) acc[i] += wv * simd::load(r + i * S * g.Wp + col);
+          }
         }
+        for (int i = 0; i < R; ++i) simd::store(out + (ho + i) * g.Wo + wo, acc[i]);
       }
-      for (int64_t i = 0; i < kRows; ++i) simd::store(out + (ho + i) * g.Wo + wo, acc[i]);
     }
-  }
-  for (; ho < g.Ho; ++ho) {
-    for (int64_t w0 = 0; w0 < g.Wo; w0 += kLanes) {
-      const int64_t wo = std::min(w0, g.Wo - kLanes);
-      Vec<A> acc = {};
-      for (int64_t kh = 0; kh < k; ++kh) {
-        const A* r = tile + (ho * S + kh) * g.Wp;
-        for (int64_t kw = 0; kw < k; ++kw) {
-          acc += wt[kh * k + kw] * simd::load(r + tile_col<S>(wo, kw, g));
-        }
-      }
-      simd::store(out + ho * g.Wo + wo, acc);
-    }
-  }
+  };
+  rows(std::integral_constant<int, 8>{});
+  rows(std::integral_constant<int, 4>{});
+  rows(std::integral_constant<int, 1>{});
 }
 
 // dw[kh][kw] += sum_{ho,wo} d[ho][wo] * tile[ho*S + kh][wo*S + kw]   (d rows ld apart; tile
 // columns as tile_col places them)
+// Every tap has its own accumulator, a dependency chain of one FMA per d vector: a pass keeps the
+// taps of as many kernel rows in registers as fit beside d's vector (all 9 of a 3x3 kernel; 4 or
+// 2 rows of a 5x5 and 3 or 1 of a 7x7 with AVX-512's 32 or AVX2's 16), reading d once per pass,
+// so at least 7 chains are in flight.
 template <int K, int S, typename A>
 void wgrad_plane(const A* __restrict d, int64_t ld, const A* __restrict tile, const Geom g,
                  double* __restrict dw) {
-  constexpr int64_t kMaxK = K > 0 ? K : 1;
   const int64_t k = K > 0 ? K : g.k;
   if (K == 0) {  // other kernel sizes: plain loops
     for (int64_t kh = 0; kh < k; ++kh) {
@@ -161,6 +156,9 @@ void wgrad_plane(const A* __restrict d, int64_t ld, const A* __restrict tile, co
     }
     return;
   }
+  constexpr int kK = K > 0 ? K : 1;
+  constexpr int kAccRegs = simd::kWidth >= 16 ? 24 : 12;  // of 32 or 16 vector registers
+  constexpr int kPassRows = std::max(1, std::min(kK, kAccRegs / kK));
   // The last, partial vector of a row keeps only its first `tail` lanes, by selection (not by
   // multiplying with 0, which would turn an inf or NaN beyond the row into NaN).
   const int64_t tail = g.Wo % kLanes;
@@ -168,27 +166,34 @@ void wgrad_plane(const A* __restrict d, int64_t ld, const A* __restrict tile, co
   for (int64_t l = 0; l < kLanes; ++l) lane[l] = static_cast<A>(l);
   const auto keep = lane < simd::splat<A>(static_cast<A>(tail));
   const Vec<A> zero = {};
-  for (int64_t kh = 0; kh < k; ++kh) {
-    Vec<A> acc[kMaxK] = {};
+  for (int kh0 = 0; kh0 < kK; kh0 += kPassRows) {
+    const int rows = std::min(kPassRows, kK - kh0);
+    Vec<A> acc[kPassRows][kK] = {};
     for (int64_t ho = 0; ho < g.Ho; ++ho) {
       const A* dr = d + ho * ld;
-      const A* r = tile + (ho * S + kh) * g.Wp;
+      const A* r = tile + (ho * S + kh0) * g.Wp;
       int64_t wo = 0;
       for (; wo + kLanes <= g.Wo; wo += kLanes) {
         const Vec<A> dv = simd::load(dr + wo);
-        for (int64_t kw = 0; kw < kMaxK; ++kw) {
-          acc[kw] += dv * simd::load(r + tile_col<S>(wo, kw, g));
+        for (int i = 0; i < kPassRows && i < rows; ++i) {
+          for (int kw = 0; kw < kK; ++kw) {
+            acc[i][kw] += dv * simd::load(r + i * g.Wp + tile_col<S>(wo, kw, g));
+          }
         }
       }
       if (tail) {
         Vec<A> dv = {};
         for (int64_t l = 0; l < tail; ++l) dv[l] = dr[wo + l];
-        for (int64_t kw = 0; kw < kMaxK; ++kw) {
-          acc[kw] += keep ? dv * simd::load(r + tile_col<S>(wo, kw, g)) : zero;
+        for (int i = 0; i < kPassRows && i < rows; ++i) {
+          for (int kw = 0; kw < kK; ++kw) {
+            acc[i][kw] += keep ? dv * simd::load(r + i * g.Wp + tile_col<S>(wo, kw, g)) : zero;
+          }
         }
       }
     }
-    for (int64_t kw = 0; kw < kMaxK; ++kw) dw[kh * k + kw] += simd::sum<A>(acc[kw]);
+    for (int i = 0; i < rows; ++i) {
+      for (int kw = 0; kw < kK; ++kw) dw[(kh0 + i) * k + kw] += simd::sum<A>(acc[i][kw]);
+    }
   }
 }
 
@@ -806,11 +811,37 @@ std::vector<T> block_weights(const Layout& lay, const std::vector<Group>& groups
   return packed;
 }
 
+// P neighbouring outputs at once, acc[j] = sum_{kh,kw} wt[kh][kw][:] * in[kh][(j*S + kw)][:]
+// (in at the first output's window, rows in_row apart, pixels `pitch` apart), from one window of
+// input pixels per kernel row, so each loaded input pixel serves up to K taps. The P sums are
+// independent chains of K*K FMAs: the FMA units (two, 4 cycles deep, on the machines we measured)
+// need 8 in flight to run at throughput, which AVX-512's 32 registers hold beside a 7x7 window
+// (AVX2's 16 hold 4).
+template <int K, int S, int V, int P, typename T>
+HRNAS_INLINE void correlate_pixels(const T* __restrict in, int64_t in_row, const T* __restrict wt,
+                                   int64_t pitch, VecW<T, V>* __restrict acc) {
+  using W = VecW<T, V>;
+  constexpr int kWin = S * (P - 1) + K;
+  for (int j = 0; j < P; ++j) acc[j] = W{};
+  for (int64_t kh = 0; kh < K; ++kh) {
+    const T* xr = in + kh * in_row;
+    W win[kWin];
+    for (int i = 0; i < kWin; ++i) win[i] = loadw<V>(xr + i * pitch);
+    for (int kw = 0; kw < K; ++kw) {
+      const W wv = loadw<V>(wt + (kh * K + kw) * V);
+      for (int j = 0; j < P; ++j) acc[j] += wv * win[j * S + kw];
+    }
+  }
+}
+
+// Output pixels per step of correlate_nhwc's widest pass (see correlate_pixels).
+constexpr int kPixWide = simd::kWidth >= 16 ? 8 : kPix;
+
 // out[r][wo][:V] = sum_{kh,kw} wt[kh][kw][:] * in[r*S + kh][wo*S + kw][:]  for r < R, wo < Wo.
-// Pixels are `pitch` elements apart in `in` and `out`, rows in_row and Wo * pitch apart. kPix
-// neighbouring outputs are computed together from one window of input pixels per kernel row,
-// so each loaded input pixel serves up to k taps. With kSums, also s[l] += sum of out[..][l] and
-// q[l] += sum of its squares for l < lanes (the BatchNorm sums, from registers: no second read).
+// Pixels are `pitch` elements apart in `in` and `out`, rows in_row and Wo * pitch apart. A row's
+// outputs go kPixWide at a time, then kPix, then one by one (correlate_pixels). With kSums, also
+// s[l] += sum of out[..][l] and q[l] += sum of its squares for l < lanes (the BatchNorm sums,
+// from registers: no second read).
 template <int K, int S, int V, bool kSums, typename T>
 void correlate_nhwc(const T* __restrict in, int64_t in_row, const T* __restrict wt, int64_t k_rt,
                     int64_t R, int64_t Wo, int64_t pitch, T* __restrict out, int64_t lanes = 0,
@@ -820,35 +851,32 @@ void correlate_nhwc(const T* __restrict in, int64_t in_row, const T* __restrict 
   W sa = {}, sq = {};
   for (int64_t r = 0; r < R; ++r) {
     T* o = out + r * Wo * pitch;
+    const T* xr = in + r * S * in_row;
     int64_t wo = 0;
     if constexpr (K > 0) {
-      constexpr int kWin = S * (kPix - 1) + K;
-      for (; wo + kPix <= Wo; wo += kPix) {
-        W acc[kPix] = {};
-        for (int64_t kh = 0; kh < K; ++kh) {
-          const T* xr = in + (r * S + kh) * in_row + wo * S * pitch;
-          W win[kWin];
-          for (int i = 0; i < kWin; ++i) win[i] = loadw<V>(xr + i * pitch);
-          for (int kw = 0; kw < K; ++kw) {
-            const W wv = loadw<V>(wt + (kh * K + kw) * V);
-            for (int j = 0; j < kPix; ++j) acc[j] += wv * win[j * S + kw];
+      const auto pass = [&](auto Pc) {
+        constexpr int P = decltype(Pc)::value;
+        for (; wo + P <= Wo; wo += P) {
+          W acc[P];
+          correlate_pixels<K, S, V, P>(xr + wo * S * pitch, in_row, wt, pitch, acc);
+          for (int j = 0; j < P; ++j) {
+            storew<V>(o + (wo + j) * pitch, acc[j]);
+            if constexpr (kSums) {
+              sa += acc[j];
+              sq += acc[j] * acc[j];
+            }
           }
         }
-        for (int j = 0; j < kPix; ++j) {
-          storew<V>(o + (wo + j) * pitch, acc[j]);
-          if constexpr (kSums) {
-            sa += acc[j];
-            sq += acc[j] * acc[j];
-          }
-        }
-      }
+      };
+      if constexpr (kPixWide > kPix) pass(std::integral_constant<int, kPixWide>{});
+      pass(std::integral_constant<int, kPix>{});
     }
     for (; wo < Wo; ++wo) {
       W acc = {};
       for (int64_t kh = 0; kh < k; ++kh) {
-        const T* xr = in + (r * S + kh) * in_row + wo * S * pitch;
+        const T* xp = xr + kh * in_row + wo * S * pitch;
         for (int64_t kw = 0; kw < k; ++kw) {
-          acc += loadw<V>(wt + (kh * k + kw) * V) * loadw<V>(xr + kw * pitch);
+          acc += loadw<V>(wt + (kh * k + kw) * V) * loadw<V>(xp + kw * pitch);
         }
       }
       storew<V>(o + wo * pitch, acc);

@@ -85,10 +85,12 @@ class Case:
 # multiple of 16, Wo with and without a vector tail, images smaller than the kernel, 1x1 images,
 # single kernel sizes, runtime kernel sizes 1 and 9, and group sizes that are multiples of 8 (the
 # channels_last kernels' dense layout, no padding lanes) with stride 2 over odd and even sizes.
+# The conv takes output rows (NCHW) or pixels (NHWC) 8, then 4 at a time, then one by one: the
+# first and third cases take each step.
 CASES = [
-    Case(2, (5, 6, 7), (3, 5, 7), 9, 11, 1),
+    Case(2, (5, 6, 7), (3, 5, 7), 9, 21, 1),
     Case(2, (19, 2, 17), (3, 5, 7), 7, 37, 2),
-    Case(3, (21,), (3,), 6, 33, 1),
+    Case(3, (21,), (3,), 13, 33, 1),
     Case(2, (13,), (7,), 5, 3, 2),
     Case(3, (4, 5), (3, 5), 1, 1, 1),
     Case(2, (6, 3, 5), (1, 9, 5), 2, 17, 2),
@@ -812,11 +814,13 @@ def test_backward_is_deterministic_and_thread_count_invariant():
 # The channels_last CPU kernel splits each image's output rows into tasks (two when Ho >= 32)
 # worked in bands of 8 rows whose input tile slides down, keeping the halo rows; groups are
 # padded to 8 lanes (dense when every group size is a multiple of 8, then it reads and writes the
-# tensors in place) and run as 16- or 8-lane blocks. Tall cases cross task and band edges.
+# tensors in place) and run as 16- or 8-lane blocks. A row's outputs go 8 (AVX-512) or 4 at a
+# time, then 4, then one by one. Tall cases cross task and band edges, and their widths take
+# every step of a row.
 TALL_CASES = [
-    Case(2, (16, 8, 24), (3, 5, 7), 35, 13, 1),  # dense; bands 8+8+2 and 8+8+1
+    Case(2, (16, 8, 24), (3, 5, 7), 35, 13, 1),  # dense; bands 8+8+2 and 8+8+1; Wo 8+4+1
     Case(2, (8, 16), (5, 3), 37, 11, 2),  # dense, stride 2: Ho 19 (bands 8+8+3), Wo 6
-    Case(2, (12, 5, 9), (3, 5, 7), 67, 10, 2),  # padded lanes; stride 2, Ho 34
+    Case(2, (12, 5, 9), (3, 5, 7), 67, 27, 2),  # padded lanes; stride 2, Ho 34, Wo 8+4+2
     Case(1, (8, 3), (9, 1), 40, 6, 1),  # runtime kernel sizes, 8-lane blocks
 ]
 
