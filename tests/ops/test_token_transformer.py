@@ -288,6 +288,8 @@ CASES = [
     (2, 4, 3, 6, 6, 7, 4, 1, False, False),
 ]
 MASKS = ["all", "random", "single", "none"]
+# every case once, each with a mask of its own
+CASE_MASKS = [(case, MASKS[i % len(MASKS)]) for i, case in enumerate(CASES)]
 
 
 def _mask(tokens, kind):
@@ -678,16 +680,22 @@ def test_thread_count_invariant():
     torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "case,mask", [((4, 6, None, 12, 10, 16, 8, 2, False, True), "random")] + CASE_MASKS, ids=str
+)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_inference_call_matches_the_autograd_call(impl_device, training):
-    """With nothing to differentiate the forward op runs without the autograd function: the same
-    output and running-statistics update as a call that records a graph."""
+def test_inference_call_matches_the_autograd_call(impl_device, case, mask, training):
+    """With nothing to differentiate the forward op runs without the autograd function (and the
+    CPU kernel's eval forward then takes each sample from x to its output in one task): the same
+    output and running-statistics update, bit for bit, as a call that records a graph, which
+    test_matches_reference holds to the reference."""
     impl, device = impl_device
-    case = (4, 6, None, 12, 10, 16, 8, 2, False, True)
-    x = randn((4, 6, 12, 10), seed=1, device=device)
+    n, c, _, h, w, tokens = case[:6]
+    x = randn((n, c, h, w), seed=1, device=device)
     results = []
     for grad in (True, False):
         m = _module(case, impl, torch.float32, device).train(training)
+        m.set_token_mask(_mask(tokens, mask))
         with torch.set_grad_enabled(grad):
             y = m(x)
         assert y.requires_grad == grad
