@@ -54,6 +54,27 @@ inline void store(T* p, Vec<T> v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
 
+// A vector of V lanes, for blocks narrower than a register's kWidth (8 floats under AVX-512:
+// one ymm), with unaligned loads and stores.
+template <typename T, int V>
+struct VecOfWidth {
+  typedef T type __attribute__((vector_size(V * sizeof(T))));
+};
+template <typename T, int V>
+using VecW = typename VecOfWidth<T, V>::type;
+
+template <int V, typename T>
+HRNAS_INLINE VecW<T, V> loadw(const T* p) {
+  VecW<T, V> v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <int V, typename T>
+HRNAS_INLINE void storew(T* p, VecW<T, V> v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+
 template <typename T>
 inline Vec<T> splat(T x) {
   return Vec<T>{} + x;

@@ -50,7 +50,10 @@ namespace hrnas {
 namespace mixed_dwconv {
 namespace {
 
+using simd::loadw;
+using simd::storew;
 using simd::Vec;
+using simd::VecW;
 constexpr int64_t kLanes = simd::kWidth;  // outputs per NCHW vector
 constexpr int64_t kPix = 4;               // NHWC output pixels computed together
 
@@ -637,25 +640,6 @@ void bwd_task(const Problem<T, A>& pr, const std::vector<Group>& groups, const B
 
 constexpr int64_t kBand = 8;
 constexpr int64_t kBlockMax = simd::kWidth >= 16 ? 16 : 8;
-
-template <typename T, int V>
-struct VecOfWidth {
-  typedef T type __attribute__((vector_size(V * sizeof(T))));
-};
-template <typename T, int V>
-using VecW = typename VecOfWidth<T, V>::type;
-
-template <int V, typename T>
-HRNAS_INLINE VecW<T, V> loadw(const T* p) {
-  VecW<T, V> v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <int V, typename T>
-HRNAS_INLINE void storew(T* p, VecW<T, V> v) {
-  __builtin_memcpy(p, &v, sizeof(v));
-}
 
 // Channels [c0, c0 + lanes) of group g sit at tile lanes [off, off + width), width kBlockMax or 8.
 struct Block {

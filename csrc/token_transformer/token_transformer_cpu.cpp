@@ -235,28 +235,27 @@ void affine_rows(const T* xhat, const T* w, const T* b, int64_t rows, int64_t d,
 
 // ---- small GEMMs ------------------------------------------------------------------------------
 
-// One register tile of gemm below: rows i..i+R of C, NV vectors of columns from j.
-template <typename T, bool kTransA, int R, int NV>
+// One register tile of gemm below: rows i..i+R of C, NV vectors of W lanes of columns from j.
+template <typename T, bool kTransA, int R, int NV, int W>
 HRNAS_INLINE void gemm_tile(int64_t i, int64_t j, int64_t K, const T* __restrict A, int64_t lda,
                             const T* __restrict B, int64_t ldb, T* __restrict C, int64_t ldc,
                             bool accumulate) {
-  using V = simd::Vec<T>;
-  constexpr int64_t W = simd::kWidth;
+  using V = simd::VecW<T, W>;
   V c[R][NV];
   for (int r = 0; r < R; ++r) {
     for (int v = 0; v < NV; ++v)
-      c[r][v] = accumulate ? simd::load(C + (i + r) * ldc + j + v * W) : V{};
+      c[r][v] = accumulate ? simd::loadw<W>(C + (i + r) * ldc + j + v * W) : V{};
   }
   for (int64_t k = 0; k < K; ++k) {
     V b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = simd::load(B + k * ldb + j + v * W);
+    for (int v = 0; v < NV; ++v) b[v] = simd::loadw<W>(B + k * ldb + j + v * W);
     for (int r = 0; r < R; ++r) {
       const T a = kTransA ? A[k * lda + i + r] : A[(i + r) * lda + k];
       for (int v = 0; v < NV; ++v) c[r][v] += a * b[v];
     }
   }
   for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < NV; ++v) simd::store(C + (i + r) * ldc + j + v * W, c[r][v]);
+    for (int v = 0; v < NV; ++v) simd::storew<W>(C + (i + r) * ldc + j + v * W, c[r][v]);
   }
 }
 
@@ -273,28 +272,35 @@ HRNAS_INLINE void gemm_tile(int64_t i, int64_t j, int64_t K, const T* __restrict
 template <typename T, bool kTransA = false>
 void gemm(int64_t M, int64_t N, int64_t K, const T* __restrict A, int64_t lda,
           const T* __restrict B, int64_t ldb, T* __restrict C, int64_t ldc, bool accumulate) {
-  constexpr int64_t W = simd::kWidth;
-  const auto column_block = [&](auto vectors, int64_t j) {
-    constexpr int NV = decltype(vectors)::value;
+  constexpr int W = simd::kWidth;
+  const auto column_block = [&](auto vectors, auto lanes, int64_t j) {
+    constexpr int NV = decltype(vectors)::value, L = decltype(lanes)::value;
     int64_t i = 0;
     for (; i + 6 <= M; i += 6)
-      gemm_tile<T, kTransA, 6, NV>(i, j, K, A, lda, B, ldb, C, ldc, accumulate);
+      gemm_tile<T, kTransA, 6, NV, L>(i, j, K, A, lda, B, ldb, C, ldc, accumulate);
     if (M - i >= 4) {
-      gemm_tile<T, kTransA, 4, NV>(i, j, K, A, lda, B, ldb, C, ldc, accumulate);
+      gemm_tile<T, kTransA, 4, NV, L>(i, j, K, A, lda, B, ldb, C, ldc, accumulate);
       i += 4;
     }
     if (M - i >= 2) {
-      gemm_tile<T, kTransA, 2, NV>(i, j, K, A, lda, B, ldb, C, ldc, accumulate);
+      gemm_tile<T, kTransA, 2, NV, L>(i, j, K, A, lda, B, ldb, C, ldc, accumulate);
       i += 2;
     }
-    if (M - i >= 1) gemm_tile<T, kTransA, 1, NV>(i, j, K, A, lda, B, ldb, C, ldc, accumulate);
+    if (M - i >= 1) gemm_tile<T, kTransA, 1, NV, L>(i, j, K, A, lda, B, ldb, C, ldc, accumulate);
   };
+  const std::integral_constant<int, W> full;
   int64_t j = 0;
   if constexpr (W >= 16 && sizeof(T) == 4) {  // AVX-512, float: 6 x 4 zmm (24 of 32 registers)
-    for (; j + 4 * W <= N; j += 4 * W) column_block(std::integral_constant<int, 4>{}, j);
+    for (; j + 4 * W <= N; j += 4 * W) column_block(std::integral_constant<int, 4>{}, full, j);
   }
-  for (; j + 2 * W <= N; j += 2 * W) column_block(std::integral_constant<int, 2>{}, j);
-  for (; j + W <= N; j += W) column_block(std::integral_constant<int, 1>{}, j);
+  for (; j + 2 * W <= N; j += 2 * W) column_block(std::integral_constant<int, 2>{}, full, j);
+  for (; j + W <= N; j += W) column_block(std::integral_constant<int, 1>{}, full, j);
+  if constexpr (W > 8) {  // 8 columns left (the growth's backward narrows to the 8 x 8 grid)
+    if (j + 8 <= N) {
+      column_block(std::integral_constant<int, 1>{}, std::integral_constant<int, 8>{}, j);
+      j += 8;
+    }
+  }
   if (j < N) {  // fewer than one vector of columns left
     for (int64_t i = 0; i < M; ++i) {
       T* cr = C + i * ldc;
