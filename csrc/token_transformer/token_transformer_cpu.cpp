@@ -825,16 +825,25 @@ void add_layer_grad_tasks(Tasks& tasks, const LayerGradInputs<T>& in, const Laye
 // grad [R, K] = sum over samples of a[n] b[n]^T for a [N, R, d], b [N, K, d], one task (a
 // small product: it transposes each b[n] once, into scratch [d, K + extra_cols] whose last
 // columns hold `extra` [extra_cols, d] transposed, the same for every sample), in sample order.
+// The scratch rows are padded with zero columns to whole 8-lane blocks, so the GEMM has no scalar
+// column tail (the token projection's [L, C + 2] gradient: C + 2 = 38 left 6 scalar columns, a
+// single-task tail that made this the longest task of its parallel region), and the padded sum
+// is copied out at the end.
 template <typename T>
 void add_outer_sum_task(Tasks& tasks, int64_t N, int64_t R, int64_t K, int64_t d, const T* a,
                         const T* b, const T* extra, int64_t extra_cols, T* grad) {
   tasks.push_back([=] {
-    const int64_t cols = K + extra_cols;
-    T* bt = scratch<T>(5, d * cols);
-    if (extra_cols > 0) transpose<T>(extra_cols, d, extra, d, bt + K, cols);
+    const int64_t cols = K + extra_cols, ld = (cols + 7) / 8 * 8;
+    T* bt = scratch<T>(5, d * ld);
+    T* sum = ld == cols ? grad : scratch<T>(7, R * ld);
+    for (int64_t j = 0; j < d; ++j) std::fill(bt + j * ld + cols, bt + (j + 1) * ld, T(0));
+    if (extra_cols > 0) transpose<T>(extra_cols, d, extra, d, bt + K, ld);
     for (int64_t n = 0; n < N; ++n) {
-      transpose<T>(K, d, b + n * K * d, d, bt, cols);
-      gemm<T>(R, cols, d, a + n * R * d, d, bt, cols, grad, cols, n > 0);
+      transpose<T>(K, d, b + n * K * d, d, bt, ld);
+      gemm<T>(R, ld, d, a + n * R * d, d, bt, ld, sum, ld, n > 0);
+    }
+    if (sum != grad) {
+      for (int64_t r = 0; r < R; ++r) std::copy(sum + r * ld, sum + r * ld + cols, grad + r * cols);
     }
   });
 }
@@ -1161,7 +1170,7 @@ BwdResult bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& tape,
                            g_w_out.mutable_data_ptr<T>());
     run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t t) { tasks[t](); });
     // BN over tokens, then the token projection's gradient and the shrink's adjoint: the
-    // [L, C + 2] weight gradient first, then one input plane per task
+    // [L, C + 2] weight gradient first, then one sample's input planes per task
     at::Tensor g_u = at::empty({N, L, d}, opt);
     bn_backward<T>(g_t0p, uhat, bn_w, var_in.const_data_ptr<T>(), use_batch_stats, eps, N, L, d,
                    g_u.mutable_data_ptr<T>(), g_bn_in_w.mutable_data_ptr<T>(),
@@ -1176,14 +1185,17 @@ BwdResult bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& tape,
     const T* w_in_p = w_in.const_data_ptr<T>();
     const Taps<T> rows = make_taps<T>(g, s.H), cols = make_taps<T>(g, s.W);
     const int64_t blocks = static_cast<int64_t>(tasks.size()), plane = s.H * s.W;
-    run_tasks(blocks + N * C, [&](int64_t t) {
+    run_tasks(blocks + N, [&](int64_t t) {
       if (t < blocks) return tasks[t]();
-      const int64_t n = (t - blocks) / C, c = (t - blocks) % C;
-      T* g_f = scratch<T>(6, d);  // this plane's gradient on the grid: sum_l W_in[l, c] g_u[n, l]
-      gemm<T, true>(1, d, L, w_in_p + c, C + 2, g_up + n * L * d, d, g_f, d, false);
-      const int64_t base = (n * C + c) * plane;
-      shrink_plane_backward<T>(g_f, s.H, s.W, rows, cols, residual ? gyp + base : nullptr,
-                               g_xp + base);
+      const int64_t n = t - blocks;
+      // the sample's planes' gradients on the grid: g_f[c] = sum_l W_in[l, c] g_u[n, l]
+      T* g_f = scratch<T>(6, C * d);
+      gemm<T, true>(C, d, L, w_in_p, C + 2, g_up + n * L * d, d, g_f, d, false);
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t base = (n * C + c) * plane;
+        shrink_plane_backward<T>(g_f + c * d, s.H, s.W, rows, cols,
+                                 residual ? gyp + base : nullptr, g_xp + base);
+      }
     });
   });
   return {g_x,    g_w_in,  g_bn_in_w, g_bn_in_b,  g_enc,
