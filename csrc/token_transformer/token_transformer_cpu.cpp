@@ -907,11 +907,15 @@ FwdResult fwd_cpu(
   at::Tensor y = pooled_empty({N, Co, Ho, Wo}, x.options());
   at::Tensor mean_in = at::empty({L}, x.options()), var_in = at::empty({L}, x.options());
   at::Tensor mean_out = at::empty({Co}, x.options()), var_out = at::empty({Co}, x.options());
-  if (N == 0) {  // eval on an empty batch: nothing to compute, the statistics are the running
+  // eval: the statistics handed back are the running ones
+  const auto running_statistics = [&] {
     mean_in.copy_(*rm_in);
     var_in.copy_(*rv_in);
     mean_out.copy_(*rm_out);
     var_out.copy_(*rv_out);
+  };
+  if (N == 0) {  // eval on an empty batch: nothing to compute
+    running_statistics();
     return {y, tape, mean_in, var_in, mean_out, var_out};
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "token_transformer_fwd", [&] {
@@ -924,14 +928,18 @@ FwdResult fwd_cpu(
     std::vector<T> coord_bias(L * d);
     gemm<T>(L, d, 2, w_in_p + C, C + 2, coords.const_data_ptr<T>(), d, coord_bias.data(), d,
             false);
-    // one sample per task: its planes shrunk to the grid (onto the tape), projected to tokens
-    at::Tensor u = at::empty({N, L, d}, x.options());
-    T* up = u.mutable_data_ptr<T>();
     const Taps<T> rows = make_taps<T>(g, s.H), cols = make_taps<T>(g, s.W);
     const bool decoder = s.layers == 2;
     const LayerW<T> we = layer_weights<T>(enc, true);
     const LayerW<T> wd = decoder ? layer_weights<T>(dec, true) : we;
     const int64_t transposes = 4 * s.layers;
+    // sample n's planes shrunk to the grid into f [C, d], projected to tokens [L, d] (the
+    // coordinate channels' share comes with BN's bias)
+    const auto shrink_and_project = [&](int64_t n, T* f, T* tokens) {
+      for (int64_t c = 0; c < C; ++c)
+        shrink_plane<T>(xp + (n * C + c) * s.H * s.W, s.W, rows, cols, f + c * d);
+      gemm<T>(L, d, C, w_in_p, C + 2, f, d, tokens, d, false);
+    };
     const auto fill = [&](int64_t t) {
       fill_transpose<T>(t < 4 ? we : wd, static_cast<int>(t % 4));
     };
@@ -950,10 +958,7 @@ FwdResult fwd_cpu(
       // regions instead of five, and no batch-sized intermediates.
       run_tasks(transposes, fill);
       project_queries();
-      mean_in.copy_(*rm_in);
-      var_in.copy_(*rv_in);
-      mean_out.copy_(*rm_out);
-      var_out.copy_(*rv_out);
+      running_statistics();
       const at::Tensor affine[4] = {bn_in_w.contiguous(), bn_in_b.contiguous(),
                                     bn_out_w.contiguous(), bn_out_b.contiguous()};
       const T *rmi = mean_in.const_data_ptr<T>(), *rvi = var_in.const_data_ptr<T>();
@@ -971,9 +976,7 @@ FwdResult fwd_cpu(
         T* tok = scratch<T>(7, (L + Co) * d);  // the tokens [L, d], then z [Co, d]
         T* z = tok + L * d;
         for (int64_t n = b; n < e; ++n) {
-          for (int64_t c = 0; c < C; ++c)
-            shrink_plane<T>(xp + (n * C + c) * s.H * s.W, s.W, rows, cols, f + c * d);
-          gemm<T>(L, d, C, w_in_p, C + 2, f, d, tok, d, false);
+          shrink_and_project(n, f, tok);
           for (int64_t r = 0; r < L; ++r) {
             bn_normalize_row<T>(tok + r * d, coord_bias.data() + r * d, rmi[r], rvi[r], gi[r],
                                 bi[r], eps, d, nullptr, tok + r * d);
@@ -996,13 +999,14 @@ FwdResult fwd_cpu(
       });
       return;
     }
+    // one sample per task: its planes shrunk to the grid (onto the tape), projected to tokens
+    at::Tensor u = at::empty({N, L, d}, x.options());
+    T* up = u.mutable_data_ptr<T>();
     run_tasks(transposes + N, [&](int64_t t) {
       if (t < transposes) return fill(t);
       const int64_t n = t - transposes;
-      T* f = save_tape ? tp + layout.f + n * C * d : scratch<T>(5, C * d);
-      for (int64_t c = 0; c < C; ++c)
-        shrink_plane<T>(xp + (n * C + c) * s.H * s.W, s.W, rows, cols, f + c * d);
-      gemm<T>(L, d, C, w_in_p, C + 2, f, d, up + n * L * d, d, false);
+      shrink_and_project(n, save_tape ? tp + layout.f + n * C * d : scratch<T>(5, C * d),
+                         up + n * L * d);
     });
     at::Tensor t0 = at::empty({N, L, d}, x.options());
     const at::Tensor gi = bn_in_w.contiguous(), bi = bn_in_b.contiguous();
