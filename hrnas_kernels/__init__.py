@@ -5,8 +5,8 @@ extension ``_C`` is loaded if it was built: loading it registers the CPU/CUDA ke
 fails to load is reported by ``available_impls()`` instead of breaking the import.
 """
 
-from . import _impl
-from . import memory as _memory  # noqa: F401  (its schema before the kernels)
+from . import _impl, _running_stats  # noqa: F401  (schemas before the kernels)
+from . import memory as _memory  # noqa: F401
 from .mixed_dwconv_bn_act import ops as _mixed_dwconv_bn_act_ops  # noqa: F401  (schemas before kernels)
 from .multires_fusion import ops as _multires_fusion_ops  # noqa: F401
 from .token_transformer import ops as _token_transformer_ops  # noqa: F401

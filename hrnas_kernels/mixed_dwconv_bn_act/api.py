@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .. import _impl
+from .. import _impl, _running_stats
 from .._alive import expand
 from . import ops, reference
 
@@ -277,7 +277,7 @@ def fused_forward(
     routed = _nchw_as_channels_last(x, impl, stride, records_graph)
     use_batch_stats = training or running_mean is None
     rm, rv = running_mean, running_var
-    if channel_index is not None and running_mean is not None:
+    if channel_index is not None and not use_batch_stats:  # the alive channels' statistics
         rm, rv = (
             running_mean.index_select(0, channel_index),
             running_var.index_select(0, channel_index),
@@ -303,18 +303,10 @@ def fused_forward(
         (y, _, mean, var), _ = _forward_op(*args, save_tape=False, routed=routed)
     if training and running_mean is not None and y.numel():
         count = y.shape[0] * y.shape[2] * y.shape[3]
-        with torch.no_grad():
-            # F.batch_norm's update, r = lerp(r, stat, momentum), on the running statistics or,
-            # with a channel index, on the alive channels' copies (rm, rv), then written back
-            alive, stats = [rm, rv], [mean, var * (count / max(count - 1, 1))]
-            if mean.dtype == rm.dtype:
-                torch._foreach_lerp_(alive, stats, momentum)
-            else:  # reduced-precision running statistics: lerp in the statistics' type
-                for r, stat in zip(alive, stats):
-                    r.copy_(torch.lerp(r.to(stat.dtype), stat, momentum))
-            if channel_index is not None:
-                running_mean.index_copy_(0, channel_index, rm)
-                running_var.index_copy_(0, channel_index, rv)
+        with torch.no_grad():  # the statistics are the alive channels' (channel_index order)
+            _running_stats.update(
+                running_mean, running_var, mean, var, channel_index, momentum, count
+            )
     return y
 
 

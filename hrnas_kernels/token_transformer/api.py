@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .. import _impl
+from .. import _impl, _running_stats
 from . import ops, reference
 
 _OPS = {"native": (ops.fwd, ops.bwd), "triton": (ops.fwd_triton, ops.bwd_triton)}
@@ -389,20 +389,13 @@ def fused_forward(
         )
     if training and input_running_mean is not None:
         count = n * coords.shape[-1] * coords.shape[-2]
-        unbias = count / max(count - 1, 1)
-        with torch.no_grad():
-            # F.batch_norm's update, r = lerp(r, stat, momentum), in one foreach op; with a token
-            # index on copies of the alive entries (the statistics are theirs), then written back
-            alive = [input_running_mean, input_running_var]
-            if token_index is not None:
-                alive = [r.index_select(0, token_index) for r in alive]
-                rm_in, rv_in = alive
-            running = [*alive, reverse_running_mean, reverse_running_var]
-            stats = (mean_in, var_in * unbias, mean_out, var_out * unbias)
-            torch._foreach_lerp_(running, [s.to(r.dtype) for s, r in zip(stats, running)], momentum)
-            if token_index is not None:
-                input_running_mean.index_copy_(0, token_index, rm_in)
-                input_running_var.index_copy_(0, token_index, rv_in)
+        with torch.no_grad():  # the statistics are the alive tokens' (token_index order)
+            _running_stats.update(
+                input_running_mean, input_running_var, mean_in, var_in, token_index, momentum, count
+            )
+            _running_stats.update(
+                reverse_running_mean, reverse_running_var, mean_out, var_out, None, momentum, count
+            )
     return y
 
 
