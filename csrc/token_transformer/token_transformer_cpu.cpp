@@ -794,15 +794,29 @@ void run_tasks(int64_t count, const F& run) {
   });
 }
 
-constexpr int64_t kRowBlock = 16;  // output rows per task
+constexpr int64_t kRowBlock = 64;  // output rows per task
+constexpr int64_t kSumChunk = 64;  // rows of the summed operands per pass
 
-// C [M, N] = A^T B for A [K, M], B [K, N] (leading dimensions lda, ldb, ldc), by row blocks.
+// C [M, N] = A^T B for A [K, M], B [K, N] (leading dimensions lda, ldb, ldc), by blocks of 64
+// rows. Each task passes over K in chunks of kSumChunk rows, its register tiles carried through C
+// between chunks (the same sums, in the same order), so a chunk of B (64 x 64 values, 16 KiB)
+// serves all the block's tiles from L1. Every block re-reads all of B: with 16-row blocks and one
+// pass over K the layers' weight gradients took 352 us of a training step (N=8, C=36, 28x28,
+// 100% alive, 2 threads) and scaled 1.2x from 1 thread; 64-row blocks 262 us, and the chunks 235.
 template <typename T>
 void add_sum_tasks(Tasks& tasks, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
                    const T* B, int64_t ldb, T* C, int64_t ldc) {
   for (int64_t r0 = 0; r0 < M; r0 += kRowBlock) {
     const int64_t m = std::min(kRowBlock, M - r0);
-    tasks.push_back([=] { gemm<T, true>(m, N, K, A + r0, lda, B, ldb, C + r0 * ldc, ldc, false); });
+    tasks.push_back([=] {
+      int64_t k0 = 0;
+      do {  // at least once: K == 0 (no alive token) writes zeros
+        const int64_t kc = std::min(kSumChunk, K - k0);
+        gemm<T, true>(m, N, kc, A + k0 * lda + r0, lda, B + k0 * ldb, ldb, C + r0 * ldc, ldc,
+                      k0 > 0);
+        k0 += kSumChunk;
+      } while (k0 < K);
+    });
   }
 }
 
