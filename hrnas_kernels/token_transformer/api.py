@@ -82,13 +82,18 @@ class _TokenTransformer(torch.autograd.Function):
             tape, coords, w_in, bn_in_w, bn_in_b, var_in, query, w_out, bn_out_w, var_out, *layers
         )
         ctx.token_index = token_index
+        ctx.n_inputs = 4 + len(params)
         ctx.meta = (impl, num_heads, [x.shape[2], x.shape[3]], residual, eps, rm_in is None, n_enc)
         ctx.mark_non_differentiable(mean_in, var_in, mean_out, var_out)
+        # the statistics' gradients stay None instead of four zero tensors: backward ignores them
+        ctx.set_materialize_grads(False)
         return y, mean_in, var_in, mean_out, var_out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, *_grad_stats):
+        if grad_y is None:  # only the statistics were reached: nothing flows back
+            return (None,) * ctx.n_inputs
         tape, coords, w_in, bn_in_w, bn_in_b, var_in, query, w_out, bn_out_w, var_out, *layers = (
             ctx.saved_tensors
         )
