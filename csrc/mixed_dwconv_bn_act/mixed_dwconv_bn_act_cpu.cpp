@@ -742,9 +742,11 @@ struct RowTile {
   int64_t row, interior, limit, t0, made;
   bool dense;
 
-  // Makes rows up to n1 and returns the tile's origin for row n0.
+  // Makes rows [n0, n1) (those not made yet) and returns the tile's origin for row n0. Rows
+  // before n0 that were never made (bands that read the tensor directly) stay unmade.
   template <typename F>
   const T* rows(int64_t n0, int64_t n1, F&& make) {
+    made = std::max(made, n0);
     for (; made < n1; ++made) {
       T* r = data + (made - t0) * row;
       if (made < 0 || made >= limit || !dense) std::fill(r, r + row, T(0));
@@ -821,6 +823,31 @@ HRNAS_INLINE void correlate_pixels(const T* __restrict in, int64_t in_row, const
 // Output pixels per step of correlate_nhwc's widest pass (see correlate_pixels).
 constexpr int kPixWide = simd::kWidth >= 16 ? 8 : kPix;
 
+// One output pixel: the sum over kh < k and kw in [kw0, kw1) of wt[kh][kw][:] times the input
+// pixel at column c0 + kw of row kh (rows in_row apart from `in`, pixels `pitch` apart).
+template <int K, int V, typename T>
+HRNAS_INLINE VecW<T, V> correlate_pixel(const T* __restrict in, int64_t in_row,
+                                        const T* __restrict wt, int64_t k, int64_t c0,
+                                        int64_t kw0, int64_t kw1, int64_t pitch) {
+  VecW<T, V> acc = {};
+  for (int64_t kh = 0; kh < (K > 0 ? K : k); ++kh) {
+    const T* xr = in + kh * in_row + c0 * pitch;
+    for (int64_t kw = kw0; kw < kw1; ++kw)
+      acc += loadw<V>(wt + (kh * k + kw) * V) * loadw<V>(xr + kw * pitch);
+  }
+  return acc;
+}
+
+// s[l] += sa[l], q[l] += sq[l] for l < lanes: a call's BatchNorm sums, kept in registers.
+template <typename Wv>
+void add_sums(const Wv& sa, const Wv& sq, int64_t lanes, double* __restrict s,
+              double* __restrict q) {
+  for (int64_t l = 0; l < lanes; ++l) {
+    s[l] += sa[l];
+    q[l] += sq[l];
+  }
+}
+
 // out[r][wo][:V] = sum_{kh,kw} wt[kh][kw][:] * in[r*S + kh][wo*S + kw][:]  for r < R, wo < Wo.
 // Pixels are `pitch` elements apart in `in` and `out`, rows in_row and Wo * pitch apart. A row's
 // outputs go kPixWide at a time, then kPix, then one by one (correlate_pixels). With kSums, also
@@ -856,13 +883,7 @@ void correlate_nhwc(const T* __restrict in, int64_t in_row, const T* __restrict 
       pass(std::integral_constant<int, kPix>{});
     }
     for (; wo < Wo; ++wo) {
-      W acc = {};
-      for (int64_t kh = 0; kh < k; ++kh) {
-        const T* xp = xr + kh * in_row + wo * S * pitch;
-        for (int64_t kw = 0; kw < k; ++kw) {
-          acc += loadw<V>(wt + (kh * k + kw) * V) * loadw<V>(xp + kw * pitch);
-        }
-      }
+      const W acc = correlate_pixel<K, V>(xr, in_row, wt, k, wo * S, 0, k, pitch);
       storew<V>(o + wo * pitch, acc);
       if constexpr (kSums) {
         sa += acc;
@@ -870,12 +891,35 @@ void correlate_nhwc(const T* __restrict in, int64_t in_row, const T* __restrict 
       }
     }
   }
-  if constexpr (kSums) {
-    for (int64_t l = 0; l < lanes; ++l) {
-      s[l] += sa[l];
-      q[l] += sq[l];
+  if constexpr (kSums) add_sums(sa, sq, lanes, s, q);
+}
+
+// The outputs [w0, w1) of rows r < R whose windows reach past the image's left or right edge
+// (taps outside columns [0, W) read zero), straight from the tensor: `in` is the input row of
+// output row 0's first tap row (all k of each output's tap rows inside the image), pixels `pitch`
+// apart, rows in_row apart; `out` output row 0, rows Wo * pitch apart. With kSums, the BatchNorm
+// sums as correlate_nhwc's.
+template <int K, int S, int V, bool kSums, typename T>
+void correlate_nhwc_edge(const T* __restrict in, int64_t in_row, const T* __restrict wt,
+                         int64_t k_rt, int64_t R, int64_t W, int64_t w0, int64_t w1, int64_t Wo,
+                         int64_t pitch, T* __restrict out, int64_t lanes, double* __restrict s,
+                         double* __restrict q) {
+  const int64_t k = K > 0 ? K : k_rt, p = k / 2;
+  VecW<T, V> sa = {}, sq = {};
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t wo = w0; wo < w1; ++wo) {
+      const int64_t c0 = wo * S - p;  // the column of tap kw = 0
+      const auto acc = correlate_pixel<K, V>(in + r * S * in_row, in_row, wt, k, c0,
+                                             std::max<int64_t>(0, -c0),
+                                             std::min<int64_t>(k, W - c0), pitch);
+      storew<V>(out + (r * Wo + wo) * pitch, acc);
+      if constexpr (kSums) {
+        sa += acc;
+        sq += acc * acc;
+      }
     }
   }
+  if constexpr (kSums) add_sums(sa, sq, lanes, s, q);
 }
 
 // dw[kh][kw][:V] += sum_{r<R, wo<Wo} d[r][wo][:] * in[r*S + kh][wo*S + kw][:]
@@ -1170,10 +1214,16 @@ void fwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const FwdIO
     for (int64_t ho0 = task.ho0; ho0 < task.ho1; ho0 += kBand) {
       const Band b{task.n, ho0, std::min(task.ho1, ho0 + kBand)};
       const int64_t R = b.ho1 - b.ho0, npix = R * sh.Wo;
-      const T* xt = tile.rows(b.ho0 * S - lay.P, (b.ho1 - 1) * S + lay.P + 1,
-                              [&](int64_t h, T* dst) {
-                                relayout<true>(img + h * sh.W * C, sh.W, lay, groups, dst);
-                              });
+      const int64_t h0 = b.ho0 * S - lay.P, h1 = (b.ho1 - 1) * S + lay.P + 1;
+      // A band whose tap rows all lie inside the image (dense layout) reads the tensor itself:
+      // each block's outputs whose windows stay inside the row too go through correlate_nhwc,
+      // the few at the left and right edges through correlate_nhwc_edge. Copying the rows into
+      // the zero-bordered tile first cost 15% of the forward (N=8, C=96, 56x56, 3/5/7).
+      const bool direct = lay.dense && h0 >= 0 && h1 <= sh.H;
+      const T* xt = direct ? nullptr
+                           : tile.rows(h0, h1, [&](int64_t h, T* dst) {
+                               relayout<true>(img + h * sh.W * C, sh.W, lay, groups, dst);
+                             });
       const int64_t o = (b.n * sh.Ho + b.ho0) * sh.Wo * C;
       T* conv = io.conv != nullptr ? io.conv + o : scratch<T>(3, npix * C);
       T* out = lay.dense ? conv : scratch<T>(1, npix * lay.Cp);
@@ -1182,14 +1232,33 @@ void fwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const FwdIO
         const Group& grp = groups[blk.g];
         const int64_t p = grp.k / 2;
         const T* wt = wts.data() + w_off[i];
-        const T* in = xt + (lay.P - p) * x_row + (lay.P - p) * lay.Cp + blk.off;
+        double* bs = &part[bi * 2 * C + blk.c0];
+        double* bq = &part[(bi * 2 + 1) * C + blk.c0];
         with_kernel(grp.k, S, [&](auto K, auto Sc) {
           with_width(blk, [&](auto V) {
             constexpr int kK = decltype(K)::value, kS = decltype(Sc)::value;
             constexpr int kV = decltype(V)::value;
-            correlate_nhwc<kK, kS, kV, true>(in, x_row, wt, grp.k, R, sh.Wo, lay.Cp,
-                                             out + blk.off, blk.lanes, &part[bi * 2 * C + blk.c0],
-                                             &part[(bi * 2 + 1) * C + blk.c0]);
+            if (!direct) {
+              const T* in = xt + (lay.P - p) * x_row + (lay.P - p) * lay.Cp + blk.off;
+              correlate_nhwc<kK, kS, kV, true>(in, x_row, wt, grp.k, R, sh.Wo, lay.Cp,
+                                               out + blk.off, blk.lanes, bs, bq);
+              return;
+            }
+            // outputs [wl, wr) have every tap inside the row
+            const int64_t wl = std::min((p + S - 1) / S, sh.Wo);
+            const int64_t wr = std::max(wl, std::min(sh.Wo, (sh.W - 1 - p) / S + 1));
+            const T* rows = img + (b.ho0 * S - p) * sh.W * C + blk.off;
+            const int64_t in_row = sh.W * C;
+            correlate_nhwc_edge<kK, kS, kV, true>(rows, in_row, wt, grp.k, R, sh.W, 0, wl, sh.Wo,
+                                                  C, out + blk.off, blk.lanes, bs, bq);
+            for (int64_t r = 0; r < R; ++r) {  // one call per row: out's rows are Wo apart
+              correlate_nhwc<kK, kS, kV, true>(rows + r * S * in_row + (wl * S - p) * C, in_row,
+                                               wt, grp.k, 1, wr - wl, C,
+                                               out + (r * sh.Wo + wl) * C + blk.off, blk.lanes,
+                                               bs, bq);
+            }
+            correlate_nhwc_edge<kK, kS, kV, true>(rows, in_row, wt, grp.k, R, sh.W, wr, sh.Wo,
+                                                  sh.Wo, C, out + blk.off, blk.lanes, bs, bq);
           });
         });
       }

@@ -812,7 +812,9 @@ def test_backward_is_deterministic_and_thread_count_invariant():
 
 
 # The channels_last CPU kernel splits each image's output rows into tasks (two when Ho >= 32)
-# worked in bands of 8 rows whose input tile slides down, keeping the halo rows; groups are
+# worked in bands of 8 rows: in the forward, a band whose tap rows all lie inside the image reads
+# a dense tensor directly (its edge pixels apart), the others an input tile that slides down,
+# keeping the halo rows; groups are
 # padded to 8 lanes (dense when every group size is a multiple of 8, then it reads and writes the
 # tensors in place) and run as 16- or 8-lane blocks. A row's outputs go 8 (AVX-512) or 4 at a
 # time, then 4, then one by one. Tall cases cross task and band edges, and their widths take
@@ -822,6 +824,8 @@ TALL_CASES = [
     Case(2, (8, 16), (5, 3), 37, 11, 2),  # dense, stride 2: Ho 19 (bands 8+8+3), Wo 6
     Case(2, (12, 5, 9), (3, 5, 7), 67, 27, 2),  # padded lanes; stride 2, Ho 34, Wo 8+4+2
     Case(1, (8, 3), (9, 1), 40, 6, 1),  # runtime kernel sizes, 8-lane blocks
+    # dense: the middle bands read the tensor directly, 8-pixel steps between the edges
+    Case(2, (16, 8, 24), (3, 5, 7), 29, 30, 1),
 ]
 
 
