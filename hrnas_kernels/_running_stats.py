@@ -5,9 +5,9 @@ mean and variance, ``r = lerp(r, stat, momentum)``, the batch variance unbiased 
 statistics came from the alive units alone).
 
 One op call, ``hrnas_kernels::batch_norm_running_update``: on the CPU a C++ loop
-(csrc/common/running_stats.cpp) updates in place; on other devices, and without the C++
-extension, the composite below does it with ATen calls, in the statistics' dtype (float32 for
-reduced-precision buffers), rounded once into the buffers.
+(csrc/common/running_stats.cpp) updates in place (buffers and statistics of one dtype); on other
+devices, and without the C++ extension, the composite below does it with ATen calls, in the
+statistics' dtype (float32 for reduced-precision buffers), rounded once into the buffers.
 """
 
 import torch
@@ -42,7 +42,12 @@ def _fake(running_mean, running_var, mean, var, index, momentum, count):
 
 def update(running_mean, running_var, mean, var, index, momentum: float, count: int) -> None:
     """Update ``running_mean``/``running_var`` (full size) in place from the batch ``mean`` and
-    biased ``var`` of ``count`` values per unit, at the entries ``index`` lists (None: all)."""
+    biased ``var`` of ``count`` values per unit, at the entries ``index`` lists (None: all).
+    Buffers of another dtype than the statistics (float16/bfloat16 buffers, float32 statistics)
+    take the composite: the CPU kernel wants one dtype."""
+    if running_mean.dtype != mean.dtype:
+        _composite(running_mean, running_var, mean, var, index, float(momentum), count)
+        return
     torch.ops.hrnas_kernels.batch_norm_running_update(
         running_mean, running_var, mean, var, index, float(momentum), count
     )

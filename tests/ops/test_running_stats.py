@@ -119,3 +119,20 @@ def test_bad_input_raises_a_clear_error(change, message):
     change(args)
     with pytest.raises(RuntimeError, match=message):
         OP(args["rm"], args["rv"], args["mean"], args["var"], args["index"], 0.1, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_buffers_take_the_composite(dtype):
+    """float16/bfloat16 buffers with float32 statistics (the GPU kernels' case, and the CUDA
+    host replay's on the CPU): ``update`` lerps in float32 and rounds once; the CPU kernel itself
+    refuses the mix with a clear error."""
+    index = torch.tensor([1, 4, 6])
+    (rm, rv), (mean, var) = _case(torch.float32, index=index)
+    ours = [rm.to(dtype), rv.to(dtype)]
+    expected = [ours[0].clone(), ours[1].clone()]
+    for r, stat in ((expected[0], mean), (expected[1], var * (7 / 6))):
+        r[index] = torch.lerp(r[index].float(), stat, 0.1).to(dtype)
+    _running_stats.update(*ours, mean, var, index, 0.1, 7)
+    assert torch.equal(ours[0], expected[0]) and torch.equal(ours[1], expected[1])
+    with pytest.raises(RuntimeError, match="mean has dtype"):
+        OP(*ours, mean, var, index, 0.1, 7)
