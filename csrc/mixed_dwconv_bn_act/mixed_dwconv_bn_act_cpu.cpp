@@ -977,6 +977,36 @@ void wgrad_nhwc(const T* __restrict d, int64_t d_row, const T* __restrict in, in
   }
 }
 
+// wgrad_nhwc's sums over the outputs [w0, w1) of rows r < R whose windows reach past the
+// image's left or right edge (taps outside columns [0, W) add nothing), `in` as
+// correlate_nhwc_edge's: the tensor's row of output row 0's first tap row.
+template <int K, int S, int V, typename T>
+void wgrad_nhwc_edge(const T* __restrict d, int64_t d_row, const T* __restrict in,
+                     int64_t in_row, int64_t k_rt, int64_t R, int64_t W, int64_t w0, int64_t w1,
+                     int64_t pitch, double* __restrict dw) {
+  using Wv = VecW<T, V>;
+  const int64_t k = K > 0 ? K : k_rt, p = k / 2;
+  if (w0 >= w1) return;
+  Wv fixed[K > 0 ? K * K : 1];  // the taps' sums (runtime kernel sizes: on the heap)
+  std::vector<Wv> dynamic(K > 0 ? 0 : k * k);
+  Wv* acc = K > 0 ? fixed : dynamic.data();
+  for (int64_t t = 0; t < k * k; ++t) acc[t] = Wv{};
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t wo = w0; wo < w1; ++wo) {
+      const Wv dv = loadw<V>(d + r * d_row + wo * pitch);
+      const int64_t c0 = wo * S - p;
+      const int64_t kw0 = std::max<int64_t>(0, -c0), kw1 = std::min<int64_t>(k, W - c0);
+      for (int64_t kh = 0; kh < k; ++kh) {
+        const T* xr = in + (r * S + kh) * in_row + c0 * pitch;
+        for (int64_t kw = kw0; kw < kw1; ++kw) acc[kh * k + kw] += dv * loadw<V>(xr + kw * pitch);
+      }
+    }
+  }
+  for (int64_t t = 0; t < k * k; ++t) {
+    for (int l = 0; l < V; ++l) dw[t * V + l] += acc[t][l];
+  }
+}
+
 // Stride-2 input gradient of one block, gathered: every input pixel sums the output pixels that
 // read it, dx[h][w][:] = sum of wt[kh][kw][:] * d[(h + p - kh) / 2][(w + p - kw) / 2][:] over the
 // taps with h + p - kh and w + p - kw even, and is written once (no read-modify-write of a
@@ -1331,7 +1361,9 @@ void bwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const BwdIO
   }
   const std::vector<T> pc = periodic<T>(coef, C);
   // Pass B: per band, d(conv) on the band's rows and a halo of P rows (zero-bordered tile),
-  // then the weight gradient (band rows only) and the input gradient of the band's input rows.
+  // then the weight gradient (band rows only; x from a tile as the forward's, or, in bands whose
+  // tap rows lie inside the image, from a dense x itself) and the input gradient of the band's
+  // input rows.
   // Kernels flipped for the stride-1 input gradient (a correlation), unflipped for stride 2's
   // gather; block i's kernel and its part of a task's weight-gradient partial start at w_off[i].
   std::vector<int64_t> w_off;
@@ -1359,7 +1391,10 @@ void bwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const BwdIO
                        lay.dense ? dst : row);
         if (!lay.dense) relayout<true>(row, sh.Wo, lay, groups, dst);
       });
-      const T* xt = xtile.rows(b.ho0 * S - P, (b.ho1 - 1) * S + P + 1, [&](int64_t h, T* dst) {
+      // as the forward: a band whose tap rows lie inside the image reads a dense x directly
+      const int64_t h0 = b.ho0 * S - P, h1 = (b.ho1 - 1) * S + P + 1;
+      const bool direct = lay.dense && h0 >= 0 && h1 <= sh.H;
+      const T* xt = direct ? nullptr : xtile.rows(h0, h1, [&](int64_t h, T* dst) {
         relayout<true>(img + h * sh.W * C, sh.W, lay, groups, dst);
       });
       // input rows [hx0, hx1) of this band's input gradient
@@ -1372,13 +1407,25 @@ void bwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const BwdIO
         const int64_t p = grp.k / 2;
         const T* wt = wts.data() + w_off[i];
         const T* d = dt + P * d_row + P * lay.Cp + blk.off;
-        const T* in = xt + (P - p) * x_row + (P - p) * lay.Cp + blk.off;
+        double* dw = &wpart[bi * wlen + w_off[i]];
         with_kernel(grp.k, S, [&](auto K, auto Sc) {
           with_width(blk, [&](auto V) {
             constexpr int kK = decltype(K)::value, kS = decltype(Sc)::value;
             constexpr int kV = decltype(V)::value;
-            wgrad_nhwc<kK, kS, kV>(d, d_row, in, x_row, grp.k, R, sh.Wo, lay.Cp,
-                                   &wpart[bi * wlen + w_off[i]]);
+            if (direct) {  // edges apart, as fwd_nhwc
+              const int64_t wl = std::min((p + S - 1) / S, sh.Wo);
+              const int64_t wr = std::max(wl, std::min(sh.Wo, (sh.W - 1 - p) / S + 1));
+              const T* rows = img + (b.ho0 * S - p) * sh.W * C + blk.off;
+              const int64_t in_row = sh.W * C;
+              wgrad_nhwc_edge<kK, kS, kV>(d, d_row, rows, in_row, grp.k, R, sh.W, 0, wl, C, dw);
+              wgrad_nhwc<kK, kS, kV>(d + wl * C, d_row, rows + (wl * S - p) * C, in_row, grp.k,
+                                     R, wr - wl, C, dw);
+              wgrad_nhwc_edge<kK, kS, kV>(d, d_row, rows, in_row, grp.k, R, sh.W, wr, sh.Wo, C,
+                                          dw);
+            } else {
+              const T* in = xt + (P - p) * x_row + (P - p) * lay.Cp + blk.off;
+              wgrad_nhwc<kK, kS, kV>(d, d_row, in, x_row, grp.k, R, sh.Wo, lay.Cp, dw);
+            }
             if constexpr (kS == 1) {
               const T* dd = dt + (P - p) * d_row + (P - p) * lay.Cp + blk.off;
               correlate_nhwc<kK, 1, kV, false>(dd, d_row, wt, grp.k, R, sh.W, lay.Cp,
