@@ -385,16 +385,24 @@ void shrink_plane(const T* x, int64_t W, const Taps<T>& r, const Taps<T>& c, T* 
 // then height). Its backward runs the two steps transposed: each gradient row goes onto its two
 // widened rows, which are then narrowed back by one small GEMM (wide R).
 
-// The dense [out, in] matrix of the taps (transposed: [in, out]).
+// The dense [out, in] matrix of the taps (transposed: [in, out]), its rows `ld` apart (at least
+// their length; the columns past it zero, so GEMMs over whole vectors need no scalar tail).
 template <typename T>
-std::vector<T> taps_matrix(const Taps<T>& t, int64_t in, bool transposed) {
+std::vector<T> taps_matrix(const Taps<T>& t, int64_t in, bool transposed, int64_t ld = 0) {
   const int64_t out = static_cast<int64_t>(t.i0.size());
-  std::vector<T> m(out * in, T(0));
+  const int64_t rows = transposed ? in : out, cols = transposed ? out : in;
+  ld = std::max(ld, cols);
+  std::vector<T> m(rows * ld, T(0));
   for (int64_t i = 0; i < out; ++i) {
-    m[transposed ? t.i0[i] * out + i : i * in + t.i0[i]] += t.w0[i];
-    m[transposed ? t.i1[i] * out + i : i * in + t.i1[i]] += t.w1[i];
+    m[transposed ? t.i0[i] * ld + i : i * ld + t.i0[i]] += t.w0[i];
+    m[transposed ? t.i1[i] * ld + i : i * ld + t.i1[i]] += t.w1[i];
   }
   return m;
+}
+
+// n rounded up to whole vectors of simd::kWidth lanes.
+inline int64_t whole_vectors(int64_t n) {
+  return (n + simd::kWidth - 1) / simd::kWidth * simd::kWidth;
 }
 
 // The taps grouped by their source index: for source k, the outputs taps_of[first[k] ..
@@ -455,12 +463,8 @@ struct ShrinkAdjoint {
   std::vector<T> widen;  // [g, Wp]
 
   ShrinkAdjoint(int64_t g_, int64_t H_, int64_t W_)
-      : g(g_), H(H_), W(W_), Wp((W_ + simd::kWidth - 1) / simd::kWidth * simd::kWidth),
-        rows(make_taps<T>(g_, H_), H_), widen(g_ * Wp, T(0)) {
-    const std::vector<T> taps = taps_matrix<T>(make_taps<T>(g, W), W, false);  // [g, W]
-    for (int64_t j = 0; j < g; ++j)
-      std::copy(taps.begin() + j * W, taps.begin() + (j + 1) * W, widen.begin() + j * Wp);
-  }
+      : g(g_), H(H_), W(W_), Wp(whole_vectors(W_)), rows(make_taps<T>(g_, H_), H_),
+        widen(taps_matrix<T>(make_taps<T>(g_, W_), W_, false, Wp)) {}
 
   // `wide`: [g, Wp] scratch.
   void plane(const T* grad, const T* add, T* out, T* wide) const {
@@ -480,12 +484,8 @@ struct GridGrowth {
   std::vector<T> widen;  // [g, Wp]
 
   GridGrowth(int64_t g_, int64_t Ho_, int64_t Wo_)
-      : g(g_), Ho(Ho_), Wo(Wo_), Wp((Wo_ + simd::kWidth - 1) / simd::kWidth * simd::kWidth),
-        rows(make_taps<T>(Ho_, g_)), widen(g_ * Wp, T(0)) {
-    const std::vector<T> taps = taps_matrix<T>(make_taps<T>(Wo, g), g, true);  // [g, Wo]
-    for (int64_t k = 0; k < g; ++k)
-      std::copy(taps.begin() + k * Wo, taps.begin() + (k + 1) * Wo, widen.begin() + k * Wp);
-  }
+      : g(g_), Ho(Ho_), Wo(Wo_), Wp(whole_vectors(Wo_)), rows(make_taps<T>(Ho_, g_)),
+        widen(taps_matrix<T>(make_taps<T>(Wo_, g_), g_, true, Wp)) {}
 
   // z [g, g] -> out [Ho, Wo] (+ add [Ho, Wo] when not null), through `wide` [g, Wp] scratch.
   void plane(const T* z, const T* add, T* out, T* wide) const {
