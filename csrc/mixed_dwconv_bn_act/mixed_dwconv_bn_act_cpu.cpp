@@ -894,6 +894,18 @@ void correlate_nhwc(const T* __restrict in, int64_t in_row, const T* __restrict 
   if constexpr (kSums) add_sums(sa, sq, lanes, s, q);
 }
 
+// The output columns [first, last) whose taps (a kernel of k = 2p + 1, stride S) all lie inside
+// an input row of W pixels; the columns before and after are the edges, whose windows reach past
+// it (correlate_nhwc_edge, wgrad_nhwc_edge).
+struct InsideColumns {
+  int64_t first, last;
+};
+
+inline InsideColumns inside_columns(int64_t p, int64_t S, int64_t W, int64_t Wo) {
+  const int64_t first = std::min((p + S - 1) / S, Wo);
+  return {first, std::max(first, std::min(Wo, (W - 1 - p) / S + 1))};
+}
+
 // The outputs [w0, w1) of rows r < R whose windows reach past the image's left or right edge
 // (taps outside columns [0, W) read zero), straight from the tensor: `in` is the input row of
 // output row 0's first tap row (all k of each output's tap rows inside the image), pixels `pitch`
@@ -1274,9 +1286,7 @@ void fwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const FwdIO
                                                out + blk.off, blk.lanes, bs, bq);
               return;
             }
-            // outputs [wl, wr) have every tap inside the row
-            const int64_t wl = std::min((p + S - 1) / S, sh.Wo);
-            const int64_t wr = std::max(wl, std::min(sh.Wo, (sh.W - 1 - p) / S + 1));
+            const auto [wl, wr] = inside_columns(p, S, sh.W, sh.Wo);
             const T* rows = img + (b.ho0 * S - p) * sh.W * C + blk.off;
             const int64_t in_row = sh.W * C;
             correlate_nhwc_edge<kK, kS, kV, true>(rows, in_row, wt, grp.k, R, sh.W, 0, wl, sh.Wo,
@@ -1413,8 +1423,7 @@ void bwd_nhwc(const NhwcShape& sh, const std::vector<Group>& groups, const BwdIO
             constexpr int kK = decltype(K)::value, kS = decltype(Sc)::value;
             constexpr int kV = decltype(V)::value;
             if (direct) {  // edges apart, as fwd_nhwc
-              const int64_t wl = std::min((p + S - 1) / S, sh.Wo);
-              const int64_t wr = std::max(wl, std::min(sh.Wo, (sh.W - 1 - p) / S + 1));
+              const auto [wl, wr] = inside_columns(p, S, sh.W, sh.Wo);
               const T* rows = img + (b.ho0 * S - p) * sh.W * C + blk.off;
               const int64_t in_row = sh.W * C;
               wgrad_nhwc_edge<kK, kS, kV>(d, d_row, rows, in_row, grp.k, R, sh.W, 0, wl, C, dw);
