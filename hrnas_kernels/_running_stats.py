@@ -48,6 +48,6 @@ def update(running_mean, running_var, mean, var, index, momentum: float, count: 
     if running_mean.dtype != mean.dtype:
         _composite(running_mean, running_var, mean, var, index, float(momentum), count)
         return
-    torch.ops.hrnas_kernels.batch_norm_running_update(
+    torch.ops.hrnas_kernels.batch_norm_running_update.default(
         running_mean, running_var, mean, var, index, float(momentum), count
     )

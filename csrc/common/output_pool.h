@@ -14,6 +14,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <vector>
 
 namespace hrnas {
@@ -26,5 +27,31 @@ at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options,
 
 // {idle bytes, idle blocks, hits, misses, limit bytes}; with release, idle blocks are freed first.
 std::vector<int64_t> output_pool_info(bool release);
+
+// A call's intermediate buffers carved from one pooled block: one allocation instead of one per
+// buffer (each at::empty is a dispatcher call and a malloc; a token transformer backward made
+// 21). buffer(i) has sizes[i] values and starts on a 64-byte boundary; all live as long as this.
+template <typename T>
+class PooledBuffers {
+ public:
+  PooledBuffers(std::initializer_list<int64_t> sizes, const at::TensorOptions& options) {
+    constexpr int64_t line = 64 / static_cast<int64_t>(sizeof(T));
+    const auto padded = [](int64_t n) { return (n + line - 1) / line * line; };
+    int64_t total = line;  // room to align the first buffer
+    for (int64_t n : sizes) total += padded(n);
+    block_ = pooled_empty({total}, options);
+    const auto base = reinterpret_cast<std::uintptr_t>(block_.template mutable_data_ptr<T>());
+    T* next = reinterpret_cast<T*>((base + 63) / 64 * 64);
+    for (int64_t n : sizes) {
+      starts_.push_back(next);
+      next += padded(n);
+    }
+  }
+  T* buffer(size_t i) const { return starts_[i]; }
+
+ private:
+  at::Tensor block_;
+  std::vector<T*> starts_;
+};
 
 }  // namespace hrnas

@@ -724,13 +724,15 @@ void layer_forward(const LayerW<T>& w, const LayerSample<T>& t, const T* shared_
 // caller forms afterwards as GEMMs over all N * L rows.
 template <typename T>
 struct LayerGrads {
-  at::Tensor r2, h, t1, gt1, r1, qkv;  // d(LN2 in), d(ReLU out) gated, t1, d(t1), d(LN1 in), d(QKV)
+  T *r2, *h, *t1, *gt1, *r1, *qkv;  // d(LN2 in), d(ReLU out) gated, t1, d(t1), d(LN1 in), d(QKV)
 };
 
+// A layer's LayerGrads: buffers first .. first + 5 of `b`, of N * L * d values each but the
+// last, 3 * N * L * d.
 template <typename T>
-LayerGrads<T> layer_grads(int64_t N, int64_t L, int64_t d, const at::TensorOptions& opt) {
-  return {at::empty({N, L, d}, opt), at::empty({N, L, d}, opt), at::empty({N, L, d}, opt),
-          at::empty({N, L, d}, opt), at::empty({N, L, d}, opt), at::empty({N, L, 3 * d}, opt)};
+LayerGrads<T> layer_grads(const PooledBuffers<T>& b, size_t first) {
+  return {b.buffer(first),     b.buffer(first + 1), b.buffer(first + 2),
+          b.buffer(first + 3), b.buffer(first + 4), b.buffer(first + 5)};
 }
 
 // Backward of layer_forward for sample n: g_out [L, d] -> g_mem [L, d] (for the encoder the
@@ -741,12 +743,12 @@ void layer_backward(const LayerW<T>& w, const LayerSample<T>& t, bool shared_q, 
                     T* g_mem) {
   const int64_t hd = d / heads, ld3 = 3 * d, off = n * L * d;
   const Scratch<T> s = sample_scratch<T>(L, d);
-  T* g_r2 = G.r2.template mutable_data_ptr<T>() + off;
-  T* g_h = G.h.template mutable_data_ptr<T>() + off;
-  T* t1 = G.t1.template mutable_data_ptr<T>() + off;
-  T* g_t1 = G.gt1.template mutable_data_ptr<T>() + off;
-  T* g_r1 = G.r1.template mutable_data_ptr<T>() + off;
-  T* g_qkv = G.qkv.template mutable_data_ptr<T>() + 3 * off;
+  T* g_r2 = G.r2 + off;
+  T* g_h = G.h + off;
+  T* t1 = G.t1 + off;
+  T* g_t1 = G.gt1 + off;
+  T* g_r1 = G.r1 + off;
+  T* g_qkv = G.qkv + 3 * off;
   layer_norm_backward<T>(g_out, t.t2hat, t.rstd2, w.n2w, L, d, g_r2);
   gemm<T>(L, d, d, g_r2, d, w.w2, d, g_h, d, false);
   for (int64_t i = 0; i < L * d; ++i) g_h[i] = t.h[i] > T(0) ? g_h[i] : T(0);
@@ -836,7 +838,7 @@ template <typename T>
 void add_layer_grad_tasks(Tasks& tasks, const LayerGradInputs<T>& in, const LayerGrads<T>& G,
                           int64_t N, int64_t L, int64_t d, T* const* out, T* g_query) {
   const int64_t rows = N * L, ld3 = 3 * d;
-  const T* gqkv = G.qkv.template const_data_ptr<T>();
+  const T* gqkv = G.qkv;
   if (in.query == nullptr) {
     add_sum_tasks<T>(tasks, 3 * d, d, rows, gqkv, ld3, in.mem, d, out[0], d);
   } else {
@@ -855,13 +857,12 @@ void add_layer_grad_tasks(Tasks& tasks, const LayerGradInputs<T>& in, const Laye
     });
     add_sum_tasks<T>(tasks, 2 * d, d, rows, gqkv + d, ld3, in.mem, d, out[0] + d * d, d);
   }
-  add_sum_tasks<T>(tasks, d, d, rows, G.r1.template const_data_ptr<T>(), d, in.o, d, out[1], d);
-  add_sum_tasks<T>(tasks, d, d, rows, G.h.template const_data_ptr<T>(), d,
-                   G.t1.template const_data_ptr<T>(), d, out[2], d);
-  add_sum_tasks<T>(tasks, d, d, rows, G.r2.template const_data_ptr<T>(), d, in.h, d, out[3], d);
+  add_sum_tasks<T>(tasks, d, d, rows, G.r1, d, in.o, d, out[1], d);
+  add_sum_tasks<T>(tasks, d, d, rows, G.h, d, G.t1, d, out[2], d);
+  add_sum_tasks<T>(tasks, d, d, rows, G.r2, d, in.h, d, out[3], d);
   tasks.push_back([=] {  // the LayerNorms' weights and biases
     using A = at::opmath_type<T>;
-    const T* gt1 = G.gt1.template const_data_ptr<T>();
+    const T* gt1 = G.gt1;
     A* sums = scratch<A>(6, 4 * d);
     std::fill(sums, sums + 4 * d, A(0));
     for (int64_t i = 0; i < rows; ++i) {
@@ -1056,29 +1057,28 @@ FwdResult fwd_cpu(
       });
       return;
     }
+    // the intermediates: u, t0 [N, L, d] (tokens before and after BN), z, y8 [N, Co, d]
+    const PooledBuffers<T> b({N * L * d, N * L * d, N * Co * d, N * Co * d}, x.options());
     // one sample per task: its planes shrunk to the grid (onto the tape), projected to tokens
-    at::Tensor u = at::empty({N, L, d}, x.options());
-    T* up = u.mutable_data_ptr<T>();
+    T* up = b.buffer(0);
     run_tasks(transposes + N, [&](int64_t t) {
       if (t < transposes) return fill(t);
       const int64_t n = t - transposes;
       shrink_and_project(n, save_tape ? tp + layout.f + n * C * d : scratch<T>(5, C * d),
                          up + n * L * d);
     });
-    at::Tensor t0 = at::empty({N, L, d}, x.options());
+    T* t0p = b.buffer(1);
     const at::Tensor gi = bn_in_w.contiguous(), bi = bn_in_b.contiguous();
     const at::Tensor rmi = batch_stats ? gi : rm_in->contiguous();
     const at::Tensor rvi = batch_stats ? gi : rv_in->contiguous();
     bn_forward<T>(up, coord_bias.data(), d, gi.const_data_ptr<T>(), bi.const_data_ptr<T>(),
                   rmi.const_data_ptr<T>(), rvi.const_data_ptr<T>(), batch_stats, eps, N, L, d,
-                  save_tape ? tp + layout.uhat : nullptr, t0.mutable_data_ptr<T>(),
+                  save_tape ? tp + layout.uhat : nullptr, t0p,
                   mean_in.mutable_data_ptr<T>(),
                   var_in.mutable_data_ptr<T>());
     // the token math, one sample per task: encoder, decoder, projection back, all in L1/L2
     project_queries();
-    at::Tensor z = at::empty({N, Co, d}, x.options());
-    const T* t0p = t0.const_data_ptr<T>();
-    T* zp = z.mutable_data_ptr<T>();
+    T* zp = b.buffer(2);
     at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
       T* m = scratch<T>(3, L * d);  // the encoder's output
       T* o = decoder ? scratch<T>(4, L * d) : m;  // the block's token output
@@ -1095,17 +1095,17 @@ FwdResult fwd_cpu(
         gemm<T>(Co, d, L, w_out_p, L, o, d, zp + n * Co * d, d, false);
       }
     });
-    at::Tensor y8 = at::empty({N, Co, g, g}, x.options());
+    T* y8 = b.buffer(3);
     const at::Tensor go = bn_out_w.contiguous(), bo = bn_out_b.contiguous();
     const at::Tensor rmo = batch_stats ? go : rm_out->contiguous();
     const at::Tensor rvo = batch_stats ? go : rv_out->contiguous();
     const std::vector<T> no_bias(d, T(0));
     bn_forward<T>(zp, no_bias.data(), 0, go.const_data_ptr<T>(), bo.const_data_ptr<T>(),
                   rmo.const_data_ptr<T>(), rvo.const_data_ptr<T>(), batch_stats, eps, N, Co, d,
-                  save_tape ? tp + layout.zhat : nullptr, y8.mutable_data_ptr<T>(),
+                  save_tape ? tp + layout.zhat : nullptr, y8,
                   mean_out.mutable_data_ptr<T>(),
                   var_out.mutable_data_ptr<T>());
-    resize_from_grid<T>(y8.const_data_ptr<T>(), N * Co, g, Ho, Wo, residual ? xp : nullptr,
+    resize_from_grid<T>(y8, N * Co, g, Ho, Wo, residual ? xp : nullptr,
                         y.mutable_data_ptr<T>());
   });
   return {y, tape, mean_in, var_in, mean_out, var_out};
@@ -1154,33 +1154,35 @@ BwdResult bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& tape,
     using T = scalar_t;
     T* tp = tape.mutable_data_ptr<T>();
     const T* gyp = gy.const_data_ptr<T>();
+    const bool decoder = s.layers == 2;
+    const int64_t NCd = N * Co * d, NLd = N * L * d, NLd_dec = decoder ? NLd : 0;
+    // the intermediates: g8, g_z [N, Co, d]; the encoder's LayerGrads, the decoder's; g_o, t0,
+    // g_t0, memory, out, g_m, g_u [N, L, d] (out and g_m with the decoder only)
+    const PooledBuffers<T> b({NCd, NCd, NLd, NLd, NLd, NLd, NLd, 3 * NLd, NLd_dec, NLd_dec,
+                              NLd_dec, NLd_dec, NLd_dec, 3 * NLd_dec, NLd, NLd, NLd, NLd, NLd_dec,
+                              NLd_dec, NLd},
+                             opt);
     // the growth's adjoint, BN over channels
-    at::Tensor g8 = at::empty({N, Co, d}, opt);
-    resize_from_grid_backward<T>(gyp, N * Co, g, Ho, Wo, g8.mutable_data_ptr<T>());
-    at::Tensor g_z = at::empty({N, Co, d}, opt);
-    bn_backward<T>(g8.const_data_ptr<T>(), tp + layout.zhat, bn_out_w.const_data_ptr<T>(),
-                   var_out.const_data_ptr<T>(), use_batch_stats, eps, N, Co, d,
-                   g_z.mutable_data_ptr<T>(), g_bn_out_w.mutable_data_ptr<T>(),
-                   g_bn_out_b.mutable_data_ptr<T>());
+    T* g8 = b.buffer(0);
+    resize_from_grid_backward<T>(gyp, N * Co, g, Ho, Wo, g8);
+    T* gzp = b.buffer(1);
+    bn_backward<T>(g8, tp + layout.zhat, bn_out_w.const_data_ptr<T>(),
+                   var_out.const_data_ptr<T>(), use_batch_stats, eps, N, Co, d, gzp,
+                   g_bn_out_w.mutable_data_ptr<T>(), g_bn_out_b.mutable_data_ptr<T>());
     // the token math backward, one sample per task: projection back, decoder, encoder; the
     // affine outputs the weight gradients need (the encoder's input and output, the block's
     // token output) recomputed from the tape on the way
-    const bool decoder = s.layers == 2;
     const LayerW<T> we = layer_weights<T>(enc, false);
     const LayerW<T> wd = decoder ? layer_weights<T>(dec, false) : we;
-    const LayerGrads<T> ge = layer_grads<T>(N, L, d, opt);
-    const LayerGrads<T> gd = decoder ? layer_grads<T>(N, L, d, opt) : ge;
-    auto buffer = [&](bool needed) { return at::empty({needed ? N : 0, L, d}, opt); };
-    const at::Tensor g_o = buffer(true), t0 = buffer(true), g_t0 = buffer(true);
-    const at::Tensor memory = buffer(true), out = buffer(decoder), g_m = buffer(decoder);
-    T* g_op = g_o.mutable_data_ptr<T>();
-    T* t0p = t0.mutable_data_ptr<T>();
-    T* g_t0p = g_t0.mutable_data_ptr<T>();
-    T* memp = memory.mutable_data_ptr<T>();
-    T* outp = decoder ? out.mutable_data_ptr<T>() : memp;
-    T* g_mp = decoder ? g_m.mutable_data_ptr<T>() : g_op;
+    const LayerGrads<T> ge = layer_grads<T>(b, 2);
+    const LayerGrads<T> gd = decoder ? layer_grads<T>(b, 8) : ge;
+    T* g_op = b.buffer(14);
+    T* t0p = b.buffer(15);
+    T* g_t0p = b.buffer(16);
+    T* memp = b.buffer(17);
+    T* outp = decoder ? b.buffer(18) : memp;
+    T* g_mp = decoder ? b.buffer(19) : g_op;
     const T* uhat = tp + layout.uhat;
-    const T* gzp = g_z.const_data_ptr<T>();
     const T* w_out_p = w_out.const_data_ptr<T>();
     const T* bn_w = bn_in_w.const_data_ptr<T>();
     const T* bn_b = bn_in_b.const_data_ptr<T>();
@@ -1232,13 +1234,11 @@ BwdResult bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& tape,
     run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t t) { tasks[t](); });
     // BN over tokens, then the token projection's gradient and the shrink's adjoint: the
     // [L, C + 2] weight gradient first, then one sample's input planes per task
-    at::Tensor g_u = at::empty({N, L, d}, opt);
+    T* g_up = b.buffer(20);
     bn_backward<T>(g_t0p, uhat, bn_w, var_in.const_data_ptr<T>(), use_batch_stats, eps, N, L, d,
-                   g_u.mutable_data_ptr<T>(), g_bn_in_w.mutable_data_ptr<T>(),
-                   g_bn_in_b.mutable_data_ptr<T>());
+                   g_up, g_bn_in_w.mutable_data_ptr<T>(), g_bn_in_b.mutable_data_ptr<T>());
     g_w_in = at::empty({L, C + 2}, opt);
     tasks.clear();
-    const T* g_up = g_u.const_data_ptr<T>();
     add_outer_sum_task<T>(tasks, N, L, C, d, g_up, tp + layout.f, coords.const_data_ptr<T>(), 2,
                            g_w_in.mutable_data_ptr<T>());
     g_x = pooled_empty({N, C, s.H, s.W}, opt);

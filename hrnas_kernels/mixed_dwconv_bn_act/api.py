@@ -302,11 +302,10 @@ def fused_forward(
     else:  # nothing to differentiate (inference): the op alone, no autograd node, no tape
         (y, _, mean, var), _ = _forward_op(*args, save_tape=False, routed=routed)
     if training and running_mean is not None and y.numel():
+        # the statistics carry no gradient and the buffers need none: no no_grad() around
+        # (they are the alive channels', in channel_index order)
         count = y.shape[0] * y.shape[2] * y.shape[3]
-        with torch.no_grad():  # the statistics are the alive channels' (channel_index order)
-            _running_stats.update(
-                running_mean, running_var, mean, var, channel_index, momentum, count
-            )
+        _running_stats.update(running_mean, running_var, mean, var, channel_index, momentum, count)
     return y
 
 

@@ -64,11 +64,13 @@ def _forward_op(
     )
 
 
-class _TokenTransformer(torch.autograd.Function):
-    """Autograd over the op pair. The ops take the full per-token parameters and the token index
-    (they gather the alive tokens and give full-size gradients, dead tokens' entries zero): one
-    autograd node and no gather or scatter call around it. The statistics come out for the
-    running-average update and are not differentiable."""
+class _TritonTokenTransformer(torch.autograd.Function):
+    """Autograd over the Triton op pair (the native forward op is its own autograd node, in C++:
+    csrc/token_transformer/token_transformer_autograd.cpp; the two map the gradients alike). The
+    ops take the full per-token parameters and the token index (they gather the alive tokens and
+    give full-size gradients, dead tokens' entries zero): one autograd node and no gather or
+    scatter call around it. The statistics come out for the running-average update and are not
+    differentiable."""
 
     @staticmethod
     def forward(ctx, meta, token_index, x, coords, *params):
@@ -382,25 +384,27 @@ def fused_forward(
     )
     rest = (reverse_norm_weight, reverse_norm_bias, *running, *enc, *dec)
     x, coords = x.contiguous(), coords.contiguous()
-    if torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in (x, *per_token, *rest)
+    if impl == "triton" and (
+        torch.is_grad_enabled()
+        and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (x, *per_token, *rest))
     ):
-        y, mean_in, var_in, mean_out, var_out = _TokenTransformer.apply(
+        y, mean_in, var_in, mean_out, var_out = _TritonTokenTransformer.apply(
             meta, token_index, x, coords, *per_token, *rest
         )
-    else:  # nothing to differentiate (inference): the op alone, no autograd node and no tape
+    else:  # the native op is its own autograd node (C++); without one, no tape is written
         y, _, mean_in, var_in, mean_out, var_out = _forward_op(
             meta, token_index, x, coords, *per_token, *rest, save_tape=False
         )
     if training and input_running_mean is not None:
+        # the statistics carry no gradient and the buffers need none: no no_grad() around
+        # (the input ones are the alive tokens', in token_index order)
         count = n * coords.shape[-1] * coords.shape[-2]
-        with torch.no_grad():  # the statistics are the alive tokens' (token_index order)
-            _running_stats.update(
-                input_running_mean, input_running_var, mean_in, var_in, token_index, momentum, count
-            )
-            _running_stats.update(
-                reverse_running_mean, reverse_running_var, mean_out, var_out, None, momentum, count
-            )
+        _running_stats.update(
+            input_running_mean, input_running_var, mean_in, var_in, token_index, momentum, count
+        )
+        _running_stats.update(
+            reverse_running_mean, reverse_running_var, mean_out, var_out, None, momentum, count
+        )
     return y
 
 

@@ -27,6 +27,12 @@ The whole block is one forward and one backward op, in two families with one sch
           grad_query ([0] without a decoder), [grad of each decoder weight], grad_w_out,
           grad_bn_out_w, grad_bn_out_b), the per-token ones full size
 
+Autograd: the native forward op has a C++ autograd kernel
+(csrc/token_transformer/token_transformer_autograd.cpp): called with inputs that need gradients it
+writes the tape whatever ``save_tape`` says and returns an output whose backward calls the native
+backward op. The Triton pair has no autograd registration; ``api`` wraps it in an
+``autograd.Function``.
+
 ``A`` is ``token_index``'s length (L without one): the statistics of the input BatchNorm are the
 alive tokens', in ``token_index``'s order.
 

@@ -19,6 +19,7 @@ import torch
 import hrnas_kernels
 from hrnas_kernels._testing import runnable, seeded
 from hrnas_kernels.nn import DynamicTokenTransformer
+from hrnas_kernels.token_transformer import ops as token_ops
 
 _NATIVE = runnable("native", "cpu")
 pytestmark = pytest.mark.skipif(bool(_NATIVE), reason=str(_NATIVE))
@@ -38,7 +39,9 @@ def _dwconv(fmt):
     beta = torch.randn(40, generator=gen).requires_grad_()
 
     def run():
-        return hrnas_kernels.mixed_dwconv_bn_act(x, weights, gamma, beta, None, None, impl="native")
+        return _with_saved(
+            hrnas_kernels.mixed_dwconv_bn_act(x, weights, gamma, beta, None, None, impl="native")
+        )
 
     return run, [x, *weights, gamma, beta]
 
@@ -51,7 +54,7 @@ def _multires(fmt):
     ]
 
     def run():
-        return hrnas_kernels.multires_fusion(xs, impl="native")
+        return _with_saved(hrnas_kernels.multires_fusion(xs, impl="native"))
 
     return run, xs
 
@@ -62,14 +65,41 @@ def _token(fmt):
     x = torch.randn(4, 18, 64, 64).to(memory_format=fmt).requires_grad_()
 
     def run():
-        return module(x)
+        # the op rather than the module: its C++ autograd node saves the tape it returns
+        m = module
+        y, tape, *_ = token_ops.fwd(
+            x.contiguous(),
+            m.coords,
+            m.input_proj.weight.flatten(1),
+            m.input_norm.weight,
+            m.input_norm.bias,
+            None,
+            None,
+            m.encoder.weights(),
+            m.query_embed.weight,
+            m.decoder.weights(),
+            m.reverse_proj.weight.flatten(1),
+            m.reverse_norm.weight,
+            m.reverse_norm.bias,
+            None,
+            None,
+            1,
+            [64, 64],
+            True,
+            1e-5,
+        )
+        return y, [tape]
 
     return run, [x, *module.parameters()]
 
 
+def _with_saved(out):
+    """The output and the tensors its (Python) autograd function saved (none without one)."""
+    return out, [] if out.grad_fn is None else list(out.grad_fn.saved_tensors)
+
+
 def _fwd_bwd(run, inputs):
-    out = run()
-    saved = list(out.grad_fn.saved_tensors)
+    out, saved = run()
     grads = torch.autograd.grad(out, inputs, torch.cos(torch.arange(out.numel()).view_as(out)))
     return out, saved, grads
 
@@ -108,7 +138,7 @@ def test_live_outputs_never_share_a_block_and_blocks_come_back():
     run, inputs = _dwconv(torch.contiguous_format)
     hrnas_kernels.release_cpu_output_pool()
     with torch.no_grad():
-        first, second = run(), run()
+        (first, _), (second, _) = run(), run()
     assert first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     pointer, nbytes = first.untyped_storage().data_ptr(), first.untyped_storage().nbytes()
@@ -116,7 +146,7 @@ def test_live_outputs_never_share_a_block_and_blocks_come_back():
     info = hrnas_kernels.cpu_output_pool_info()
     assert info["idle_blocks"] >= 1 and info["idle_bytes"] >= nbytes
     with torch.no_grad():
-        third = run()
+        third, _ = run()
     assert third.untyped_storage().data_ptr() == pointer  # the most recently freed block
     torch.testing.assert_close(third, second, rtol=0, atol=0)
 
@@ -124,7 +154,7 @@ def test_live_outputs_never_share_a_block_and_blocks_come_back():
 def test_pooled_outputs_behave_like_tensors():
     run, _ = _multires(torch.contiguous_format)
     with torch.no_grad():
-        out = run()
+        out, _ = run()
     copy = out.clone()
     out.resize_(out.numel() * 2)  # the storage grows through the pool's allocator
     torch.testing.assert_close(out[: copy.numel()].view_as(copy), copy, rtol=0, atol=0)

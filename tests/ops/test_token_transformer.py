@@ -514,6 +514,33 @@ def test_opcheck(impl_device, use_batch_stats, decoder, masked):
     torch.library.opcheck(bwd, bwd_args, test_utils=utils)
 
 
+@pytest.mark.parametrize("use_batch_stats,decoder,masked", OPCHECK_CASES)
+def test_opcheck_native_autograd(use_batch_stats, decoder, masked):
+    """The native forward op is its own autograd node (C++): opcheck with inputs that need
+    gradients checks that registration, and through AOT the gradients of its backward."""
+    args = _op_args("cpu", use_batch_stats, decoder)
+    for i in (0, 2, 3, 4, 8, 10, 11, 12):
+        if args[i] is not None:
+            args[i].requires_grad_()
+    for layer in (args[7], args[9]):
+        for t in layer:
+            t.requires_grad_()
+    index = torch.tensor([0, 2, 3]) if masked else None
+    torch.library.opcheck(ops.fwd, [*args, True, index])
+
+
+def test_native_backward_refuses_higher_order_gradients():
+    """The backward op has no derivative: create_graph=True raises instead of giving gradients
+    without their second-order terms (impl='reference' differentiates twice)."""
+    x = randn((2, 6, 9, 11), dtype=torch.float64, seed=1).requires_grad_()
+    m = _module(CASES[0], "native")
+    with pytest.raises(RuntimeError, match="higher-order gradients"):
+        torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
+    m.impl = "reference"
+    (g,) = torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
+    assert g.requires_grad
+
+
 @pytest.mark.parametrize("use_batch_stats", [True, False], ids=["batch_stats", "running_stats"])
 def test_op_gathers_alive_tokens(impl_device, use_batch_stats):
     """With a token_index the op pair gives bitwise what it gives on the alive tokens'
