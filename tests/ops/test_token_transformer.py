@@ -807,6 +807,24 @@ def test_unsupported_dtype_is_refused():
             m(randn((2, 3, 6, 5), dtype=torch.float16))
 
 
+def test_module_follows_pruned_and_replaced_weights():
+    """The forward reads parameters through the modules' dicts; a pruned weight (computed by a
+    hook, not in ``_parameters``) and a replaced Parameter are still the ones used: the result
+    is that of a module holding those values as plain parameters."""
+    from torch.nn.utils import prune
+
+    case = CASES[0]
+    m, plain = _module(case, "native"), _module(case, "native")
+    prune.l1_unstructured(m.encoder.linear1, "weight", amount=0.5)
+    m.decoder.norm2.weight = nn.Parameter(m.decoder.norm2.weight.detach() * 2)
+    with torch.no_grad():
+        plain.encoder.linear1.weight.copy_(m.encoder.linear1.weight)
+        plain.decoder.norm2.weight.mul_(2)
+    assert not m.encoder.linear1.weight.ne(0).all()
+    x = randn((2, 6, 9, 11), dtype=torch.float64, seed=5)
+    torch.testing.assert_close(m(x), plain(x))
+
+
 def test_module_bad_arguments():
     for kwargs, match in [
         (dict(in_channels=0), "in_channels must be an int >= 1"),
