@@ -124,9 +124,9 @@ using BwdResult =
 
 // The alive tokens of the full per-token parameters: rows of input_proj_weight, of the input
 // BatchNorm's tensors and of query_embed, columns of reverse_proj_weight. Without an index every
-// token is alive. The index must hold distinct tokens of [0, L): the public API checks that it is
-// sorted and in range before the op; check_token_index checks the range on the CPU only (on a
-// GPU that would cost a device synchronisation). AliveTokens gathers the parameters (the CPU ops
+// token is alive. The index must hold distinct tokens of [0, L) in increasing order: the public
+// API checks that before the op; check_token_index checks it on the CPU only (on a GPU that
+// would cost a device synchronisation). AliveTokens gathers the parameters (the CPU ops
 // and the CUDA backward); the CUDA forward programs read them through the index instead.
 inline void check_token_index(const std::optional<at::Tensor>& index, int64_t tokens,
                               const at::Tensor& ref) {
@@ -144,6 +144,9 @@ inline void check_token_index(const std::optional<at::Tensor>& index, int64_t to
     for (int64_t i = 0; i < c.numel(); ++i) {
       TORCH_CHECK(p[i] >= 0 && p[i] < tokens, kOp, ": token_index holds ", p[i],
                   ", outside the tokens [0, ", tokens, ")");
+      TORCH_CHECK(i == 0 || p[i] > p[i - 1], kOp,
+                  ": token_index must be strictly increasing (sorted, no duplicates), got ",
+                  p[i - 1], " then ", p[i]);
     }
   }
 }
@@ -185,25 +188,34 @@ class AliveTokens {
   // 1: columns of a 2-d tensor) of the contiguous `t`, or the scatter back into zeros at full
   // size, by plain copies: index_select and index_copy_ cost a few microseconds of dispatch
   // each, and a training step of the block made 15 of them.
+  // The scatter writes every entry (the dead tokens' zeros included) in one pass over the output.
   at::Tensor copy_tokens(const at::Tensor& t, bool scatter, int64_t dim) const {
     std::vector<int64_t> sizes = t.sizes().vec();
     const int64_t alive = index_->numel();
     sizes[dim] = scatter ? tokens_ : alive;
-    at::Tensor out = scatter ? at::zeros(sizes, t.options()) : at::empty(sizes, t.options());
+    at::Tensor out = at::empty(sizes, t.options());
     const int64_t* index = index_->const_data_ptr<int64_t>();
     const int64_t outer = dim == 0 ? 1 : t.size(0);
-    const int64_t inner = (dim == 0 ? t.numel() / std::max<int64_t>(t.size(0), 1) : 1);
+    int64_t inner = 1;  // the values per token (t may have no token: sizes, not numel)
+    for (int64_t k = dim + 1; k < t.dim(); ++k) inner *= t.size(k);
     const int64_t bytes = inner * t.element_size();
     const int64_t compact = alive * bytes, full = tokens_ * bytes;
     const char* src = static_cast<const char*>(t.const_data_ptr());
     char* dst = static_cast<char*>(out.mutable_data_ptr());
     for (int64_t r = 0; r < outer; ++r) {
-      for (int64_t i = 0; i < alive; ++i) {
-        const int64_t at_full = r * full + index[i] * bytes, at_compact = r * compact + i * bytes;
-        if (scatter) {
-          std::memcpy(dst + at_full, src + at_compact, bytes);
-        } else {
-          std::memcpy(dst + at_compact, src + at_full, bytes);
+      if (scatter) {
+        int64_t next = 0;  // the first token not written yet
+        for (int64_t i = 0; i <= alive; ++i) {
+          const int64_t token = i < alive ? index[i] : tokens_;
+          std::memset(dst + r * full + next * bytes, 0, (token - next) * bytes);
+          if (i < alive) {
+            std::memcpy(dst + r * full + token * bytes, src + r * compact + i * bytes, bytes);
+          }
+          next = token + 1;
+        }
+      } else {
+        for (int64_t i = 0; i < alive; ++i) {
+          std::memcpy(dst + r * compact + i * bytes, src + r * full + index[i] * bytes, bytes);
         }
       }
     }

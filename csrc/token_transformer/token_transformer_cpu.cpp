@@ -1140,8 +1140,9 @@ BwdResult bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& tape,
   const std::vector<at::Tensor> enc = contiguous(encoder_in), dec = contiguous(decoder_in);
   const auto opt = gy.options();
   std::vector<at::Tensor> g_enc, g_dec;
-  at::Tensor g_query = query_in.has_value() ? at::zeros_like(*query_in) : at::empty({0}, opt);
+  at::Tensor g_query = at::empty({0}, opt);
   if (N == 0) {  // no samples: every gradient is an empty sum
+    if (query_in.has_value()) g_query = at::zeros_like(*query_in);
     for (const at::Tensor& t : enc) g_enc.push_back(at::zeros_like(t));
     for (const at::Tensor& t : dec) g_dec.push_back(at::zeros_like(t));
     return {at::empty({0, C, s.H, s.W}, opt), at::zeros_like(w_in), at::zeros_like(bn_in_w),
@@ -1223,6 +1224,7 @@ BwdResult bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& tape,
     };
     const at::Tensor query = decoder ? query_in->contiguous() : at::Tensor();
     if (decoder) {
+      g_query = at::empty_like(query);  // written whole by its task
       add_layer_grad_tasks<T>(
           tasks, layer_inputs(layout.layer[1], g_op, memp, query.const_data_ptr<T>(), wd.qkv), gd,
           N, L, d, dec_out, g_query.mutable_data_ptr<T>());

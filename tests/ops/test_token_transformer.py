@@ -585,6 +585,8 @@ def check_op_rejects_a_bad_token_index(fwd):
         (torch.arange(6), "token_index lists 6 tokens of 5"),
         (torch.tensor([0, 7]), r"token_index holds 7, outside the tokens \[0, 5\)"),
         (torch.tensor([-1]), r"token_index holds -1, outside the tokens \[0, 5\)"),
+        (torch.tensor([0, 3, 2]), "strictly increasing .* got 3 then 2"),
+        (torch.tensor([1, 1]), "strictly increasing .* got 1 then 1"),
     ):
         with pytest.raises(RuntimeError, match=message):
             fwd(*args, True, index)
