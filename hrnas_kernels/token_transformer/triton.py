@@ -539,8 +539,8 @@ def _block(size: int) -> int:
 
 def _check_token_index(token_index, tokens: int, ref: torch.Tensor) -> None:
     """``check_token_index`` of csrc/token_transformer/token_transformer.h, with its messages: the
-    range is checked on the CPU only (on a GPU it would cost a device synchronisation; the public
-    API checks it before the op)."""
+    range and the order are checked on the CPU only (on a GPU that would cost a device
+    synchronisation; the public API checks both before the op)."""
     if token_index is None:
         return
     _require(
@@ -557,10 +557,16 @@ def _check_token_index(token_index, tokens: int, ref: torch.Tensor) -> None:
         f"token_index lists {token_index.numel()} tokens of {tokens}",
     )
     if token_index.device.type == "cpu":
-        for value in token_index.tolist():
+        values = token_index.tolist()
+        for i, value in enumerate(values):
             _require(
                 0 <= value < tokens,
                 f"token_index holds {value}, outside the tokens [0, {tokens})",
+            )
+            _require(
+                i == 0 or value > values[i - 1],
+                "token_index must be strictly increasing (sorted, no duplicates), got "
+                f"{values[i - 1]} then {value}",
             )
 
 
