@@ -8,7 +8,9 @@ import torch
 from .. import _impl, _running_stats
 from . import ops, reference
 
-_OPS = {"native": (ops.fwd, ops.bwd), "triton": (ops.fwd_triton, ops.bwd_triton)}
+# The forward op of each fused impl; the native one makes its own autograd node (C++), the
+# Triton one is wrapped in _TritonTokenTransformer, whose backward calls ops.bwd_triton.
+_FORWARD_OPS = {"native": ops.fwd, "triton": ops.fwd_triton}
 # The kernels this op has: (impl, device type) -> dtypes. Pairs missing here are not written yet,
 # so impl resolution reports them instead of letting the dispatcher fail.
 SUPPORTED = {
@@ -39,7 +41,7 @@ def _forward_op(
     (empty without ``save_tape``) and the four statistics (the input ones of the alive tokens)."""
     impl, num_heads, out_size, residual, eps, n_enc = meta
     rm_in, rv_in, rm_out, rv_out, *layers = rest
-    return _OPS[impl][0](
+    return _FORWARD_OPS[impl](
         x,
         coords,
         w_in,
@@ -74,7 +76,7 @@ class _TritonTokenTransformer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, meta, token_index, x, coords, *params):
-        impl, num_heads, _out_size, residual, eps, n_enc = meta
+        _impl, num_heads, _out_size, residual, eps, n_enc = meta
         w_in, bn_in_w, bn_in_b, query, w_out = params[:5]
         bn_out_w, _bn_out_b, rm_in, _rv_in, _rm_out, _rv_out, *layers = params[5:]
         y, tape, mean_in, var_in, mean_out, var_out = _forward_op(
@@ -85,7 +87,7 @@ class _TritonTokenTransformer(torch.autograd.Function):
         )
         ctx.token_index = token_index
         ctx.n_inputs = 4 + len(params)
-        ctx.meta = (impl, num_heads, [x.shape[2], x.shape[3]], residual, eps, rm_in is None, n_enc)
+        ctx.meta = (num_heads, [x.shape[2], x.shape[3]], residual, eps, rm_in is None, n_enc)
         ctx.mark_non_differentiable(mean_in, var_in, mean_out, var_out)
         # the statistics' gradients stay None instead of four zero tensors: backward ignores them
         ctx.set_materialize_grads(False)
@@ -99,8 +101,8 @@ class _TritonTokenTransformer(torch.autograd.Function):
         tape, coords, w_in, bn_in_w, bn_in_b, var_in, query, w_out, bn_out_w, var_out, *layers = (
             ctx.saved_tensors
         )
-        impl, num_heads, in_size, residual, eps, use_batch_stats, n_enc = ctx.meta
-        grads = _OPS[impl][1](
+        num_heads, in_size, residual, eps, use_batch_stats, n_enc = ctx.meta
+        grads = ops.bwd_triton(
             grad_y.contiguous(),
             tape,
             coords,
@@ -391,7 +393,8 @@ def fused_forward(
         y, mean_in, var_in, mean_out, var_out = _TritonTokenTransformer.apply(
             meta, token_index, x, coords, *per_token, *rest
         )
-    else:  # the native op is its own autograd node (C++); without one, no tape is written
+    else:  # native: the op makes its own autograd node (C++) when an input needs gradients;
+        # with nothing to differentiate, no node and no tape
         y, _, mean_in, var_in, mean_out, var_out = _forward_op(
             meta, token_index, x, coords, *per_token, *rest, save_tape=False
         )
