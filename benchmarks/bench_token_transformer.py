@@ -105,7 +105,7 @@ def setup(case, provider, mode, device, dtype, memory_format):
     args = (
         x,
         m.coords,
-        m.input_proj.weight.flatten(1),
+        m.input_proj.weight,  # conv-shaped, as the module passes it
         m.input_norm.weight,
         m.input_norm.bias,
         m.input_norm.running_mean,
@@ -113,7 +113,7 @@ def setup(case, provider, mode, device, dtype, memory_format):
         m.encoder.weights(),
         m.query_embed.weight,
         m.decoder.weights(),
-        m.reverse_proj.weight.flatten(1),
+        m.reverse_proj.weight,
         m.reverse_norm.weight,
         m.reverse_norm.bias,
         m.reverse_norm.running_mean,

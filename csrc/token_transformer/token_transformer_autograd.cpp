@@ -62,6 +62,19 @@ const c10::TypedOperatorHandle<BwdSignature>& backward_op() {
   return op;
 }
 
+// The two 1x1 projections' weights as the kernels take them, [rows, cols]: the autograd kernel
+// also accepts them conv-shaped, [rows, cols, 1, 1], as nn.Conv2d holds them (the module passes
+// its parameters so: a flatten(1) per weight was a view op in the forward and a ViewBackward
+// node in the backward). Called below autograd, so the view is no autograd node either.
+at::Tensor as_matrix(const at::Tensor& w) {
+  return w.dim() == 4 ? w.view({w.size(0), w.size(1)}) : w;
+}
+
+void check_projection(const char* name, const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 || (w.dim() == 4 && w.size(2) == 1 && w.size(3) == 1), kOp, ": ",
+              name, " must be [rows, cols] or [rows, cols, 1, 1], got ", w.sizes());
+}
+
 // The op's arguments that are not tensors (apply() gives each one gradient slot, left empty).
 struct Options {
   int64_t heads;
@@ -95,9 +108,9 @@ class TokenTransformerFunction : public torch::autograd::Function<TokenTransform
                                const Options& options) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [y, tape, mean_in, var_in, mean_out, var_out] = forward_op().call(
-        x, coords, w_in, bn_in_w, bn_in_b, rm_in, rv_in, encoder, query, decoder, w_out, bn_out_w,
-        bn_out_b, rm_out, rv_out, options.heads, options.out_size, options.residual, options.eps,
-        /*save_tape=*/true, token_index);
+        x, coords, as_matrix(w_in), bn_in_w, bn_in_b, rm_in, rv_in, encoder, query, decoder,
+        as_matrix(w_out), bn_out_w, bn_out_b, rm_out, rv_out, options.heads, options.out_size,
+        options.residual, options.eps, /*save_tape=*/true, token_index);
     variable_list saved{tape,   coords,  w_in,   bn_in_w, bn_in_b, var_in,
                         query.value_or(at::Tensor()), w_out, bn_out_w, var_out};
     saved.insert(saved.end(), encoder.begin(), encoder.end());
@@ -137,20 +150,20 @@ class TokenTransformerFunction : public torch::autograd::Function<TokenTransform
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [g_x, g_w_in, g_bn_in_w, g_bn_in_b, g_enc, g_query, g_dec, g_w_out, g_bn_out_w,
           g_bn_out_b] =
-        backward_op().call(gy.contiguous(), saved[kTape], saved[kCoords], saved[kWIn],
+        backward_op().call(gy.contiguous(), saved[kTape], saved[kCoords], as_matrix(saved[kWIn]),
                            saved[kBnInW], saved[kBnInB], saved[kVarIn], encoder, query, decoder,
-                           saved[kWOut], saved[kBnOutW], saved[kVarOut],
+                           as_matrix(saved[kWOut]), saved[kBnOutW], saved[kVarOut],
                            ctx->saved_data["heads"].toInt(), in_size,
                            ctx->saved_data["residual"].toBool(),
                            ctx->saved_data["batch_stats"].toBool(),
                            ctx->saved_data["eps"].toDouble(),
                            ctx->saved_data["token_index"].toOptional<at::Tensor>());
     grads[0] = g_x;
-    grads[1] = g_w_in;
+    grads[1] = g_w_in.view(saved[kWIn].sizes());  // the caller's shape (conv-shaped or not)
     grads[2] = g_bn_in_w;
     grads[3] = g_bn_in_b;
     if (query.has_value()) grads[4] = g_query;
-    grads[5] = g_w_out;
+    grads[5] = g_w_out.view(saved[kWOut].sizes());
     grads[6] = g_bn_out_w;
     grads[7] = g_bn_out_b;
     std::copy(g_enc.begin(), g_enc.end(), grads.begin() + kSlotsBeforeLayers);
@@ -169,6 +182,8 @@ FwdResult fwd_autograd(const at::Tensor& x, const at::Tensor& coords, const at::
                        const std::optional<at::Tensor>& rv_out, int64_t heads,
                        c10::SymIntArrayRef out_size, bool residual, double eps, bool save_tape,
                        const std::optional<at::Tensor>& token_index) {
+  check_projection("input_proj_weight", w_in);
+  check_projection("reverse_proj_weight", w_out);
   bool needs_grad = false;
   if (at::GradMode::is_enabled()) {
     for (const at::Tensor* t : {&x, &w_in, &bn_in_w, &bn_in_b, &w_out, &bn_out_w, &bn_out_b}) {
@@ -181,9 +196,9 @@ FwdResult fwd_autograd(const at::Tensor& x, const at::Tensor& coords, const at::
   }
   if (!needs_grad) {  // inference: the kernels alone, no node, the tape only when asked for
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return forward_op().call(x, coords, w_in, bn_in_w, bn_in_b, rm_in, rv_in, encoder, query,
-                             decoder, w_out, bn_out_w, bn_out_b, rm_out, rv_out, heads, out_size,
-                             residual, eps, save_tape, token_index);
+    return forward_op().call(x, coords, as_matrix(w_in), bn_in_w, bn_in_b, rm_in, rv_in, encoder,
+                             query, decoder, as_matrix(w_out), bn_out_w, bn_out_b, rm_out, rv_out,
+                             heads, out_size, residual, eps, save_tape, token_index);
   }
   const variable_list out = TokenTransformerFunction::apply(
       x, w_in, bn_in_w, bn_in_b, query, w_out, bn_out_w, bn_out_b, encoder, decoder, coords,

@@ -207,20 +207,22 @@ def _check(
         )
     tensor("coords", coords, (2, grid, grid))
     d = grid * grid
-    if not isinstance(input_proj_weight, torch.Tensor) or input_proj_weight.dim() != 2:
-        raise ValueError(
-            f"{_OP}: input_proj_weight must be 2-d [num_tokens, C + 2], got "
-            f"{_shape(input_proj_weight)}"
-        )
-    tokens = input_proj_weight.shape[0]
-    tensor("input_proj_weight", input_proj_weight, (tokens, c + 2))
-    if not isinstance(reverse_proj_weight, torch.Tensor) or reverse_proj_weight.dim() != 2:
-        raise ValueError(
-            f"{_OP}: reverse_proj_weight must be 2-d [C_out, num_tokens], got "
-            f"{_shape(reverse_proj_weight)}"
-        )
-    c_out = reverse_proj_weight.shape[0]
-    tensor("reverse_proj_weight", reverse_proj_weight, (c_out, tokens))
+
+    def projection(name, w, what):  # [rows, cols] or conv-shaped [rows, cols, 1, 1]
+        if not isinstance(w, torch.Tensor) or not (
+            w.dim() == 2 or (w.dim() == 4 and w.shape[2:] == (1, 1))
+        ):
+            raise ValueError(
+                f"{_OP}: {name} must be {what} or [{what[1:-1]}, 1, 1], got {_shape(w)}"
+            )
+        return w.shape[0]
+
+    tokens = projection("input_proj_weight", input_proj_weight, "[num_tokens, C + 2]")
+    w_in_shape = (tokens, c + 2, 1, 1)[: input_proj_weight.dim()]
+    tensor("input_proj_weight", input_proj_weight, w_in_shape)
+    c_out = projection("reverse_proj_weight", reverse_proj_weight, "[C_out, num_tokens]")
+    w_out_shape = (c_out, tokens, 1, 1)[: reverse_proj_weight.dim()]
+    tensor("reverse_proj_weight", reverse_proj_weight, w_out_shape)
     for prefix, pair, size in (
         ("input_norm", input_norm, tokens),
         ("reverse_norm", reverse_norm, c_out),
@@ -377,6 +379,9 @@ def fused_forward(
     enc = list(encoder)
     dec = [] if decoder is None else list(decoder)
     meta = (impl, num_heads, out_size, residual, float(eps), len(enc))
+    if impl != "native":  # the native op takes conv-shaped projection weights as they are
+        input_proj_weight = input_proj_weight.flatten(1)
+        reverse_proj_weight = reverse_proj_weight.flatten(1)
     per_token = (
         input_proj_weight,
         input_norm_weight,
@@ -443,7 +448,9 @@ def token_transformer(
         x: ``[N, C, H, W]`` contiguous NCHW (a channels_last x is copied).
         coords: ``[2, g, g]`` coordinate channels (``reference.grid_coordinates(g)``); the
             token dimension is ``d = g * g``.
-        input_proj_weight: ``[L, C + 2]`` (the 1x1 conv ``input_proj`` flattened).
+        input_proj_weight: ``[L, C + 2]`` (the 1x1 conv ``input_proj`` flattened), or the
+            conv's own ``[L, C + 2, 1, 1]`` (then its gradient has that shape; the module passes
+            its weights so, which spares a view and its autograd node per weight).
         input_norm_weight, input_norm_bias: ``[L]`` BatchNorm affine (gamma: token importance).
         input_running_mean, input_running_var: ``[L]`` or None.
         encoder: 8 tensors in ``reference.LAYER_WEIGHTS`` order: ``in_proj_weight [3d, d]``,
@@ -451,8 +458,8 @@ def token_transformer(
             LayerNorms' weight and bias ``[d]``.
         query_embed: ``[L, d]`` learned queries, and ``decoder`` (8 tensors as ``encoder``);
             both None for no decoder layer.
-        reverse_proj_weight: ``[C_out, L]``; reverse_norm_weight/bias, running mean/var
-            ``[C_out]`` (the four running statistics: all given or all None).
+        reverse_proj_weight: ``[C_out, L]`` or ``[C_out, L, 1, 1]``; reverse_norm_weight/bias,
+            running mean/var ``[C_out]`` (the four running statistics: all given or all None).
         token_index: None (all L tokens alive) or an int64 ``[A]`` of alive tokens; the result
             is that of a transformer built with only those tokens. Dead tokens cost nothing,
             keep their running statistics and get exactly zero gradient; with none alive the

@@ -253,7 +253,7 @@ class DynamicTokenTransformer(nn.Module):
         return api.fused_forward(
             x,
             buffers["coords"],
-            w_in.flatten(1),
+            w_in,  # conv-shaped: the op takes it so
             _param(input_norm, "weight"),
             _param(input_norm, "bias"),
             stats_in["running_mean"],
@@ -261,7 +261,7 @@ class DynamicTokenTransformer(nn.Module):
             mods["encoder"].weights(),
             _param(mods["query_embed"], "weight") if use_decoder else None,
             mods["decoder"].weights() if use_decoder else None,
-            _param(mods["reverse_proj"], "weight").flatten(1),
+            _param(mods["reverse_proj"], "weight"),
             _param(reverse_norm, "weight"),
             _param(reverse_norm, "bias"),
             stats_out["running_mean"],

@@ -141,7 +141,9 @@ def token_transformer(
     """See the module docstring; arguments as ``hrnas_kernels.token_transformer``."""
     n, c, h, w = x.shape
     grid = coords.shape[-1]
-    w_in, query, w_out = input_proj_weight, query_embed, reverse_proj_weight
+    # the 1x1 projections' weights as matrices (conv-shaped [rows, cols, 1, 1] accepted)
+    w_in, w_out = input_proj_weight.flatten(1), reverse_proj_weight.flatten(1)
+    query = query_embed
     if token_index is not None:
         w_in = w_in.index_select(0, token_index)
         query = None if query is None else query.index_select(0, token_index)

@@ -786,6 +786,16 @@ def _call(**change):
         (dict(token_index=torch.tensor([0.0])), TypeError, "token_index must be a 1-d int64"),
         (dict(token_index=torch.tensor([0, 4])), ValueError, r"token_index must lie in \[0, 4\)"),
         (dict(token_index=torch.tensor([2, 1])), ValueError, "strictly increasing"),
+        (
+            dict(input_proj_weight=torch.zeros(4, 5, 1, 2)),
+            ValueError,
+            r"input_proj_weight must be \[num_tokens, C \+ 2\] or \[num_tokens, C \+ 2, 1, 1\]",
+        ),
+        (
+            dict(reverse_proj_weight=torch.zeros(3, 5, 1, 1)),
+            ValueError,
+            r"reverse_proj_weight must have shape \[3, 4, 1, 1\]",
+        ),
         (dict(momentum=2.0), ValueError, "momentum must be in"),
         (dict(eps=0.0), ValueError, "eps must be positive"),
         (dict(dropout=1.0), ValueError, r"dropout must be in \[0, 1\)"),
@@ -807,6 +817,43 @@ def test_unsupported_dtype_is_refused():
         m.impl = impl
         with pytest.raises(RuntimeError, match="dtype torch.float16 is not supported"):
             m(randn((2, 3, 6, 5), dtype=torch.float16))
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "masked"])
+def test_conv_shaped_projection_weights(impl, masked):
+    """The 1x1 projections' weights passed conv-shaped ([rows, cols, 1, 1], as the module holds
+    them) give the output and gradients of the flattened call, the gradients in that shape;
+    the native op refuses other 4-d shapes."""
+    m = _module(CASES[2], impl)
+    x = randn((2, 5, 16, 12), dtype=torch.float64, seed=6)
+    index = torch.tensor([0, 3, 4]) if masked else None
+    results = []
+    for conv_shaped in (False, True):
+        weights = (m.input_proj.weight, m.reverse_proj.weight)
+        leaves = [t.detach().clone().requires_grad_() for t in (x, *weights)]
+        args = _functional_args(m)
+        args[1], args[9] = (w if conv_shaped else w.flatten(1) for w in leaves[1:])
+        y = token_transformer(leaves[0], *args, token_index=index, num_heads=2, impl=impl)
+        grads = torch.autograd.grad(y.square().sum(), leaves)
+        assert [g.shape for g in grads] == [t.shape for t in leaves]
+        results.append((y, *(g.flatten(1) if g.dim() == 4 else g for g in grads)))
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+    if impl == "native":
+        op_args = _op_args("cpu", use_batch_stats=True, decoder=False)
+        op_args[2] = op_args[2][:, :, None, None].expand(-1, -1, 1, 2)
+        with pytest.raises(RuntimeError, match=r"input_proj_weight must be \[rows, cols\] or"):
+            ops.fwd(*op_args)
+
+
+@pytest.mark.parametrize("use_batch_stats,decoder,masked", OPCHECK_CASES[:2])
+def test_opcheck_native_conv_shaped_weights(use_batch_stats, decoder, masked):
+    """opcheck of the native forward with conv-shaped projection weights that need gradients."""
+    args = _op_args("cpu", use_batch_stats, decoder)
+    args[2], args[10] = args[2][:, :, None, None], args[10][:, :, None, None]
+    for i in (0, 2, 10):
+        args[i].requires_grad_()
+    torch.library.opcheck(ops.fwd, [*args, True, torch.tensor([0, 2, 3]) if masked else None])
 
 
 def test_module_follows_pruned_and_replaced_weights():
