@@ -13,10 +13,8 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
-#include <algorithm>
 #include <cstring>
 #include <optional>
 #include <tuple>
@@ -185,10 +183,10 @@ class AliveTokens {
 
  private:
   // On the CPU, the gather (scatter: false) of the alive tokens' entries along `dim` (0: rows,
-  // 1: columns of a 2-d tensor) of the contiguous `t`, or the scatter back into zeros at full
-  // size, by plain copies: index_select and index_copy_ cost a few microseconds of dispatch
-  // each, and a training step of the block made 15 of them.
-  // The scatter writes every entry (the dead tokens' zeros included) in one pass over the output.
+  // 1: columns of a 2-d tensor) of the contiguous `t`, or the scatter back to full size, by plain
+  // copies: index_select and index_copy_ cost a few microseconds of dispatch each, and a
+  // training step of the block made 15 of them. The scatter writes every entry of its output
+  // once, the dead tokens' zeros in the same pass as the alive tokens' rows.
   at::Tensor copy_tokens(const at::Tensor& t, bool scatter, int64_t dim) const {
     std::vector<int64_t> sizes = t.sizes().vec();
     const int64_t alive = index_->numel();

@@ -727,12 +727,12 @@ struct LayerGrads {
   T *r2, *h, *t1, *gt1, *r1, *qkv;  // d(LN2 in), d(ReLU out) gated, t1, d(t1), d(LN1 in), d(QKV)
 };
 
-// A layer's LayerGrads: buffers first .. first + 5 of `b`, of N * L * d values each but the
-// last, 3 * N * L * d.
+// A layer's LayerGrads: buffers first .. first + 5 of `work`, of N * L * d values each but
+// the last, 3 * N * L * d.
 template <typename T>
-LayerGrads<T> layer_grads(const PooledBuffers<T>& b, size_t first) {
-  return {b.buffer(first),     b.buffer(first + 1), b.buffer(first + 2),
-          b.buffer(first + 3), b.buffer(first + 4), b.buffer(first + 5)};
+LayerGrads<T> layer_grads(const PooledBuffers<T>& work, size_t first) {
+  return {work.buffer(first),     work.buffer(first + 1), work.buffer(first + 2),
+          work.buffer(first + 3), work.buffer(first + 4), work.buffer(first + 5)};
 }
 
 // Backward of layer_forward for sample n: g_out [L, d] -> g_mem [L, d] (for the encoder the
@@ -1058,16 +1058,17 @@ FwdResult fwd_cpu(
       return;
     }
     // the intermediates: u, t0 [N, L, d] (tokens before and after BN), z, y8 [N, Co, d]
-    const PooledBuffers<T> b({N * L * d, N * L * d, N * Co * d, N * Co * d}, x.options());
+    enum { kU, kT0, kZ, kY8 };
+    const PooledBuffers<T> work({N * L * d, N * L * d, N * Co * d, N * Co * d}, x.options());
     // one sample per task: its planes shrunk to the grid (onto the tape), projected to tokens
-    T* up = b.buffer(0);
+    T* up = work.buffer(kU);
     run_tasks(transposes + N, [&](int64_t t) {
       if (t < transposes) return fill(t);
       const int64_t n = t - transposes;
       shrink_and_project(n, save_tape ? tp + layout.f + n * C * d : scratch<T>(5, C * d),
                          up + n * L * d);
     });
-    T* t0p = b.buffer(1);
+    T* t0p = work.buffer(kT0);
     const at::Tensor gi = bn_in_w.contiguous(), bi = bn_in_b.contiguous();
     const at::Tensor rmi = batch_stats ? gi : rm_in->contiguous();
     const at::Tensor rvi = batch_stats ? gi : rv_in->contiguous();
@@ -1078,7 +1079,7 @@ FwdResult fwd_cpu(
                   var_in.mutable_data_ptr<T>());
     // the token math, one sample per task: encoder, decoder, projection back, all in L1/L2
     project_queries();
-    T* zp = b.buffer(2);
+    T* zp = work.buffer(kZ);
     at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
       T* m = scratch<T>(3, L * d);  // the encoder's output
       T* o = decoder ? scratch<T>(4, L * d) : m;  // the block's token output
@@ -1095,7 +1096,7 @@ FwdResult fwd_cpu(
         gemm<T>(Co, d, L, w_out_p, L, o, d, zp + n * Co * d, d, false);
       }
     });
-    T* y8 = b.buffer(3);
+    T* y8 = work.buffer(kY8);
     const at::Tensor go = bn_out_w.contiguous(), bo = bn_out_b.contiguous();
     const at::Tensor rmo = batch_stats ? go : rm_out->contiguous();
     const at::Tensor rvo = batch_stats ? go : rv_out->contiguous();
@@ -1157,16 +1158,19 @@ BwdResult bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& tape,
     const T* gyp = gy.const_data_ptr<T>();
     const bool decoder = s.layers == 2;
     const int64_t NCd = N * Co * d, NLd = N * L * d, NLd_dec = decoder ? NLd : 0;
-    // the intermediates: g8, g_z [N, Co, d]; the encoder's LayerGrads, the decoder's; g_o, t0,
-    // g_t0, memory, out, g_m, g_u [N, L, d] (out and g_m with the decoder only)
-    const PooledBuffers<T> b({NCd, NCd, NLd, NLd, NLd, NLd, NLd, 3 * NLd, NLd_dec, NLd_dec,
-                              NLd_dec, NLd_dec, NLd_dec, 3 * NLd_dec, NLd, NLd, NLd, NLd, NLd_dec,
-                              NLd_dec, NLd},
-                             opt);
+    // the intermediates: g8, g_z [N, Co, d]; the encoder's LayerGrads (6 buffers), the
+    // decoder's; g_o, t0, g_t0, memory, out, g_m, g_u [N, L, d] (out, g_m and the decoder's
+    // LayerGrads empty without the decoder)
+    enum { kG8, kGz, kEncGrads, kDecGrads = kEncGrads + 6, kGo = kDecGrads + 6, kT0, kGt0,
+           kMemory, kOut, kGm, kGu };
+    const PooledBuffers<T> work({NCd, NCd, NLd, NLd, NLd, NLd, NLd, 3 * NLd, NLd_dec, NLd_dec,
+                                 NLd_dec, NLd_dec, NLd_dec, 3 * NLd_dec, NLd, NLd, NLd, NLd,
+                                 NLd_dec, NLd_dec, NLd},
+                                opt);
     // the growth's adjoint, BN over channels
-    T* g8 = b.buffer(0);
+    T* g8 = work.buffer(kG8);
     resize_from_grid_backward<T>(gyp, N * Co, g, Ho, Wo, g8);
-    T* gzp = b.buffer(1);
+    T* gzp = work.buffer(kGz);
     bn_backward<T>(g8, tp + layout.zhat, bn_out_w.const_data_ptr<T>(),
                    var_out.const_data_ptr<T>(), use_batch_stats, eps, N, Co, d, gzp,
                    g_bn_out_w.mutable_data_ptr<T>(), g_bn_out_b.mutable_data_ptr<T>());
@@ -1175,14 +1179,14 @@ BwdResult bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& tape,
     // token output) recomputed from the tape on the way
     const LayerW<T> we = layer_weights<T>(enc, false);
     const LayerW<T> wd = decoder ? layer_weights<T>(dec, false) : we;
-    const LayerGrads<T> ge = layer_grads<T>(b, 2);
-    const LayerGrads<T> gd = decoder ? layer_grads<T>(b, 8) : ge;
-    T* g_op = b.buffer(14);
-    T* t0p = b.buffer(15);
-    T* g_t0p = b.buffer(16);
-    T* memp = b.buffer(17);
-    T* outp = decoder ? b.buffer(18) : memp;
-    T* g_mp = decoder ? b.buffer(19) : g_op;
+    const LayerGrads<T> ge = layer_grads<T>(work, kEncGrads);
+    const LayerGrads<T> gd = decoder ? layer_grads<T>(work, kDecGrads) : ge;
+    T* g_op = work.buffer(kGo);
+    T* t0p = work.buffer(kT0);
+    T* g_t0p = work.buffer(kGt0);
+    T* memp = work.buffer(kMemory);
+    T* outp = decoder ? work.buffer(kOut) : memp;
+    T* g_mp = decoder ? work.buffer(kGm) : g_op;
     const T* uhat = tp + layout.uhat;
     const T* w_out_p = w_out.const_data_ptr<T>();
     const T* bn_w = bn_in_w.const_data_ptr<T>();
@@ -1236,7 +1240,7 @@ BwdResult bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& tape,
     run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t t) { tasks[t](); });
     // BN over tokens, then the token projection's gradient and the shrink's adjoint: the
     // [L, C + 2] weight gradient first, then one sample's input planes per task
-    T* g_up = b.buffer(20);
+    T* g_up = work.buffer(kGu);
     bn_backward<T>(g_t0p, uhat, bn_w, var_in.const_data_ptr<T>(), use_batch_stats, eps, N, L, d,
                    g_up, g_bn_in_w.mutable_data_ptr<T>(), g_bn_in_b.mutable_data_ptr<T>());
     g_w_in = at::empty({L, C + 2}, opt);

@@ -76,7 +76,7 @@ class _TritonTokenTransformer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, meta, token_index, x, coords, *params):
-        _impl, num_heads, _out_size, residual, eps, n_enc = meta
+        _, num_heads, _out_size, residual, eps, n_enc = meta
         w_in, bn_in_w, bn_in_b, query, w_out = params[:5]
         bn_out_w, _bn_out_b, rm_in, _rv_in, _rm_out, _rv_out, *layers = params[5:]
         y, tape, mean_in, var_in, mean_out, var_out = _forward_op(
